@@ -1,0 +1,35 @@
+"""npflow: continuous normalizing flows on NumPy (CPU) and CuPy (GPU), with hand-written
+tangents, adjoints and discrete-adjoint ODE solvers. See docs/ for the derivations.
+
+The public names are re-exported here, flat; each lives in a small module of its own.
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first use, so that `import npflow` is cheap
+# and a module's import error surfaces with its own name)
+_EXPORTS = {
+    "odeint": "npflow.solvers",
+    "terminal_time_gradient": "npflow.solvers",
+    "SolverError": "npflow.solvers",
+    "CNF": "npflow.cnf",
+    "OTFlow": "npflow.otflow",
+    "load": "npflow.checkpoint",
+    "CheckpointError": "npflow.checkpoint",
+    "Adam": "npflow.optim",
+    "DeviceError": "npflow.backend",
+    "get_array_module": "npflow.backend",
+}
+_SUBMODULES = {"backend", "layers", "data", "trace", "tableau", "solvers", "cnf", "otflow",
+               "optim", "checkpoint", "conv", "plotting", "training", "multiscale"}
+
+__all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return import_module(f"npflow.{name}")
+    raise AttributeError(f"module 'npflow' has no attribute {name!r}")

@@ -1,0 +1,145 @@
+"""Array backend: one source for NumPy (CPU) and CuPy (GPU).
+
+Compute code never imports numpy for model data. It asks for the array module of its inputs,
+``xp = get_array_module(x)``, or of the model's device, ``xp = array_module(device)``, and calls
+``xp.<function>``. The same source then runs on CuPy arrays unchanged.
+
+For the CuPy-by-construction test (tests/test_zz_cupy_coverage.py), ``record_array_functions``
+makes both functions hand out a thin proxy that records every name taken from the module
+(``tanh``, ``linalg.norm``, ...), so the test can check each exists in CuPy.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+
+import numpy
+
+__all__ = [
+    "DeviceError", "get_array_module", "array_module", "resolve_dtype", "to_host",
+    "to_device", "check_finite", "record_array_functions",
+]
+
+_RECORDER: set | None = None
+
+
+class DeviceError(RuntimeError):
+    """Raised when the requested device cannot be used (no CuPy, or no GPU)."""
+
+
+class _RecordingModule:
+    """Proxy of an array module that records the names taken from it."""
+
+    def __init__(self, module, prefix: str, names: set):
+        self._module = module
+        self._prefix = prefix
+        self._names = names
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        full = self._prefix + name
+        if isinstance(attr, types.ModuleType):
+            return _RecordingModule(attr, full + ".", self._names)
+        self._names.add(full)
+        return attr
+
+
+def _wrap(xp):
+    if _RECORDER is not None:
+        return _RecordingModule(xp, "", _RECORDER)
+    return xp
+
+
+def _is_cupy(a) -> bool:
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def get_array_module(*arrays):
+    """The array module (numpy or cupy) of the given arrays; numpy for host scalars."""
+    for a in arrays:
+        if _is_cupy(a):
+            import cupy
+            return _wrap(cupy)
+    return _wrap(numpy)
+
+
+def _load_cupy():
+    try:
+        import cupy
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise DeviceError(
+            "device='gpu' needs CuPy, which is not installed: "
+            "pip install cupy-cuda12x (or: pip install 'npflow[gpu]'); "
+            f"the import said: {exc}") from exc
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDA driver missing or broken
+        raise DeviceError(
+            "device='gpu': CuPy is installed but no CUDA GPU is usable on this machine "
+            f"(CUDA said: {exc}). Use --device cpu, or run on a machine with an NVIDIA GPU "
+            "and a CUDA 12 driver.") from exc
+    if n < 1:
+        raise DeviceError(
+            "device='gpu': CuPy is installed but it sees no GPU (device count 0). "
+            "Use --device cpu, or run on a machine with an NVIDIA GPU and a CUDA 12 driver.")
+    return cupy
+
+
+def array_module(device: str = "cpu"):
+    """The array module of a device: "cpu" -> numpy, "gpu" -> cupy (clear error if unusable)."""
+    if device == "cpu":
+        return _wrap(numpy)
+    if device == "gpu":
+        return _wrap(_load_cupy())
+    raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'gpu'")
+
+
+def resolve_dtype(dtype) -> numpy.dtype:
+    """float32 (default) or float64, given as a name or a dtype."""
+    dt = numpy.dtype(dtype)
+    if dt not in (numpy.dtype("float32"), numpy.dtype("float64")):
+        raise ValueError(f"unsupported dtype {dtype!r}: expected 'float32' or 'float64'")
+    return dt
+
+
+def to_host(a):
+    """A NumPy copy of an array of either module (for logging, plotting, checkpoints)."""
+    if _is_cupy(a):
+        return a.get()
+    return numpy.asarray(a)
+
+
+def to_device(a, xp, dtype=None):
+    """Move host data to the array module ``xp`` (a no-op for numpy), optionally casting."""
+    out = xp.asarray(a)
+    if dtype is not None and out.dtype != dtype:
+        out = out.astype(dtype)
+    return out
+
+
+def check_finite(x, name: str = "input"):
+    """Raise ValueError if ``x`` holds NaN or Inf, naming where it entered.
+
+    One host synchronisation: use at entry points (data, user arguments), never in inner loops.
+    """
+    xp = get_array_module(x)
+    finite = xp.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(
+            f"{name} contains {bad} non-finite value(s) (NaN or Inf) out of {x.size}; "
+            "clean or filter the data before passing it to npflow")
+    return x
+
+
+@contextlib.contextmanager
+def record_array_functions():
+    """Record the names taken from the array module inside the block; yields the set."""
+    global _RECORDER
+    previous = _RECORDER
+    names = set() if previous is None else previous
+    _RECORDER = names
+    try:
+        yield names
+    finally:
+        _RECORDER = previous
