@@ -1,0 +1,136 @@
+"""The base class of npflow's models and the registry ``npflow.load`` rebuilds them from.
+
+A model is its constructor arguments (``config``, JSON-able) plus a dict of arrays (``params``).
+That is all a checkpoint stores (docs/training.md, section 4): ``npflow.load`` looks the class
+up by name in the registry, calls ``cls.from_config(config)`` and puts the saved arrays in
+``params``. Every subclass is registered under its class name when it is defined.
+
+Subclasses (CNF, OTFlow) offer:
+    loss_and_grad(x, rng, ...) -> (loss: float, grads: dict like params, stats: dict)
+    log_prob(x, ...) -> (B,)      sample(n, rng) -> (n, ...)
+and read ``self.params`` at every call (no copies of the arrays kept elsewhere), so that
+replacing ``params`` is all an optimiser step or a checkpoint load needs to do.
+"""
+from __future__ import annotations
+
+from .backend import array_module, get_array_module, resolve_dtype
+
+__all__ = ["FlowModel", "register_model", "model_class", "registered_models"]
+
+_REGISTRY: dict = {}
+
+
+def register_model(cls=None, *, name: str | None = None):
+    """Register a FlowModel subclass for ``npflow.load`` (usable as ``@register_model`` or
+    ``@register_model(name="...")``). Subclasses are already registered under their class name;
+    use this for an extra or different name."""
+    def deco(c):
+        _REGISTRY[name or c.__name__] = c
+        return c
+    return deco if cls is None else deco(cls)
+
+
+def model_class(name: str):
+    """The registered model class called ``name``; ValueError listing the known names if none.
+
+    "CNF" and "OTFlow" are imported on demand, so a checkpoint loads without the caller having
+    imported their modules."""
+    if name not in _REGISTRY:
+        lazy = {"CNF": "npflow.cnf", "OTFlow": "npflow.otflow"}
+        if name in lazy:
+            from importlib import import_module
+            import_module(lazy[name])
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model class {name!r}; registered: {sorted(_REGISTRY)} "
+                         "(import the module that defines it before loading)")
+    return _REGISTRY[name]
+
+
+def registered_models() -> list:
+    """Names of the registered model classes."""
+    return sorted(_REGISTRY)
+
+
+class FlowModel:
+    """Base of every npflow model: config, device, dtype, array module and params.
+
+    config: dict of the JSON-able constructor keyword arguments (``cls(**config)`` rebuilds
+        the model); device: "cpu" or "gpu"; dtype: "float32" or "float64".
+    Subclasses call ``super().__init__(config, device, dtype)`` first and then fill
+    ``self.params`` (dict name -> array of ``self.xp``).
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _REGISTRY[cls.__name__] = cls
+
+    def __init__(self, config: dict, device: str = "cpu", dtype="float32"):
+        self.config = dict(config)
+        self.device = device
+        self.dtype = resolve_dtype(dtype)
+        self.xp = array_module(device)
+        self.params: dict = {}
+
+    @classmethod
+    def from_config(cls, config: dict, device: str | None = None):
+        """Rebuild a model from its config; ``device`` (if given) overrides config["device"]."""
+        config = dict(config)
+        if device is not None:
+            config["device"] = device
+        return cls(**config)
+
+    # -- parameters ---------------------------------------------------------------------------
+    def set_params(self, params: dict, check: bool = True) -> None:
+        """Replace ``self.params`` by ``params`` (moved to this model's device, dtype kept).
+
+        check: require the same names and shapes as the current params (ValueError naming the
+        differences otherwise)."""
+        if check:
+            problems = params_mismatch(self.params, params)
+            if problems:
+                raise ValueError(f"{type(self).__name__}.set_params: {problems}")
+        xp = self.xp
+        self.params = {k: (a if get_array_module(a) is xp else xp.asarray(a))
+                       for k, a in params.items()}
+
+    def num_params(self) -> int:
+        """Number of scalar parameters."""
+        return int(sum(int(a.size) for a in self.params.values()))
+
+    # -- interface of the concrete models -------------------------------------------------------
+    def loss_and_grad(self, x, rng, **kwargs):
+        raise NotImplementedError
+
+    def log_prob(self, x, **kwargs):
+        raise NotImplementedError
+
+    def sample(self, n, rng, **kwargs):
+        raise NotImplementedError
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self, path, optimizer=None, rng=None, iteration=None, extra=None) -> None:
+        """Write an HDF5 checkpoint atomically (npflow.checkpoint.save; docs/training.md §4)."""
+        from . import checkpoint
+        checkpoint.save(path, self, optimizer=optimizer, rng=rng, iteration=iteration,
+                        extra=extra)
+
+    def __repr__(self):
+        cfg = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"{type(self).__name__}({cfg})"
+
+
+def params_mismatch(expected: dict, got: dict) -> str:
+    """A message describing missing / unexpected names and shape differences ('' if none)."""
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    shapes = [f"{k}: expected {tuple(expected[k].shape)}, got {tuple(got[k].shape)}"
+              for k in sorted(set(expected) & set(got))
+              if tuple(expected[k].shape) != tuple(got[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"missing parameters {missing}")
+    if extra:
+        parts.append(f"unexpected parameters {extra}")
+    if shapes:
+        parts.append("shape mismatch " + "; ".join(shapes))
+    return ", ".join(parts)
