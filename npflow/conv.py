@@ -1,0 +1,407 @@
+"""Convolutional layers with tangents and adjoints (docs/images.md, section 1).
+
+Same mechanism as npflow/layers.py (docs/layers.md): a stateless description plus
+
+    forward  :: (params, x, xdot, t)   -> (y, ydot, cache)
+    backward :: (ybar, ydotbar, cache) -> (xbar, xdotbar, params_bar, tbar)
+
+with x (B, C, H, W), xdot (K, B, C, H, W) or None, t a scalar.
+
+A convolution is linear in x, so the tangents go through the same map without the bias
+(eq. 1.3). The primal and the K tangents are therefore stacked into one batch of R = (K+1)·B
+images, padded once, unfolded once (im2col, eq. 1.2: a Python loop over the k² kernel offsets,
+never over pixels) and multiplied by the weight matrix in one batched matrix product. The
+backward reuses the stacked layout: one tensordot for the weight gradient and one matrix
+product plus a k²-offset fold (col2im, eq. 1.5) for the input gradients.
+
+ConcatConv2d appends t as a constant input channel (FFJORD's ConcatConv2d: channel 0 is t, zero
+in the padding); its tangent channel is zero, and tbar is the sum of the gradient that reaches
+that channel (eq. 1.7). ConcatSquashConv2d gates the output with sigmoid(W_g t + b_g) and adds
+W_b t (eq. 1.8-1.10).
+
+Only functions that exist in CuPy are used; the array module comes from the inputs.
+"""
+from __future__ import annotations
+
+import math
+
+from .backend import get_array_module
+from .layers import Layer
+
+__all__ = ["Conv2d", "ConcatConv2d", "ConcatSquashConv2d", "Softplus", "ConvNet",
+           "conv_output_size"]
+
+
+def conv_output_size(n: int, kernel: int, stride: int, padding: int) -> int:
+    """Output length along one axis (eq. 1.1): floor((n + 2p − k)/s) + 1."""
+    return (n + 2 * padding - kernel) // stride + 1
+
+
+def _im2col(P, k, s, Ho, Wo, xp):
+    """Unfold padded images P (R, C, Hp, Wp) into columns (R, C·k·k, Ho·Wo) (eq. 1.2).
+
+    cols[r, (c, i, j), (h, w)] = P[r, c, s·h + i, s·w + j]; one strided-slice copy per kernel
+    offset (i, j), k² in all.
+    """
+    R, C = P.shape[:2]
+    cols = xp.empty((R, C, k, k, Ho, Wo), dtype=P.dtype)
+    he, we = s * (Ho - 1) + 1, s * (Wo - 1) + 1
+    for i in range(k):
+        for j in range(k):
+            cols[:, :, i, j] = P[:, :, i:i + he:s, j:j + we:s]
+    return cols.reshape(R, C * k * k, Ho * Wo)
+
+
+def _col2im(dcols, C, Hp, Wp, k, s, Ho, Wo, xp):
+    """Adjoint of _im2col (eq. 1.5): fold dcols (R, C·k·k, Ho·Wo) back into (R, C, Hp, Wp)."""
+    R = dcols.shape[0]
+    d = dcols.reshape(R, C, k, k, Ho, Wo)
+    dP = xp.zeros((R, C, Hp, Wp), dtype=dcols.dtype)
+    he, we = s * (Ho - 1) + 1, s * (Wo - 1) + 1
+    for i in range(k):
+        for j in range(k):
+            dP[:, :, i:i + he:s, j:j + we:s] += d[:, :, i, j]
+    return dP
+
+
+class Conv2d(Layer):
+    """2-D convolution (cross-correlation, as PyTorch) y = W ⋆ x + b (eq. 1.1-1.4).
+
+    x (B, C_in, H, W) -> y (B, C_out, Ho, Wo), Ho = floor((H + 2p − k)/s) + 1.
+    params: weight (C_out, C_in, k, k), bias (C_out,).
+    FFJORD's stride options: stride 1 with kernel 3 padding 1 (default), stride 2 with kernel 4
+    padding 1 (halves H and W).
+    """
+
+    time_channels = 0  # number of leading input channels filled with t (ConcatConv2d: 1)
+
+    def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: int = 1,
+                 padding: int = 1, bias: bool = True):
+        self.c_in, self.c_out = int(c_in), int(c_out)
+        self.kernel, self.stride, self.padding = int(kernel), int(stride), int(padding)
+        self.bias = bool(bias)
+        if min(self.c_in, self.c_out, self.kernel, self.stride) < 1 or self.padding < 0:
+            raise ValueError(
+                f"{type(self).__name__}: need c_in, c_out, kernel, stride >= 1 and padding >= 0, "
+                f"got c_in={c_in}, c_out={c_out}, kernel={kernel}, stride={stride}, "
+                f"padding={padding}")
+
+    # -- description ---------------------------------------------------------------------------
+    def output_shape(self, in_shape):
+        """(C_in, H, W) -> (C_out, Ho, Wo) (eq. 1.1)."""
+        C, H, W = in_shape
+        if C != self.c_in:
+            raise ValueError(f"{type(self).__name__}: expected {self.c_in} input channels, "
+                             f"got shape {tuple(in_shape)}")
+        Ho = conv_output_size(H, self.kernel, self.stride, self.padding)
+        Wo = conv_output_size(W, self.kernel, self.stride, self.padding)
+        if Ho < 1 or Wo < 1:
+            raise ValueError(f"{type(self).__name__}: input {H}x{W} too small for kernel "
+                             f"{self.kernel}, stride {self.stride}, padding {self.padding}")
+        return self.c_out, Ho, Wo
+
+    def init_params(self, rng, dtype, xp):
+        # PyTorch's default for Conv2d: U(−1/√fan_in, 1/√fan_in), fan_in = (C_in + time)·k².
+        cin = self.c_in + self.time_channels
+        bound = 1.0 / math.sqrt(cin * self.kernel ** 2)
+        p = {"weight": xp.asarray(
+            rng.uniform(-bound, bound, (self.c_out, cin, self.kernel, self.kernel)), dtype=dtype)}
+        if self.bias:
+            p["bias"] = xp.asarray(rng.uniform(-bound, bound, (self.c_out,)), dtype=dtype)
+        return p
+
+    def _check(self, x, xdot):
+        if x.ndim != 4 or x.shape[1] != self.c_in:
+            raise ValueError(f"{type(self).__name__}: x must be (B, {self.c_in}, H, W), "
+                             f"got shape {tuple(x.shape)}")
+        if xdot is not None and (xdot.ndim != 5 or xdot.shape[1:] != x.shape):
+            raise ValueError(f"{type(self).__name__}: xdot must be (K, *x.shape) = "
+                             f"(K, {', '.join(map(str, x.shape))}), got {tuple(xdot.shape)}")
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _linear_forward(self, W, x, xdot, t):
+        """Stacked W ⋆ [x; xdot] without bias: returns (Y (R, C_out, Ho, Wo), cache)."""
+        self._check(x, xdot)
+        xp = get_array_module(x, W)
+        B, C, H, Wd = x.shape
+        K = 0 if xdot is None else xdot.shape[0]
+        p, k, s, nt = self.padding, self.kernel, self.stride, self.time_channels
+        _, Ho, Wo = self.output_shape((C, H, Wd))
+        R = (K + 1) * B
+        # one padded buffer for the primal and all tangents (eq. 1.2); the time channel is t on
+        # the interior of the primal rows, 0 in the padding and in the tangent rows (eq. 1.7)
+        P = xp.zeros((R, C + nt, H + 2 * p, Wd + 2 * p), dtype=x.dtype)
+        P[:B, nt:, p:p + H, p:p + Wd] = x
+        if K:
+            P[B:, nt:, p:p + H, p:p + Wd] = xdot.reshape(K * B, C, H, Wd)
+        if nt:
+            P[:B, :nt, p:p + H, p:p + Wd] = t
+        cols = _im2col(P, k, s, Ho, Wo, xp)
+        Y = (W.reshape(self.c_out, -1) @ cols).reshape(R, self.c_out, Ho, Wo)   # eq. 1.3
+        return Y, (W, P, B, K, (C, H, Wd, Ho, Wo))
+
+    def forward(self, params, x, xdot, t):
+        """eq. 1.3: y = W ⋆ x + b;  eq. 1.4: ydot_k = W ⋆ xdot_k.  Shapes in the class doc."""
+        Y, cache = self._linear_forward(params["weight"], x, xdot, t)
+        B, K = cache[2], cache[3]
+        y = Y[:B]
+        if self.bias:
+            y = y + params["bias"][:, None, None]
+        ydot = Y[B:].reshape((K,) + y.shape) if K else None
+        return y, ydot, cache
+
+    # -- backward --------------------------------------------------------------------------------
+    def _linear_backward(self, ybar, ydotbar, cache):
+        """Adjoint of the stacked linear map (eq. 1.5-1.7).
+
+        Returns (xbar, xdotbar, Wbar, tbar); rows whose cotangent is None are skipped.
+        """
+        W, P, B, K, (C, H, Wd, Ho, Wo) = cache
+        xp = get_array_module(P)
+        p, k, s, nt = self.padding, self.kernel, self.stride, self.time_channels
+        use_t = ydotbar is not None and K > 0
+        if ybar is None and not use_t:
+            zero = xp.zeros((), dtype=P.dtype)
+            return None, None, xp.zeros_like(W), zero
+        if ybar is not None and use_t:
+            G = xp.concatenate([ybar.reshape(B, self.c_out, Ho * Wo),
+                                ydotbar.reshape(K * B, self.c_out, Ho * Wo)], axis=0)
+            Ps = P
+        elif ybar is not None:
+            G, Ps = ybar.reshape(B, self.c_out, Ho * Wo), P[:B]
+        else:
+            G, Ps = ydotbar.reshape(K * B, self.c_out, Ho * Wo), P[B:]
+        cols = _im2col(Ps, k, s, Ho, Wo, xp)
+        # eq. 1.6: Wbar = Σ_r G_r cols_rᵀ (primal and tangent rows alike)
+        Wbar = xp.tensordot(G, cols, axes=([0, 2], [0, 2])).reshape(W.shape)
+        # eq. 1.5: input gradient = fold(Wᵀ G)
+        dcols = W.reshape(self.c_out, -1).T @ G
+        dP = _col2im(dcols, C + nt, H + 2 * p, Wd + 2 * p, k, s, Ho, Wo, xp)
+        dX = dP[:, nt:, p:p + H, p:p + Wd]
+        xbar = xdotbar = None
+        tbar = xp.zeros((), dtype=P.dtype)
+        if ybar is not None:
+            xbar = dX[:B]
+            if nt:
+                tbar = dP[:B, :nt, p:p + H, p:p + Wd].sum()                       # eq. 1.7
+            if use_t:
+                xdotbar = dX[B:].reshape(K, B, C, H, Wd)
+        else:
+            xdotbar = dX.reshape(K, B, C, H, Wd)
+        return xbar, xdotbar, Wbar, tbar
+
+    def backward(self, ybar, ydotbar, cache):
+        """eq. 1.5: xbar = Wᵀ ⋆ ybar, xdotbar_k = Wᵀ ⋆ ydotbar_k;
+        eq. 1.6: Wbar = ybar ⋆ x + Σ_k ydotbar_k ⋆ xdot_k, bbar = Σ_{b,h,w} ybar;
+        eq. 1.7: tbar = Σ (gradient reaching the time channel) (ConcatConv2d only)."""
+        xbar, xdotbar, Wbar, tbar = self._linear_backward(ybar, ydotbar, cache)
+        grads = {"weight": Wbar}
+        if self.bias:
+            xp = get_array_module(Wbar)
+            grads["bias"] = (ybar.sum(axis=(0, 2, 3)) if ybar is not None
+                             else xp.zeros((self.c_out,), dtype=Wbar.dtype))
+        return xbar, xdotbar, grads, tbar
+
+
+class ConcatConv2d(Conv2d):
+    """Conv2d over [t; x]: t enters as a constant input channel 0 (FFJORD's ConcatConv2d).
+
+    x (B, C_in, H, W) -> y (B, C_out, Ho, Wo); params: weight (C_out, C_in + 1, k, k), bias.
+    Equations 1.3-1.7 with the time channel; tbar by eq. 1.7.
+    """
+
+    time_channels = 1
+
+
+def _sigmoid(a, xp):
+    return 0.5 * (xp.tanh(0.5 * a) + 1)
+
+
+class ConcatSquashConv2d(Conv2d):
+    """y = (W ⋆ x + b) ⊙ g(t) + W_b t, g(t) = sigmoid(W_g t + b_g), per output channel
+    (FFJORD's ConcatSquashConv2d; eq. 1.8).
+
+    params: weight (C_out, C_in, k, k), bias (C_out,), gate_weight (C_out,), gate_bias (C_out,),
+    hyper_bias (C_out,).
+    Forward eq. 1.8: y = c ⊙ g + W_b t, ydot_k = ċ_k ⊙ g with c = W ⋆ x + b, ċ_k = W ⋆ xdot_k.
+    Backward eq. 1.9-1.10.
+    """
+
+    def init_params(self, rng, dtype, xp):
+        p = super().init_params(rng, dtype, xp)
+        # torch.nn.Linear(1, C_out) default: U(−1, 1) for weight and bias; hyper_bias no bias.
+        p["gate_weight"] = xp.asarray(rng.uniform(-1, 1, (self.c_out,)), dtype=dtype)
+        p["gate_bias"] = xp.asarray(rng.uniform(-1, 1, (self.c_out,)), dtype=dtype)
+        p["hyper_bias"] = xp.asarray(rng.uniform(-1, 1, (self.c_out,)), dtype=dtype)
+        return p
+
+    def forward(self, params, x, xdot, t):
+        """eq. 1.8."""
+        Y, lin_cache = self._linear_forward(params["weight"], x, xdot, t)
+        xp = get_array_module(Y)
+        B, K = lin_cache[2], lin_cache[3]
+        c = Y[:B]
+        if self.bias:
+            c = c + params["bias"][:, None, None]
+        g = _sigmoid(params["gate_weight"] * t + params["gate_bias"], xp)
+        y = c * g[:, None, None] + (params["hyper_bias"] * t)[:, None, None]
+        cdot = Y[B:].reshape((K,) + c.shape) if K else None
+        ydot = None if cdot is None else cdot * g[:, None, None]
+        return y, ydot, (lin_cache, c, cdot, g, t, params["gate_weight"], params["hyper_bias"])
+
+    def backward(self, ybar, ydotbar, cache):
+        """eq. 1.9: cbar = ybar ⊙ g, ċbar_k = ydotbar_k ⊙ g;
+        eq. 1.10: ḡ = Σ ybar ⊙ c + Σ_k ydotbar_k ⊙ ċ_k (per channel), ā = ḡ g(1−g),
+        W̄_g = ā t, b̄_g = ā, W̄_b = t Σ ybar, tbar = Σ ā W_g + Σ W_b Σ ybar (+ conv's eq. 1.7,
+        zero here: no time channel)."""
+        lin_cache, c, cdot, g, t, Wg, Wb = cache
+        xp = get_array_module(c)
+        gb = g[:, None, None]
+        cbar = None if ybar is None else ybar * gb
+        cdotbar = None if (ydotbar is None or cdot is None) else ydotbar * gb
+        xbar, xdotbar, grads, _ = super().backward(cbar, cdotbar, lin_cache)
+        gbar = xp.zeros_like(g)
+        ysum = xp.zeros_like(g)
+        if ybar is not None:
+            ysum = ybar.sum(axis=(0, 2, 3))
+            gbar = gbar + (ybar * c).sum(axis=(0, 2, 3))
+        if cdotbar is not None:
+            gbar = gbar + (ydotbar * cdot).sum(axis=(0, 1, 3, 4))
+        abar = gbar * g * (1 - g)
+        grads["gate_weight"] = abar * t
+        grads["gate_bias"] = abar
+        grads["hyper_bias"] = ysum * t
+        tbar = (abar * Wg).sum() + (ysum * Wb).sum()
+        return xbar, xdotbar, grads, tbar
+
+
+class Softplus(Layer):
+    """Elementwise σ(x) = log(1 + eˣ), σ' = sigmoid(x), σ'' = σ'(1 − σ') (eq. 1.11).
+
+    Forward ydot_k = σ'(x) ⊙ xdot_k; backward xbar = σ' ⊙ ybar + σ'' ⊙ Σ_k xdot_k ⊙ ydotbar_k,
+    xdotbar_k = σ' ⊙ ydotbar_k (docs/layers.md eq. 1.6-1.7). Kept here so the image network
+    does not depend on which activations npflow/layers.py offers.
+    """
+
+    def forward(self, params, x, xdot, t):
+        xp = get_array_module(x)
+        y = xp.logaddexp(0, x)
+        d1 = _sigmoid(x, xp)
+        ydot = None if xdot is None else d1 * xdot
+        return y, ydot, (d1, xdot)
+
+    def backward(self, ybar, ydotbar, cache):
+        d1, xdot = cache
+        xbar = None if ybar is None else d1 * ybar
+        xdotbar = None
+        if ydotbar is not None:
+            xdotbar = d1 * ydotbar
+            if xdot is not None:
+                second = (d1 * (1 - d1)) * (xdot * ydotbar).sum(axis=0)
+                xbar = second if xbar is None else xbar + second
+        return xbar, xdotbar, {}, 0.0
+
+
+_LAYER_TYPES = {"concat": ConcatConv2d, "concatsquash": ConcatSquashConv2d, "ignore": Conv2d}
+
+
+class ConvNet(Layer):
+    """FFJORD's image ODEnet: conv layers of widths hidden_dims with softplus in between
+    (eq. 1.12), mapping x (B, C, H, W) -> f (B, C, H, W).
+
+    in_shape (C, H, W); hidden_dims e.g. (64, 64, 64); layer_type "concat" (ConcatConv2d,
+    FFJORD's default for images), "concatsquash" or "ignore" (no t); strides: one per layer
+    (len(hidden_dims) + 1 entries, each 1 or 2; FFJORD's stride 2 uses kernel 4, padding 1 and
+    would change the shape, so the output shape is checked to equal the input shape);
+    zero_last: the last layer's weight and bias start at zero (RNODE), so f ≡ 0 at the start.
+    params: "{i}.weight", "{i}.bias" (and the squash entries) for conv layer i.
+    """
+
+    def __init__(self, in_shape, hidden_dims=(64, 64, 64), layer_type: str = "concat",
+                 strides=None, zero_last: bool = False):
+        self.in_shape = tuple(int(v) for v in in_shape)
+        if len(self.in_shape) != 3:
+            raise ValueError(f"ConvNet: in_shape must be (C, H, W), got {in_shape!r}")
+        self.hidden_dims = tuple(int(h) for h in hidden_dims)
+        if layer_type not in _LAYER_TYPES:
+            raise ValueError(f"ConvNet: unknown layer_type {layer_type!r}; "
+                             f"expected one of {sorted(_LAYER_TYPES)}")
+        self.layer_type = layer_type
+        n = len(self.hidden_dims) + 1
+        self.strides = (1,) * n if strides is None else tuple(int(s) for s in strides)
+        if len(self.strides) != n or any(s not in (1, 2) for s in self.strides):
+            raise ValueError(f"ConvNet: strides must be {n} entries of 1 or 2, got {strides!r}")
+        self.zero_last = bool(zero_last)
+        cls = _LAYER_TYPES[layer_type]
+        dims = (self.in_shape[0],) + self.hidden_dims + (self.in_shape[0],)
+        self.convs = []
+        shape = self.in_shape
+        for i, s in enumerate(self.strides):
+            k, pad = (3, 1) if s == 1 else (4, 1)
+            conv = cls(dims[i], dims[i + 1], kernel=k, stride=s, padding=pad)
+            shape = conv.output_shape(shape)
+            self.convs.append(conv)
+        if shape != self.in_shape:
+            raise ValueError(f"ConvNet: strides {self.strides} map {self.in_shape} to {shape}; "
+                             "the dynamics must keep the input shape")
+        self.act = Softplus()
+
+    @property
+    def config(self):
+        return {"in_shape": list(self.in_shape), "hidden_dims": list(self.hidden_dims),
+                "layer_type": self.layer_type, "strides": list(self.strides),
+                "zero_last": self.zero_last}
+
+    def init_params(self, rng, dtype, xp):
+        params = {}
+        last = len(self.convs) - 1
+        for i, conv in enumerate(self.convs):
+            for name, v in conv.init_params(rng, dtype, xp).items():
+                if i == last and self.zero_last and name in ("weight", "bias"):
+                    v = xp.zeros_like(v)
+                params[f"{i}.{name}"] = v
+        return params
+
+    def validate(self, x, xdot=None):
+        """Raise ValueError unless x is (B, *in_shape) and xdot is None or (K, *x.shape)."""
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.in_shape:
+            raise ValueError(f"ConvNet: x must have shape (B, {', '.join(map(str, self.in_shape))})"
+                             f", got {tuple(x.shape)}")
+        if xdot is not None and (xdot.ndim != 5 or xdot.shape[1:] != x.shape):
+            raise ValueError(f"ConvNet: xdot must have shape (K, *x.shape), got "
+                             f"{tuple(xdot.shape)} for x {tuple(x.shape)}")
+
+    def _sub(self, params, i):
+        prefix = f"{i}."
+        return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+    def forward(self, params, x, xdot, t):
+        """eq. 1.12: h_0 = x, h_{i+1} = softplus(conv_i(h_i, t)), f = conv_L(h_L, t)."""
+        self.validate(x, xdot)
+        caches = []
+        h, hdot = x, xdot
+        last = len(self.convs) - 1
+        for i, conv in enumerate(self.convs):
+            h, hdot, c = conv.forward(self._sub(params, i), h, hdot, t)
+            caches.append(c)
+            if i < last:
+                h, hdot, c = self.act.forward({}, h, hdot, t)
+                caches.append(c)
+        return h, hdot, tuple(caches)
+
+    def backward(self, ybar, ydotbar, cache):
+        """Reverse of eq. 1.12 layer by layer; tbar summed over layers."""
+        grads = {}
+        tbar = 0.0
+        hbar, hdotbar = ybar, ydotbar
+        ci = len(cache) - 1
+        for i in range(len(self.convs) - 1, -1, -1):
+            hbar, hdotbar, g, tb = self.convs[i].backward(hbar, hdotbar, cache[ci])
+            ci -= 1
+            tbar = tbar + tb
+            for name, v in g.items():
+                grads[f"{i}.{name}"] = v
+            if i > 0:
+                hbar, hdotbar, _, _ = self.act.backward(hbar, hdotbar, cache[ci])
+                ci -= 1
+        return hbar, hdotbar, grads, tbar

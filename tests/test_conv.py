@@ -1,0 +1,166 @@
+"""Convolutions (docs/images.md section 1): the forward against a direct correlation, the
+tangent against central differences, the backward as the adjoint of the full forward map
+(x, xdot, θ, t) -> (y, ydot) (dot-product test, second-order terms included)."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+from scipy.signal import correlate2d
+
+from npflow.conv import Conv2d, ConcatConv2d, ConcatSquashConv2d, ConvNet, Softplus
+
+
+def _direct_conv(x, W, b, stride, pad):
+    """Reference: y[b, o] = Σ_c correlate2d(pad(x[b, c]), W[o, c], 'valid')[::s, ::s] + b[o]."""
+    B, C, H, Wd = x.shape
+    O = W.shape[0]
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    out = []
+    for n in range(B):
+        rows = []
+        for o in range(O):
+            acc = sum(correlate2d(xp[n, c], W[o, c], mode="valid") for c in range(C))
+            rows.append(acc[::stride, ::stride] + b[o])
+        out.append(rows)
+    return np.array(out)
+
+
+def _forward_flat(layer, params, x, xdot, t):
+    y, ydot, _ = layer.forward(params, x, xdot, t)
+    return y, ydot
+
+
+def _inner(a, b):
+    if a is None or b is None:
+        return 0.0
+    return float(np.sum(np.asarray(a) * np.asarray(b)))
+
+
+def _check_adjoint_and_tangent(layer, params, x, xdot, t, rng, eps=1e-6, rtol=1e-6):
+    """Dot-product test of the backward against central differences of the forward map,
+    in a random direction of (x, xdot, θ, t)."""
+    y, ydot, cache = layer.forward(params, x, xdot, t)
+    ybar = rng.standard_normal(y.shape)
+    ydotbar = None if ydot is None else rng.standard_normal(ydot.shape)
+    xbar, xdotbar, pbar, tbar = layer.backward(ybar, ydotbar, cache)
+    assert set(pbar) == set(params)
+    dx = rng.standard_normal(x.shape)
+    dxdot = None if xdot is None else rng.standard_normal(xdot.shape)
+    dp = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+    dt = float(rng.standard_normal())
+
+    def at(s):
+        p = {k: params[k] + s * dp[k] for k in params}
+        xd = None if xdot is None else xdot + s * dxdot
+        return _forward_flat(layer, p, x + s * dx, xd, t + s * dt)
+
+    yp, ydp = at(eps)
+    ym, ydm = at(-eps)
+    lhs = _inner(ybar, (yp - ym) / (2 * eps))
+    if ydot is not None:
+        lhs += _inner(ydotbar, (ydp - ydm) / (2 * eps))
+    rhs = _inner(xbar, dx) + _inner(xdotbar, dxdot) + float(tbar) * dt
+    rhs += sum(_inner(pbar[k], dp[k]) for k in params)
+    assert abs(lhs - rhs) <= rtol * (1 + abs(lhs)), (lhs, rhs)
+    # tangent = directional derivative in x (eq. 1.4)
+    if xdot is not None:
+        yp, _ = _forward_flat(layer, params, x + eps * xdot[0], None, t)
+        ym, _ = _forward_flat(layer, params, x - eps * xdot[0], None, t)
+        np.testing.assert_allclose(ydot[0], (yp - ym) / (2 * eps), rtol=1e-6, atol=1e-8)
+
+
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(3, 6), st.integers(3, 6),
+                   st.integers(0, 2), st.integers(0, 2**31 - 1))
+
+
+@given(shapes, st.sampled_from([(3, 1, 1), (4, 2, 1), (3, 2, 0), (1, 1, 0)]))
+def test_conv2d_forward_equals_direct_correlation(shape, ksp):
+    B, C, H, W, K, seed = shape
+    k, s, p = ksp
+    rng = np.random.default_rng(seed)
+    layer = Conv2d(C, 2, kernel=k, stride=s, padding=p)
+    params = layer.init_params(rng, np.float64, np)
+    x = rng.standard_normal((B, C, H, W))
+    y, _, _ = layer.forward(params, x, None, 0.3)
+    np.testing.assert_allclose(y, _direct_conv(x, params["weight"], params["bias"], s, p),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_concat_conv2d_equals_conv_over_time_channel():
+    rng = np.random.default_rng(0)
+    layer = ConcatConv2d(2, 3)
+    params = layer.init_params(rng, np.float64, np)
+    x = rng.standard_normal((2, 2, 5, 4))
+    t = 0.7
+    y, _, _ = layer.forward(params, x, None, t)
+    tx = np.concatenate([np.full((2, 1, 5, 4), t), x], axis=1)
+    np.testing.assert_allclose(y, _direct_conv(tx, params["weight"], params["bias"], 1, 1),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [Conv2d, ConcatConv2d, ConcatSquashConv2d])
+@given(shapes, st.sampled_from([(3, 1, 1), (4, 2, 1)]))
+def test_vjp_is_adjoint_of_forward_map(cls, shape, ksp):
+    B, C, H, W, K, seed = shape
+    k, s, p = ksp
+    rng = np.random.default_rng(seed)
+    layer = cls(C, 2, kernel=k, stride=s, padding=p)
+    params = layer.init_params(rng, np.float64, np)
+    x = rng.standard_normal((B, C, H, W))
+    xdot = rng.standard_normal((K, B, C, H, W)) if K else None
+    _check_adjoint_and_tangent(layer, params, x, xdot, float(rng.uniform(0, 1)), rng)
+
+
+@given(shapes)
+def test_convnet_vjp_is_adjoint_of_forward_map(shape):
+    B, C, H, W, K, seed = shape
+    rng = np.random.default_rng(seed)
+    net = ConvNet((C, H, W), hidden_dims=(4, 3), layer_type="concat")
+    params = net.init_params(rng, np.float64, np)
+    x = rng.standard_normal((B, C, H, W))
+    xdot = rng.standard_normal((max(K, 1), B, C, H, W))
+    _check_adjoint_and_tangent(net, params, x, xdot, float(rng.uniform(0, 1)), rng, rtol=1e-5)
+
+
+def test_softplus_vjp_is_adjoint_of_forward_map():
+    rng = np.random.default_rng(1)
+    x = 3 * rng.standard_normal((2, 3, 4, 4))
+    xdot = rng.standard_normal((2, 2, 3, 4, 4))
+    _check_adjoint_and_tangent(Softplus(), {}, x, xdot, 0.0, rng)
+
+
+def test_backward_with_missing_cotangents():
+    rng = np.random.default_rng(2)
+    layer = ConcatConv2d(2, 3)
+    params = layer.init_params(rng, np.float64, np)
+    x = rng.standard_normal((2, 2, 4, 4))
+    xdot = rng.standard_normal((2, 2, 2, 4, 4))
+    y, ydot, cache = layer.forward(params, x, xdot, 0.5)
+    ybar, ydotbar = rng.standard_normal(y.shape), rng.standard_normal(ydot.shape)
+    full = layer.backward(ybar, ydotbar, cache)
+    only_y = layer.backward(ybar, None, cache)
+    only_ydot = layer.backward(None, ydotbar, cache)
+    np.testing.assert_allclose(only_y[0], full[0])
+    np.testing.assert_allclose(only_ydot[1], full[1])
+    np.testing.assert_allclose(only_y[2]["weight"] + only_ydot[2]["weight"], full[2]["weight"])
+    assert only_ydot[0] is None and only_y[1] is None
+    assert float(only_ydot[3]) == 0.0
+
+
+def test_convnet_zero_last_is_zero_map_and_keeps_shape():
+    rng = np.random.default_rng(3)
+    net = ConvNet((2, 6, 6), hidden_dims=(4, 4), zero_last=True)
+    params = net.init_params(rng, np.float32, np)
+    x = rng.standard_normal((3, 2, 6, 6)).astype(np.float32)
+    f, _, _ = net.forward(params, x, None, 0.1)
+    assert f.shape == x.shape and f.dtype == np.float32 and not f.any()
+
+
+def test_convnet_rejects_wrong_shapes():
+    net = ConvNet((1, 6, 6), hidden_dims=(4,))
+    params = net.init_params(np.random.default_rng(0), np.float64, np)
+    with pytest.raises(ValueError, match="shape"):
+        net.forward(params, np.zeros((2, 2, 6, 6)), None, 0.0)
+    with pytest.raises(ValueError, match="xdot"):
+        net.forward(params, np.zeros((2, 1, 6, 6)), np.zeros((1, 2, 1, 6, 5)), 0.0)
+    with pytest.raises(ValueError, match="strides"):
+        ConvNet((1, 6, 6), hidden_dims=(4,), strides=(2, 1))
