@@ -10,7 +10,7 @@ with x (B, C, H, W), xdot (K, B, C, H, W) or None, t a scalar.
 A convolution is linear in x, so the tangents go through the same map without the bias
 (eq. 1.3). The primal and the K tangents are therefore stacked into one batch of R = (K+1)·B
 images, padded once, unfolded once (im2col, eq. 1.2: a Python loop over the k² kernel offsets,
-never over pixels) and multiplied by the weight matrix in one batched matrix product. The
+never over pixels) and multiplied by the weight matrix in one matrix product. The
 backward reuses the stacked layout: one tensordot for the weight gradient and one matrix
 product plus a k²-offset fold (col2im, eq. 1.5) for the input gradients.
 
@@ -38,30 +38,35 @@ def conv_output_size(n: int, kernel: int, stride: int, padding: int) -> int:
 
 
 def _im2col(P, k, s, Ho, Wo, xp):
-    """Unfold padded images P (R, C, Hp, Wp) into columns (R, C·k·k, Ho·Wo) (eq. 1.2).
+    """Unfold channel-first padded images P (C, R, Hp, Wp) into columns (k·k·C, R·Ho·Wo)
+    (eq. 1.2): cols[(i, j, c), (r, h, w)] = P[c, r, s·h + i, s·w + j].
 
-    cols[r, (c, i, j), (h, w)] = P[r, c, s·h + i, s·w + j]; one strided-slice copy per kernel
-    offset (i, j), k² in all.
+    One strided-slice copy per kernel offset (i, j), k² in all; the channel-first layout makes
+    each copy a few large blocks and the product with the weight a single matrix product.
     """
-    R, C = P.shape[:2]
-    cols = xp.empty((R, C, k, k, Ho, Wo), dtype=P.dtype)
+    C, R = P.shape[:2]
+    cols = xp.empty((k, k, C, R, Ho, Wo), dtype=P.dtype)
     he, we = s * (Ho - 1) + 1, s * (Wo - 1) + 1
     for i in range(k):
         for j in range(k):
-            cols[:, :, i, j] = P[:, :, i:i + he:s, j:j + we:s]
-    return cols.reshape(R, C * k * k, Ho * Wo)
+            cols[i, j] = P[:, :, i:i + he:s, j:j + we:s]
+    return cols.reshape(k * k * C, R * Ho * Wo)
 
 
-def _col2im(dcols, C, Hp, Wp, k, s, Ho, Wo, xp):
-    """Adjoint of _im2col (eq. 1.5): fold dcols (R, C·k·k, Ho·Wo) back into (R, C, Hp, Wp)."""
-    R = dcols.shape[0]
-    d = dcols.reshape(R, C, k, k, Ho, Wo)
-    dP = xp.zeros((R, C, Hp, Wp), dtype=dcols.dtype)
+def _col2im(dcols, C, R, Hp, Wp, k, s, Ho, Wo, xp):
+    """Adjoint of _im2col (eq. 1.5): fold dcols (k·k·C, R·Ho·Wo) back into (C, R, Hp, Wp)."""
+    d = dcols.reshape(k, k, C, R, Ho, Wo)
+    dP = xp.zeros((C, R, Hp, Wp), dtype=dcols.dtype)
     he, we = s * (Ho - 1) + 1, s * (Wo - 1) + 1
     for i in range(k):
         for j in range(k):
-            dP[:, :, i:i + he:s, j:j + we:s] += d[:, :, i, j]
+            dP[:, :, i:i + he:s, j:j + we:s] += d[i, j]
     return dP
+
+
+def _weight_matrix(W):
+    """W (C_out, C, k, k) -> (C_out, k·k·C), columns ordered (i, j, c) as in _im2col."""
+    return W.transpose(0, 2, 3, 1).reshape(W.shape[0], -1)
 
 
 class Conv2d(Layer):
@@ -128,16 +133,18 @@ class Conv2d(Layer):
         p, k, s, nt = self.padding, self.kernel, self.stride, self.time_channels
         _, Ho, Wo = self.output_shape((C, H, Wd))
         R = (K + 1) * B
-        # one padded buffer for the primal and all tangents (eq. 1.2); the time channel is t on
-        # the interior of the primal rows, 0 in the padding and in the tangent rows (eq. 1.7)
-        P = xp.zeros((R, C + nt, H + 2 * p, Wd + 2 * p), dtype=x.dtype)
-        P[:B, nt:, p:p + H, p:p + Wd] = x
+        # one channel-first padded buffer (C + nt, R, Hp, Wp) for the primal and all tangents
+        # (eq. 1.2); the time channel is t on the interior of the primal rows, 0 in the padding
+        # and in the tangent rows (eq. 1.7)
+        P = xp.zeros((C + nt, R, H + 2 * p, Wd + 2 * p), dtype=x.dtype)
+        P[nt:, :B, p:p + H, p:p + Wd] = x.transpose(1, 0, 2, 3)
         if K:
-            P[B:, nt:, p:p + H, p:p + Wd] = xdot.reshape(K * B, C, H, Wd)
+            P[nt:, B:, p:p + H, p:p + Wd] = xdot.reshape(K * B, C, H, Wd).transpose(1, 0, 2, 3)
         if nt:
-            P[:B, :nt, p:p + H, p:p + Wd] = t
+            P[:nt, :B, p:p + H, p:p + Wd] = t
         cols = _im2col(P, k, s, Ho, Wo, xp)
-        Y = (W.reshape(self.c_out, -1) @ cols).reshape(R, self.c_out, Ho, Wo)   # eq. 1.3
+        Y = (_weight_matrix(W) @ cols).reshape(self.c_out, R, Ho, Wo)              # eq. 1.3
+        Y = Y.transpose(1, 0, 2, 3)
         return Y, (W, P, B, K, (C, H, Wd, Ho, Wo))
 
     def forward(self, params, x, xdot, t):
@@ -163,27 +170,34 @@ class Conv2d(Layer):
         if ybar is None and not use_t:
             zero = xp.zeros((), dtype=P.dtype)
             return None, None, xp.zeros_like(W), zero
+        O = self.c_out
         if ybar is not None and use_t:
-            G = xp.concatenate([ybar.reshape(B, self.c_out, Ho * Wo),
-                                ydotbar.reshape(K * B, self.c_out, Ho * Wo)], axis=0)
+            G = xp.empty((O, (K + 1) * B, Ho, Wo), dtype=P.dtype)
+            G[:, :B] = ybar.transpose(1, 0, 2, 3)
+            G[:, B:] = ydotbar.reshape(K * B, O, Ho, Wo).transpose(1, 0, 2, 3)
             Ps = P
         elif ybar is not None:
-            G, Ps = ybar.reshape(B, self.c_out, Ho * Wo), P[:B]
+            G, Ps = xp.ascontiguousarray(ybar.transpose(1, 0, 2, 3)), P[:, :B]
         else:
-            G, Ps = ydotbar.reshape(K * B, self.c_out, Ho * Wo), P[B:]
+            G = xp.ascontiguousarray(ydotbar.reshape(K * B, O, Ho, Wo).transpose(1, 0, 2, 3))
+            Ps = P[:, B:]
+        R = G.shape[1]
+        G = G.reshape(O, R * Ho * Wo)
         cols = _im2col(Ps, k, s, Ho, Wo, xp)
-        # eq. 1.6: Wbar = Σ_r G_r cols_rᵀ (primal and tangent rows alike)
-        Wbar = xp.tensordot(G, cols, axes=([0, 2], [0, 2])).reshape(W.shape)
+        # eq. 1.6: Wbar = Σ_r G_r cols_rᵀ (primal and tangent rows alike), back to (O, C, k, k)
+        # (OpenBLAS is much faster for these long reductions with the larger side as rows)
+        Wm_bar = G @ cols.T if O >= cols.shape[0] else (cols @ G.T).T
+        Wbar = xp.ascontiguousarray(Wm_bar.reshape(O, k, k, C + nt).transpose(0, 3, 1, 2))
         # eq. 1.5: input gradient = fold(Wᵀ G)
-        dcols = W.reshape(self.c_out, -1).T @ G
-        dP = _col2im(dcols, C + nt, H + 2 * p, Wd + 2 * p, k, s, Ho, Wo, xp)
-        dX = dP[:, nt:, p:p + H, p:p + Wd]
+        dcols = _weight_matrix(W).T @ G
+        dP = _col2im(dcols, C + nt, R, H + 2 * p, Wd + 2 * p, k, s, Ho, Wo, xp)
+        dX = dP[nt:, :, p:p + H, p:p + Wd].transpose(1, 0, 2, 3)
         xbar = xdotbar = None
         tbar = xp.zeros((), dtype=P.dtype)
         if ybar is not None:
             xbar = dX[:B]
             if nt:
-                tbar = dP[:B, :nt, p:p + H, p:p + Wd].sum()                       # eq. 1.7
+                tbar = dP[:nt, :B, p:p + H, p:p + Wd].sum()                       # eq. 1.7
             if use_t:
                 xdotbar = dX[B:].reshape(K, B, C, H, Wd)
         else:
