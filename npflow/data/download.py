@@ -18,6 +18,7 @@ that only builds plain containers and numpy arrays, so a data file cannot run co
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import pickle
@@ -101,13 +102,21 @@ def download(url: str, dest: str, sha256, timeout: float = 60.0) -> str:
         raise DataError(
             f"could not download {url}: the server answered HTTP {exc.code} ({exc.reason}); "
             + _by_hand(folder, [os.path.basename(dest)], [url])) from exc
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
-            OSError) as exc:
+    except http.client.HTTPException as exc:  # e.g. IncompleteRead: the transfer broke off
+        _remove(part)
+        raise DataError(
+            f"download of {url} broke off ({type(exc).__name__}: {exc}); the partial file was "
+            "deleted. Try again, or " + _by_hand(folder, [os.path.basename(dest)], [url])) from exc
+    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
         _remove(part)
         reason = getattr(exc, "reason", exc)
         raise DataError(
             f"could not download {url}: {reason}. The URL could not be reached (offline?); "
             + _by_hand(folder, [os.path.basename(dest)], [url])) from exc
+    except OSError as exc:  # e.g. the part file could not be written
+        _remove(part)
+        raise DataError(f"download of {url} to {part} failed: {exc}; "
+                        + _by_hand(folder, [os.path.basename(dest)], [url])) from exc
     except BaseException:
         _remove(part)
         raise
@@ -258,7 +267,8 @@ _BUILTINS_ALLOWED = {"slice", "list", "dict", "tuple", "set", "frozenset", "byte
                      "complex", "object"}
 _COPYREG_ALLOWED = {("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"),
                     ("copyreg", "__newobj__"), ("__builtin__", "object"),
-                    ("builtins", "object")}
+                    ("builtins", "object"),
+                    ("_codecs", "encode")}  # protocol-2 pickles of bytes written by Python 3
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
