@@ -257,3 +257,29 @@ def test_bad_arguments_are_refused():
 
 def test_format_seconds():
     assert [format_seconds(s) for s in (5, 65, 3725, math.inf)] == ["5s", "1m05s", "1h02m", "?"]
+
+
+# -- figures (npflow.plotting) ----------------------------------------------------------------
+
+def test_figures_are_written_as_png(tmp_path):
+    from npflow.plotting import image_grid, toy_figure, training_curves
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(500, 2))
+
+    def log_prob(p):
+        return -0.5 * (p ** 2).sum(1) - math.log(2 * math.pi)
+
+    paths = [toy_figure(data, log_prob, rng.normal(size=(300, 2)), tmp_path / "toy.png",
+                        title="t", grid=30)]
+    model, opt, hooks = _setup(method="toflow")
+    res = train(model, opt, batches, 20, rng, hooks=hooks, print_fn=lambda s: None)
+    paths.append(training_curves(res.history, tmp_path / "curves.png"))
+    paths.append(image_grid(rng.uniform(size=(6, 1, 5, 5)), tmp_path / "grid.png",
+                            labels=list("abcdef")))
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="2-D points"):
+        toy_figure(np.zeros((5, 3)), log_prob, data, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="labels"):
+        image_grid(np.zeros((3, 4, 4)), tmp_path / "y.png", labels=["a"])

@@ -1,0 +1,314 @@
+#!/usr/bin/env python
+"""Train a CNF on a 2-D toy density with FFJORD, RNODE, TO-FLOW or STEER (docs/training.md §6).
+
+    python examples/train_toy.py --data checkerboard --method toflow --niters 10000
+    python examples/train_toy.py --data 8gaussians --method rnode --solver rk4 --steps 8
+    python examples/train_toy.py --method toflow+rnode      # methods combine with "+"
+
+Writes to --save DIR: checkpoint.h5 (every --log-every iterations and at the end; atomic),
+toy.png (data | learned density | samples), curves.png (loss, NFE, T, gradient norm), and
+prints the test NLL on --test-n fresh samples (dopri5, atol = rtol = 1e-5, exact trace). With
+--log-json PATH one JSON object per log line is appended to PATH, and a last one holding
+"test_nll". --resume continues an interrupted run exactly from DIR/checkpoint.h5.
+
+Methods (docs/training.md §6):
+  ffjord  maximum likelihood; --train-T trains T jointly with the weights (FFJORD's option)
+  rnode   adds λ_K ∫‖f‖² and λ_J ∫‖∂f/∂z‖²_F (defaults 0.01 each)
+  toflow  end time T trained by its own Adam (lr --lr-T) after each weight step, with the
+          analytic ∂L/∂T at the updated weights, temporal regularization α|T| and clipping
+          to [t0 + ε, 2T0 − t0 − ε]
+  steer   each training step integrates to T' ~ U[T − b, T + b]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+METHODS = ("ffjord", "rnode", "toflow", "steer")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Train a continuous normalizing flow on 2-D toy data (npflow).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", default="8gaussians",
+      help="toy set: swissroll, circles, rings, moons, 8gaussians, pinwheel, 2spirals, "
+           "checkerboard")
+    a("--data-file", default=None,
+      help="train on your own (N, 2) points instead: .npy, or .csv/.txt (comma or space "
+           "separated); 10%% are held out for the test NLL")
+    a("--dims", default="64-64-64", help="hidden widths of the ODENet, dash-separated")
+    a("--layer-type", default="concatsquash", choices=["concatsquash", "concat", "linear"])
+    a("--nonlinearity", default="tanh",
+      choices=["tanh", "softplus", "sigmoid", "swish", "logcosh"])
+    a("--blocks", type=int, default=1, help="number of stacked CNF blocks")
+    a("--T", type=float, default=0.5, help="(initial) end time T0; t0 = 0")
+    a("--train-T", action="store_true",
+      help="train T jointly with the weights by the same Adam (FFJORD's train_T)")
+    a("--solver", default="rk4", choices=["rk4", "rk38", "dopri5", "euler", "midpoint"])
+    a("--steps", type=int, default=8, help="steps of a fixed-grid solver")
+    a("--step-size", type=float, default=None,
+      help="fixed-grid step size; overrides --steps with ceil(T / step-size)")
+    a("--atol", type=float, default=1e-5)
+    a("--rtol", type=float, default=1e-5)
+    a("--trace", default="exact", choices=["exact", "hutchinson", "rademacher"])
+    a("--niters", type=int, default=10000)
+    a("--batch-size", type=int, default=100)
+    a("--lr", type=float, default=1e-3)
+    a("--weight-decay", type=float, default=1e-5)
+    a("--weight-decay-mode", default="l2", choices=["l2", "adamw"],
+      help="l2: added to the gradient (torch.optim.Adam, FFJORD); adamw: decoupled")
+    a("--warmup", type=int, default=0, help="linear learning-rate warm-up iterations")
+    a("--grad-clip", type=float, default=None, help="max global gradient norm (default off)")
+    a("--method", default="ffjord",
+      help="ffjord | rnode | toflow | steer, or a '+' combination such as toflow+rnode")
+    a("--kinetic", type=float, default=None, help="λ_K (default 0.01 with rnode, else 0)")
+    a("--jacobian", type=float, default=None, help="λ_J (default 0.01 with rnode, else 0)")
+    a("--alpha", type=float, default=0.1, help="TO-FLOW temporal regularization α·|T|")
+    a("--eps-T", type=float, default=0.1, help="TO-FLOW clipping ε: T in [t0+ε, 2T0−t0−ε]")
+    a("--lr-T", type=float, default=1e-2, help="TO-FLOW learning rate of the T optimizer")
+    a("--T-grad", default="analytic", choices=["analytic", "discrete", "stale"],
+      help="TO-FLOW ∂L/∂T: analytic terminal formula or discrete adjoint at the updated "
+           "weights, or 'stale' = the analytic value from the weight step (no extra solve)")
+    a("--steer-b", type=float, default=None, help="STEER half-width b (default T0/2)")
+    a("--device", default="cpu", choices=["cpu", "gpu"])
+    a("--dtype", default="float32", choices=["float32", "float64"])
+    a("--seed", type=int, default=0)
+    a("--save", default="runs/toy", help="folder for checkpoint, figures")
+    a("--resume", action="store_true", help="continue from SAVE/checkpoint.h5")
+    a("--log-every", type=int, default=100)
+    a("--log-json", default=None, help="append one JSON object per log line to this file")
+    a("--test-n", type=int, default=10000, help="fresh samples for the final test NLL")
+    a("--test-batch", type=int, default=5000)
+    a("--no-figures", action="store_true", help="skip the figures at the end")
+    a("--viz", action="store_true",
+      help="also draw the toy figure every --viz-every iterations during training")
+    a("--viz-every", type=int, default=1000)
+    a("--viz-n", type=int, default=5000, help="samples in the toy figure")
+    return p
+
+
+def parse_methods(text):
+    parts = [m.strip().lower() for m in text.split("+") if m.strip()]
+    bad = [m for m in parts if m not in METHODS]
+    if not parts or bad:
+        raise ValueError(f"unknown method {text!r}: use one of {', '.join(METHODS)} or a "
+                         "'+' combination such as toflow+rnode")
+    return set(parts)
+
+
+def load_data_file(path):
+    """(N, 2) float64 points from .npy or a text file."""
+    if not os.path.exists(path):
+        raise ValueError(f"--data-file {path!r} does not exist")
+    if path.endswith(".npy"):
+        x = np.load(path, allow_pickle=False)
+    else:
+        with open(path) as f:
+            first = f.readline()
+        delim = "," if "," in first else None
+        x = np.loadtxt(path, delimiter=delim, ndmin=2)
+    return np.asarray(x, dtype=np.float64) if x.dtype.kind in "biuf" else x
+
+
+def prepare(args):
+    """Check every input and build what the run needs, before any training (clear errors)."""
+    from npflow.data import TOY_NAMES, toy, validate_data
+
+    methods = parse_methods(args.method)
+    for name, v in (("--niters", args.niters), ("--batch-size", args.batch_size),
+                    ("--log-every", args.log_every), ("--test-n", args.test_n),
+                    ("--steps", args.steps), ("--blocks", args.blocks)):
+        if v < 1 and not (name == "--niters" and v == 0):
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if not args.T > 0:
+        raise ValueError(f"--T must be > 0, got {args.T}")
+    try:
+        hidden = tuple(int(h) for h in args.dims.split("-"))
+    except ValueError:
+        raise ValueError(f"--dims must be dash-separated integers like 64-64-64, got "
+                         f"{args.dims!r}") from None
+    if any(h < 1 for h in hidden):
+        raise ValueError(f"--dims widths must be >= 1, got {args.dims!r}")
+    steps = args.steps
+    if args.step_size is not None:
+        if not args.step_size > 0:
+            raise ValueError(f"--step-size must be > 0, got {args.step_size}")
+        steps = max(1, math.ceil(args.T / args.step_size - 1e-9))
+
+    rng_test = np.random.default_rng([args.seed, 2])
+    if args.data_file is not None:
+        x_all = load_data_file(args.data_file)
+        validate_data(x_all, dim=2, name=f"data file {args.data_file!r} (train_toy.py trains "
+                                          "on 2-D points)")
+        perm = np.random.default_rng([args.seed, 3]).permutation(len(x_all))
+        n_test = max(1, len(x_all) // 10)
+        if len(x_all) - n_test < 1:
+            raise ValueError(f"data file {args.data_file!r} has too few points ({len(x_all)})")
+        x_test, x_train = x_all[perm[:n_test]], x_all[perm[n_test:]]
+        data_name = os.path.basename(args.data_file)
+
+        def sample_batch(rng, it):
+            return x_train[rng.integers(0, len(x_train), args.batch_size)]
+        limits = None
+    else:
+        if args.data not in TOY_NAMES:
+            raise ValueError(f"unknown data set {args.data!r}; valid names: "
+                             f"{', '.join(TOY_NAMES)} (or --data-file PATH)")
+        data_name = args.data
+        x_test = toy(args.data, args.test_n, rng_test)
+
+        def sample_batch(rng, it):
+            return toy(args.data, args.batch_size, rng)
+        limits = ((-4.0, 4.0), (-4.0, 4.0))
+    # the first batch is checked like every data set: finite values, (B, 2)
+    validate_data(sample_batch(np.random.default_rng([args.seed, 4]), 0), dim=2,
+                  name="training batch")
+    validate_data(x_test, dim=2, name="test data")
+
+    rnode = "rnode" in methods
+    kinetic = args.kinetic if args.kinetic is not None else (0.01 if rnode else 0.0)
+    jacobian = args.jacobian if args.jacobian is not None else (0.01 if rnode else 0.0)
+    toflow, steer = "toflow" in methods, "steer" in methods
+    if toflow and args.train_T:
+        raise ValueError("--train-T (joint T training) and --method toflow (T by its own "
+                         "optimizer) exclude each other; choose one")
+    steer_b = args.steer_b if args.steer_b is not None else 0.5 * args.T
+    if steer and not 0 < steer_b < args.T:
+        raise ValueError(f"--steer-b must be in (0, T) = (0, {args.T}), got {steer_b}")
+    config = dict(dim=2, hidden=hidden, layer=args.layer_type, activation=args.nonlinearity,
+                  T=args.T, train_T=bool(toflow or args.train_T), solver=args.solver,
+                  steps=steps, rtol=args.rtol, atol=args.atol, trace=args.trace,
+                  kinetic=kinetic, jacobian=jacobian, blocks=args.blocks, dtype=args.dtype,
+                  device=args.device, seed=args.seed)
+    return dict(methods=methods, config=config, sample_batch=sample_batch, x_test=x_test,
+                data_name=data_name, limits=limits, steer_b=steer_b)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import npflow
+    from npflow.optim import Adam, Warmup
+    from npflow.training import SteerHook, TimeOptimizer, append_json, train
+
+    try:
+        run = prepare(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        model = npflow.CNF(**run["config"])
+    except (ValueError, npflow.DeviceError) as exc:
+        parser.error(f"cannot build the model: {exc}")
+    methods, cfg = run["methods"], run["config"]
+
+    time_names = set(model.time_names) if cfg["train_T"] else set()
+    weight_keys = {k: v for k, v in model.params.items()
+                   if not ("toflow" in methods and k in time_names)}
+    optimizer = Adam(weight_keys, lr=args.lr, weight_decay=args.weight_decay,
+                     decoupled=args.weight_decay_mode == "adamw",
+                     schedule=Warmup(args.warmup) if args.warmup else None)
+    hooks = []
+    if "steer" in methods:
+        hooks.append(SteerHook(run["steer_b"]))
+    if "toflow" in methods:
+        hooks.append(TimeOptimizer(model, lr=args.lr_T, alpha=args.alpha, eps=args.eps_T,
+                                   kind=args.T_grad))
+
+    os.makedirs(args.save, exist_ok=True)
+    with open(os.path.join(args.save, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    print(f"npflow CNF on {run['data_name']}: method {'+'.join(sorted(methods))}, "
+          f"{model.num_params()} parameters, solver {cfg['solver']}"
+          f"{'' if cfg['solver'] == 'dopri5' else ' ' + str(cfg['steps']) + ' steps'}, "
+          f"trace {cfg['trace']}, λ_K {cfg['kinetic']}, λ_J {cfg['jacobian']}, T {cfg['T']}"
+          f"{' (trained)' if cfg['train_T'] else ''}, {cfg['dtype']} on {cfg['device']}")
+
+    on_log = []
+    if args.viz:
+        def viz(rec):
+            if rec["iteration"] % args.viz_every == 0:
+                draw_toy(model, run, args, os.path.join(
+                    args.save, f"toy_iter{rec['iteration']:06d}.png"), fast=True)
+        on_log.append(viz)
+
+    rng = np.random.default_rng(args.seed)
+    t0 = time.perf_counter()
+    result = train(model, optimizer, run["sample_batch"], args.niters, rng,
+                   log_every=args.log_every, save_dir=args.save, resume=args.resume,
+                   log_json=args.log_json, grad_clip=args.grad_clip, hooks=hooks,
+                   on_log=on_log)
+    train_seconds = time.perf_counter() - t0
+    if result.status == "nonfinite":
+        print(result.message, file=sys.stderr)
+        return 1
+    print(result.message)
+
+    # final evaluation: dopri5, atol = rtol = 1e-5, exact trace, fresh samples
+    t1 = time.perf_counter()
+    lp, nfe = model.log_prob(run["x_test"], solver="dopri5", rtol=1e-5, atol=1e-5,
+                             trace="exact", batch_size=args.test_batch, return_nfe=True)
+    lp = npflow.backend.to_host(lp).astype(np.float64)
+    test_nll = float(-lp.mean())
+    stderr = float(lp.std() / math.sqrt(len(lp)))
+    h = result.history
+    final = {
+        "test_nll": test_nll, "test_nll_stderr": stderr, "test_n": int(len(lp)),
+        "test_nfe": nfe, "test_seconds": time.perf_counter() - t1, "data": run["data_name"],
+        "method": "+".join(sorted(methods)), "iterations": int(result.iteration),
+        "train_seconds_this_run": train_seconds,
+        "mean_nfe_forward": float(np.mean(h["nfe_forward"])) if len(h["loss"]) else None,
+        "mean_nfe_backward": float(np.mean(h["nfe_backward"])) if len(h["loss"]) else None,
+        "mean_sec_per_iter": float(np.mean(h["seconds"])) if len(h["loss"]) else None,
+        "T": [float(npflow.backend.to_host(model.params[n])) for n in model.time_names]
+        if cfg["train_T"] else cfg["T"],
+    }
+    print(f"test NLL {test_nll:.4f} ± {stderr:.4f} nats on {len(lp)} fresh samples "
+          f"(dopri5 1e-5, exact trace, NFE {nfe:.0f}); mean training NFE forward "
+          f"{final['mean_nfe_forward']}, backward {final['mean_nfe_backward']}")
+    append_json(args.log_json, final)
+    with open(os.path.join(args.save, "result.json"), "w") as f:
+        json.dump(final, f, indent=1)
+
+    if not args.no_figures:
+        from npflow.plotting import training_curves
+        p1 = draw_toy(model, run, args, os.path.join(args.save, "toy.png"))
+        p2 = None
+        if len(h["loss"]):
+            p2 = training_curves(h, os.path.join(args.save, "curves.png"),
+                                 title=f"{run['data_name']}, {final['method']}")
+        print("figures:", p1, p2 or "(no training curves: no iterations)")
+    return 0
+
+
+def draw_toy(model, run, args, path, fast=False):
+    """Data | learned density | samples. fast: the training solver instead of dopri5."""
+    from npflow.data import toy
+    from npflow.plotting import density_grid, toy_figure
+    kw = (dict(solver=model.config["solver"], steps=model.config["steps"]) if fast and
+          model.config["solver"] != "dopri5" else dict(solver="dopri5", rtol=1e-4, atol=1e-4))
+    rng = np.random.default_rng([args.seed, 5])
+    if args.data_file is None:
+        data = toy(args.data, args.viz_n, rng)
+    else:
+        data = run["x_test"]
+    limits = run["limits"]
+    if limits is None:
+        lo, hi = np.percentile(data, [0.5, 99.5], axis=0)
+        pad = 0.15 * (hi - lo)
+        limits = ((lo[0] - pad[0], hi[0] + pad[0]), (lo[1] - pad[1], hi[1] + pad[1]))
+    density = density_grid(lambda pts: model.log_prob(pts, **kw), limits, 100)
+    samples = model.sample(args.viz_n, rng, **kw)
+    return toy_figure(data, None, samples, path, limits=limits, density=density,
+                      title=f"{run['data_name']}, {args.method}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
