@@ -99,8 +99,8 @@ def test_cnf_interrupted_and_resumed_run_gives_the_same_losses(tmp_path):
     def batch(rng, it):
         return npflow.data.toy("8gaussians", 16, rng)
 
-    m, opt, hooks = setup()
-    full = train(m, opt, batch, 8, np.random.default_rng(1), log_every=2,
+    m_full, opt, hooks = setup()
+    full = train(m_full, opt, batch, 8, np.random.default_rng(1), log_every=2,
                  save_dir=tmp_path / "a", hooks=hooks, print_fn=lambda s: None)
 
     class Crash(Exception):
@@ -120,7 +120,7 @@ def test_cnf_interrupted_and_resumed_run_gives_the_same_losses(tmp_path):
                  save_dir=tmp_path / "b", resume=True, hooks=hooks2, print_fn=lambda s: None)
     for k in ("loss", "T", "grad_norm"):
         np.testing.assert_array_equal(rest.history[k], full.history[k])
-    for k, v in m.params.items():
+    for k, v in m_full.params.items():
         np.testing.assert_array_equal(m2.params[k], v)
 
 
