@@ -1,0 +1,481 @@
+#!/usr/bin/env python
+"""Density estimation on the MAF tabular sets (or a 2-D toy set) with OT-Flow, FFJORD, RNODE or
+TO-FLOW (docs/otflow.md, section 6).
+
+    python examples/train_tabular.py --data miniboone --model otflow
+    python examples/train_tabular.py --data 8gaussians --model otflow          # toy defaults
+    python examples/train_tabular.py --data power --model ffjord --niters 2000
+
+Data: power | gas | hepmass | miniboone | bsds300 are read from DATA_DIR (default data/, the
+files of the MAF archive's data/ folder; downloaded with checksums when missing unless
+--no-download) and z-scored as in MAF; the toy names draw fresh samples from npflow.data.toy.
+
+OT-Flow settings default to OT-Flow's own per data set (shared/REFERENCE.md): RK4 steps for
+training / validation / test, batch size, width m, α = (α0, α1, α2), learning rate. Tabular
+runs clamp every parameter to [−1.5, 1.5] after each step, validate every epoch with the
+validation step count, divide the learning rate by --lr-drop when the validation loss has not
+improved for --patience validations, and stop early after --max-drops drops; toy runs halve
+the learning rate every 100 iterations. The test NLL is computed at the end with the best
+validated parameters and --nt-test RK4 steps (more than training).
+
+FFJORD / RNODE / TO-FLOW use npflow.CNF with FFJORD's tabular architecture (ConcatSquash
+layers, hidden = factor·D, blocks), Hutchinson's trace and dopri5 (atol 1e-8, rtol 1e-6); RNODE
+adds λ_K = λ_J = 0.01 with fixed-grid RK4 and a fixed T; TO-FLOW trains T by its own Adam.
+
+Outputs in --save DIR: checkpoint.h5 (the training state; --resume continues from it),
+best.h5 (the best validated model, loadable with npflow.load), result.json. --log-json PATH
+appends one JSON object per progress line, one per validation, and a final one holding
+"test_nll" (nats). A non-finite loss stops the run with a message; the last good checkpoint is
+kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from npflow.training import TrainHook
+
+MODELS = ("otflow", "ffjord", "rnode", "toflow")
+TABULAR = ("power", "gas", "hepmass", "miniboone", "bsds300")
+
+# OT-Flow's settings (shared/REFERENCE.md; OT-Flow's detailedSetup): nt train/val/test, batch,
+# width m, α, learning rate. gas validates with 24-28 steps; 26 is taken here.
+OTFLOW_DEFAULTS = {
+    "power":     dict(nt=10, nt_val=22, nt_test=24, batch=10000, width=128,
+                      alpha=(1.0, 500.0, 5.0), lr=0.03),
+    "gas":       dict(nt=10, nt_val=26, nt_test=30, batch=2000, width=350,
+                      alpha=(1.0, 1200.0, 40.0), lr=0.01),
+    "hepmass":   dict(nt=12, nt_val=24, nt_test=24, batch=2000, width=256,
+                      alpha=(1.0, 500.0, 40.0), lr=0.02),
+    "miniboone": dict(nt=6, nt_val=10, nt_test=18, batch=2000, width=256,
+                      alpha=(1.0, 100.0, 15.0), lr=0.02),
+    "bsds300":   dict(nt=14, nt_val=30, nt_test=40, batch=300, width=512,
+                      alpha=(1.0, 2000.0, 800.0), lr=0.001),
+    # toy (trainToyOTflow.py): validation with the training steps, test with 4× as many
+    "toy":       dict(nt=8, nt_val=8, nt_test=32, batch=4096, width=32,
+                      alpha=(1.0, 100.0, 5.0), lr=0.1),
+}
+
+# FFJORD's tabular configurations (shared/REFERENCE.md): activation, hidden layers, width
+# factor (hidden = factor·D), blocks, batch size.
+FFJORD_DEFAULTS = {
+    "power":     dict(activation="tanh", layers=3, factor=10, blocks=5, batch=10000),
+    "gas":       dict(activation="tanh", layers=3, factor=20, blocks=5, batch=1000),
+    "hepmass":   dict(activation="softplus", layers=2, factor=10, blocks=10, batch=10000),
+    "miniboone": dict(activation="softplus", layers=2, factor=20, blocks=1, batch=1000),
+    "bsds300":   dict(activation="softplus", layers=3, factor=20, blocks=2, batch=10000),
+}
+
+
+class EarlyStop(Exception):
+    """Raised by the validation hook when the learning rate has been dropped --max-drops
+    times and the validation loss is stale again (OT-Flow's early stopping)."""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Train OT-Flow / FFJORD / RNODE / TO-FLOW on tabular or toy data (npflow).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", default="miniboone",
+      help="power, gas, hepmass, miniboone, bsds300, or a toy name (8gaussians, checkerboard, "
+           "swissroll, circles, rings, moons, pinwheel, 2spirals)")
+    a("--data-dir", default="data", help="DATA_DIR holding the MAF files")
+    a("--no-download", action="store_true", help="never download; fail if files are missing")
+    a("--model", default="otflow", choices=MODELS)
+    a("--niters", type=int, default=None,
+      help="training iterations (default: toy 1000, OT-Flow's CPU default; tabular 8000)")
+    a("--batch-size", type=int, default=None, help="default: the method's per-set value")
+    a("--lr", type=float, default=None, help="default: OT-Flow per set; CNF 1e-3")
+    a("--weight-decay", type=float, default=None, help="default: OT-Flow 0, CNF 1e-6")
+    # OT-Flow
+    a("--nt", type=int, default=None, help="OT-Flow: RK4 steps in training")
+    a("--nt-val", type=int, default=None, help="OT-Flow: RK4 steps for validation")
+    a("--nt-test", type=int, default=None, help="OT-Flow: RK4 steps for the test NLL")
+    a("--width", type=int, default=None, help="OT-Flow: ResNet width m")
+    a("--depth", type=int, default=2, help="OT-Flow: number of K layers (nTh)")
+    a("--rank", type=int, default=None, help="OT-Flow: rank of A (default min(10, d+1))")
+    a("--alpha", default=None, help="OT-Flow: α0,α1,α2 (transport, NLL, HJB), e.g. 1,100,5")
+    a("--clamp", type=float, default=None,
+      help="clamp every parameter to [-c, c] after each step (default: tabular 1.5, toy off; "
+           "0 = off)")
+    # learning-rate schedule, validation, early stopping
+    a("--drop-freq", type=int, default=None,
+      help="divide the lr by --lr-drop every N iterations (default: toy 100, tabular 0 = "
+           "drop on a stale validation loss instead)")
+    a("--lr-drop", type=float, default=None, help="lr divisor (default: toy 2, tabular 10)")
+    a("--val-every", type=int, default=None,
+      help="iterations between validations (default: one epoch, toy 25)")
+    a("--patience", type=int, default=20,
+      help="validations without improvement before the lr is dropped (stale-loss schedule)")
+    a("--max-drops", type=int, default=3,
+      help="stop early when the validation loss is stale after this many lr drops")
+    a("--val-n", type=int, default=None, help="validation points (default: toy 4096, all)")
+    a("--test-n", type=int, default=None, help="test points (default: toy 10000, all)")
+    a("--eval-batch", type=int, default=None, help="batch size of validation and test")
+    # CNF (FFJORD, RNODE, TO-FLOW)
+    a("--atol", type=float, default=1e-8, help="CNF: dopri5 atol")
+    a("--rtol", type=float, default=1e-6, help="CNF: dopri5 rtol")
+    a("--steps", type=int, default=8, help="RNODE: RK4 steps on [0, T]")
+    # run
+    a("--dtype", default=None, choices=["float32", "float64"],
+      help="default: toy float64, tabular float32")
+    a("--device", default="cpu", choices=["cpu", "gpu"])
+    a("--seed", type=int, default=0)
+    a("--save", default="runs/tabular", help="folder for checkpoints and result.json")
+    a("--resume", action="store_true", help="continue from SAVE/checkpoint.h5")
+    a("--log-every", type=int, default=10)
+    a("--log-json", default=None, help="append one JSON object per log line to this file")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# settings and data (everything checked before training)
+
+def _positive(name, v, allow_zero=False):
+    if v is None:
+        return
+    if v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+
+def resolve_settings(args, is_toy):
+    """Fill every None default from the method's per-set table; return a dict of settings."""
+    key = "toy" if is_toy else args.data
+    s = {}
+    if args.model == "otflow":
+        d = OTFLOW_DEFAULTS[key]
+        s.update(nt=args.nt or d["nt"], nt_val=args.nt_val or d["nt_val"],
+                 nt_test=args.nt_test or d["nt_test"], batch=args.batch_size or d["batch"],
+                 width=args.width or d["width"],
+                 lr=args.lr if args.lr is not None else d["lr"],
+                 weight_decay=args.weight_decay or 0.0)
+        if args.alpha is not None:
+            try:
+                alpha = tuple(float(v) for v in args.alpha.split(","))
+            except ValueError:
+                raise ValueError(f"--alpha must be three comma-separated numbers like "
+                                 f"1,100,5, got {args.alpha!r}") from None
+            if len(alpha) != 3:
+                raise ValueError(f"--alpha needs three values α0,α1,α2, got {args.alpha!r}")
+        else:
+            alpha = d["alpha"]
+        s["alpha"] = alpha
+        s["clamp"] = args.clamp if args.clamp is not None else (0.0 if is_toy else 1.5)
+    else:
+        if is_toy:
+            s.update(hidden=(64, 64, 64), activation="tanh", blocks=1,
+                     batch=args.batch_size or 100, T=0.5)
+        else:
+            d = FFJORD_DEFAULTS[args.data]
+            s.update(hidden=None, factor=d["factor"], layers=d["layers"],
+                     activation=d["activation"], blocks=d["blocks"],
+                     batch=args.batch_size or d["batch"], T=1.0)
+        s.update(lr=args.lr if args.lr is not None else 1e-3,
+                 weight_decay=args.weight_decay if args.weight_decay is not None else
+                 (1e-5 if is_toy else 1e-6),
+                 clamp=args.clamp or 0.0)
+    s["niters"] = args.niters if args.niters is not None else (1000 if is_toy else 8000)
+    s["drop_freq"] = args.drop_freq if args.drop_freq is not None else (
+        100 if is_toy and args.model == "otflow" else 0)
+    s["lr_drop"] = args.lr_drop if args.lr_drop is not None else (2.0 if is_toy else 10.0)
+    s["dtype"] = args.dtype or ("float64" if is_toy else "float32")
+    for name in ("nt", "nt_val", "nt_test", "batch", "width"):
+        _positive("--" + name.replace("_", "-"), s.get(name))
+    _positive("--niters", s["niters"], allow_zero=True)
+    _positive("--lr", s["lr"], allow_zero=True)
+    _positive("--drop-freq", s["drop_freq"], allow_zero=True)
+    _positive("--clamp", s["clamp"], allow_zero=True)
+    _positive("--weight-decay", s["weight_decay"], allow_zero=True)
+    if not s["lr_drop"] > 1:
+        raise ValueError(f"--lr-drop must be > 1 (the lr is divided by it), got {s['lr_drop']}")
+    for name, v in (("--patience", args.patience), ("--max-drops", args.max_drops)):
+        _positive(name, v, allow_zero=True)
+    _positive("--log-every", args.log_every)
+    return s
+
+
+def load_data(args, settings):
+    """train / val / test arrays (host float64), validated; toy: a fresh-sample function."""
+    from npflow.data import TOY_NAMES, DataError, load_tabular, toy, validate_data
+
+    if args.data in TOY_NAMES:
+        val_n = args.val_n or 4096
+        test_n = args.test_n or 10000
+        _positive("--val-n", val_n)
+        _positive("--test-n", test_n)
+        val = toy(args.data, val_n, np.random.default_rng([args.seed, 1]))
+        test = toy(args.data, test_n, np.random.default_rng([args.seed, 2]))
+        batch = settings["batch"]
+
+        def sample_batch(rng, it):          # a fresh batch every iteration
+            return toy(args.data, batch, rng)
+        return dict(dim=2, val=val, test=test, sample_batch=sample_batch, n_train=None)
+    if args.data not in TABULAR:
+        raise ValueError(f"unknown data set {args.data!r}; valid: {', '.join(TABULAR)} or a "
+                         f"toy name ({', '.join(TOY_NAMES)})")
+    try:
+        splits = load_tabular(args.data, args.data_dir, download=not args.no_download)
+    except DataError as exc:
+        raise ValueError(f"cannot load {args.data!r} from {os.path.abspath(args.data_dir)}: "
+                         f"{exc}") from None
+    dim = None
+    for part in ("train", "val", "test"):
+        if part not in splits:
+            raise ValueError(f"the {args.data} loader returned no {part!r} split")
+        validate_data(splits[part], dim=dim, name=f"{args.data} {part} data")
+        dim = splits[part].shape[1]
+    train = splits["train"]
+    val, test = splits["val"], splits["test"]
+    if args.val_n:
+        val = val[:args.val_n]
+    if args.test_n:
+        test = test[:args.test_n]
+    batch = min(settings["batch"], len(train))
+
+    def sample_batch(rng, it):              # uniform minibatches (with replacement)
+        return train[rng.integers(0, len(train), batch)]
+    return dict(dim=dim, val=val, test=test, sample_batch=sample_batch, n_train=len(train))
+
+
+def build_model(args, settings, dim, is_toy):
+    import npflow
+    if args.model == "otflow":
+        return npflow.OTFlow(dim, width=settings["width"], depth=args.depth, rank=args.rank,
+                             alpha=settings["alpha"], steps=settings["nt"], T=1.0,
+                             dtype=settings["dtype"], device=args.device, seed=args.seed)
+    hidden = settings["hidden"] or (settings["factor"] * dim,) * settings["layers"]
+    rnode = args.model == "rnode"
+    return npflow.CNF(dim, hidden=hidden, layer="concatsquash",
+                      activation=settings["activation"], T=settings["T"],
+                      train_T=args.model in ("ffjord", "toflow"),
+                      solver="rk4" if rnode else "dopri5", steps=args.steps,
+                      rtol=args.rtol, atol=args.atol,
+                      trace="exact" if is_toy else "hutchinson",
+                      kinetic=0.01 if rnode else 0.0, jacobian=0.01 if rnode else 0.0,
+                      blocks=settings["blocks"], zero_last=rnode, dtype=settings["dtype"],
+                      device=args.device, seed=args.seed)
+
+
+# --------------------------------------------------------------------------------------------
+# hooks of the training loop (npflow.training.TrainHook)
+
+class ClampHook(TrainHook):
+    """Clamp every weight to [−c, c] after each step (OT-Flow's box constraint); trained end
+    times are left alone."""
+
+    name = "clamp"
+
+    def __init__(self, c):
+        self.c = float(c)
+
+    def after_step(self, model, x, rng, it, stats):
+        xp = model.xp
+        skip = set(model.time_names) if model.config.get("train_T") else set()
+        model.params = {k: v if k in skip else
+                        xp.clip(v, -self.c, self.c).astype(v.dtype, copy=False)
+                        for k, v in model.params.items()}
+        return {}
+
+
+class ValidationHook(TrainHook):
+    """Validate every ``every`` iterations; keep the best parameters (best.h5); feed the
+    stale-loss schedule; raise EarlyStop after ``max_drops`` drops and a further stale period.
+
+    evaluate(model) -> (val_loss, val_nll) floats; plateau: optim.ReduceOnPlateau or None.
+    """
+
+    name = "validation"
+
+    def __init__(self, evaluate, every, plateau, max_drops, best_path, log_json, n_iters):
+        self.evaluate, self.every, self.plateau = evaluate, int(every), plateau
+        self.max_drops, self.best_path, self.log_json = int(max_drops), best_path, log_json
+        self.n_iters = n_iters
+        self.best = math.inf
+        self.best_nll = math.nan
+        self.best_iter = 0
+        self.drops = 0
+        self.stopped = False
+
+    def after_step(self, model, x, rng, it, stats):
+        from npflow.training import append_json
+        done = it + 1
+        if done % self.every and done != self.n_iters:
+            return {}
+        t = time.perf_counter()
+        loss, nll = self.evaluate(model)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"validation loss is {loss}")
+        improved = loss < self.best
+        if improved:
+            self.best, self.best_nll, self.best_iter = loss, nll, done
+            model.save(self.best_path, iteration=done, extra={"val_loss": loss, "val_nll": nll})
+        dropped = False
+        if self.plateau is not None and self.plateau.update(loss):
+            # stale for more than `patience` validations: drop the lr, or stop after max_drops
+            dropped = True
+            if self.drops >= self.max_drops:
+                self.stopped = True
+            else:
+                self.drops += 1
+        rec = {"iteration": done, "val_loss": loss, "val_nll": nll, "best_val_loss": self.best,
+               "best_iteration": self.best_iter, "lr_drops": self.drops,
+               "val_seconds": time.perf_counter() - t}
+        print(f"  validation @ {done}: loss {loss:.4f}, nll {nll:.4f} "
+              f"{'(best)' if improved else f'(best {self.best:.4f} @ {self.best_iter})'}"
+              f"{' | lr dropped' if dropped and not self.stopped else ''}", flush=True)
+        append_json(self.log_json, rec)
+        if self.stopped:
+            raise EarlyStop(f"validation loss stale after {self.drops} lr drops; stopping at "
+                            f"iteration {done} (best {self.best:.4f} at {self.best_iter})")
+        return {}
+
+    def state_dict(self):
+        return {"best": self.best if math.isfinite(self.best) else None,
+                "best_nll": self.best_nll if math.isfinite(self.best_nll) else None,
+                "best_iter": self.best_iter, "drops": self.drops, "stopped": self.stopped}
+
+    def load_state_dict(self, state):
+        self.best = math.inf if state["best"] is None else float(state["best"])
+        self.best_nll = math.nan if state["best_nll"] is None else float(state["best_nll"])
+        self.best_iter, self.drops = int(state["best_iter"]), int(state["drops"])
+        self.stopped = bool(state["stopped"])
+
+
+# --------------------------------------------------------------------------------------------
+
+def evaluation_functions(args, settings, data, is_toy):
+    """(validate(model) -> (loss, nll), test(model) -> (log p array, extra dict))."""
+    from npflow.backend import to_host
+    eval_batch = args.eval_batch or (10000 if args.model == "otflow" else 1000)
+    if args.model == "otflow":
+        def validate(model):
+            c = model.evaluate(data["val"], steps=settings["nt_val"], batch_size=eval_batch)
+            return c["loss"], c["nll"]
+
+        def test(model):
+            lp = model.log_prob(data["test"], steps=settings["nt_test"], batch_size=eval_batch)
+            return to_host(lp).astype(np.float64), {"rk4_steps": settings["nt_test"]}
+        return validate, test
+    trace = "exact" if data["dim"] <= 10 else "hutchinson"
+
+    def validate(model):
+        lp = model.log_prob(data["val"], trace=trace, rng=np.random.default_rng([args.seed, 7]),
+                            rtol=args.rtol, atol=args.atol, batch_size=eval_batch,
+                            solver=model.config["solver"])
+        nll = float(-to_host(lp).mean())
+        return nll, nll
+
+    def test(model):
+        lp, nfe = model.log_prob(data["test"], trace=trace,
+                                 rng=np.random.default_rng([args.seed, 8]), rtol=args.rtol,
+                                 atol=args.atol, batch_size=eval_batch, solver="dopri5",
+                                 return_nfe=True)
+        return to_host(lp).astype(np.float64), {"trace": trace, "test_nfe": nfe}
+    return validate, test
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import npflow
+    from npflow.data import TOY_NAMES
+    from npflow.optim import Adam, Chain, ReduceOnPlateau, StepDecay
+    from npflow.training import TimeOptimizer, append_json, train
+
+    is_toy = args.data in TOY_NAMES
+    try:
+        settings = resolve_settings(args, is_toy)
+        data = load_data(args, settings)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        model = build_model(args, settings, data["dim"], is_toy)
+    except (ValueError, npflow.DeviceError) as exc:
+        parser.error(f"cannot build the model: {exc}")
+
+    # optimiser: step decay (toy) and/or drops on a stale validation loss (tabular)
+    gamma = 1.0 / settings["lr_drop"]
+    parts = []
+    if settings["drop_freq"]:
+        parts.append(StepDecay(settings["drop_freq"], gamma))
+    plateau = None
+    if not settings["drop_freq"] and args.patience > 0:
+        plateau = ReduceOnPlateau(gamma=gamma, patience=args.patience, threshold=0.0)
+        parts.append(plateau)
+    schedule = None if not parts else (parts[0] if len(parts) == 1 else Chain(*parts))
+    time_names = set(model.time_names) if args.model == "toflow" else set()
+    optimizer = Adam({k: v for k, v in model.params.items() if k not in time_names},
+                     lr=settings["lr"], weight_decay=settings["weight_decay"],
+                     decoupled=False, schedule=schedule)
+
+    val_every = args.val_every or (25 if is_toy else
+                                   max(1, math.ceil(data["n_train"] / settings["batch"])))
+    os.makedirs(args.save, exist_ok=True)
+    best_path = os.path.join(args.save, "best.h5")
+    validate, test = evaluation_functions(args, settings, data, is_toy)
+    hooks = []
+    if args.model == "toflow":
+        hooks.append(TimeOptimizer(model))
+    if settings["clamp"]:
+        hooks.append(ClampHook(settings["clamp"]))
+    vhook = ValidationHook(validate, val_every, plateau, args.max_drops, best_path,
+                           args.log_json, settings["niters"])
+    hooks.append(vhook)
+
+    with open(os.path.join(args.save, "args.json"), "w") as f:
+        json.dump({"args": vars(args), "settings": settings}, f, indent=1, default=list)
+    shown = {k: v for k, v in settings.items()}
+    print(f"npflow {args.model} on {args.data} (d = {data['dim']}): {model.num_params()} "
+          f"parameters; {shown}; validation every {val_every} iterations", flush=True)
+
+    rng = np.random.default_rng(args.seed)
+    t0 = time.perf_counter()
+    status, message = "done", ""
+    try:
+        result = train(model, optimizer, data["sample_batch"], settings["niters"], rng,
+                       log_every=args.log_every, save_dir=args.save, resume=args.resume,
+                       log_json=args.log_json, hooks=hooks,
+                       checkpoint_every=max(args.log_every, val_every))
+        status, message = result.status, result.message
+        iterations = result.iteration
+    except EarlyStop as exc:
+        status, message = "early-stopped", str(exc)
+        iterations = vhook.best_iter
+    train_seconds = time.perf_counter() - t0
+    print(message, flush=True)
+    if status == "nonfinite":
+        print("training stopped on a non-finite value; no test evaluation", file=sys.stderr)
+        return 1
+
+    # test with the best validated parameters, more RK4 steps than training
+    if os.path.exists(best_path):
+        best = npflow.load(best_path)
+        model.set_params(best.params)
+    t1 = time.perf_counter()
+    lp, extra = test(model)
+    test_nll = float(-lp.mean())
+    stderr = float(lp.std() / math.sqrt(len(lp)))
+    final = {"test_nll": test_nll, "test_nll_stderr": stderr, "test_n": int(len(lp)),
+             "test_seconds": time.perf_counter() - t1, "data": args.data, "model": args.model,
+             "status": status, "iterations": int(iterations),
+             "best_val_loss": vhook.best, "best_val_nll": vhook.best_nll,
+             "best_iteration": vhook.best_iter, "train_seconds_this_run": train_seconds,
+             **extra}
+    print(f"test NLL {test_nll:.4f} ± {stderr:.4f} nats on {len(lp)} points "
+          f"({', '.join(f'{k} {v}' for k, v in extra.items())}); best validation loss "
+          f"{vhook.best:.4f} (NLL {vhook.best_nll:.4f}) at iteration {vhook.best_iter}")
+    append_json(args.log_json, final)
+    with open(os.path.join(args.save, "result.json"), "w") as f:
+        json.dump(final, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
