@@ -272,3 +272,35 @@ def test_maf_archive_unreachable_names_files(tmp_path, monkeypatch):
         load_tabular("power", str(tmp_path), timeout=5)
     msg = str(err.value)
     assert "could not be reached" in msg and str(tmp_path / "power" / "data.npy") in msg
+
+
+# A DataFrame pickled by pandas 3.1.1 itself (protocol 2, zlib + base64 here), made with
+#   pd.DataFrame((np.arange(40.0).reshape(8, 5) * 0.5) ** 1.5,
+#                columns=pd.Index(["Time", "Meth", "Eth", "s0", "s1"], dtype=object))
+# It uses the newer BlockManager pickle layout (BlockManager(blocks, axes)).
+_PANDAS3_FRAME = (
+    "eNpdVPtzE1UUTtqmtmt5WaClIlYQmqqEFjEtpCWXUlranQZdYIiPuO5ubppMN5uc3ZvBjkQeTh5FWhAGsT6ZER3G"
+    "x0xxcHSYojP3/GF6s7ttR/eH3XP2ft93zt79zr3SZBQ1K6050rjGtAlby1MJAv1XIViGpnCyJRAIqPlZG5p9WMQo"
+    "2DSSsxi1Lc10InnN0map7UhjZsGYm/EyCVrW4KqZ050NvKSWrGLOmDOpqjcIEoQMq5QvzkdUVzhfMllOs21tXlJt"
+    "ahQsh9klg0nQ6sEkIequwjNyoAJthqClqeFI1GoEErQng6JlHaRkq3iaGstZg/BsFToU2FSDzQpsCctBOSS3VWGr"
+    "L5lm80XB3JZsEozMMDy3UK9BpwLbw3KzqzYCOxKJxPQ/4nJvcoDBTn0h2578qbHsX334G781ZfHvthC8jY/K/Nr5"
+    "9w6QaKwTf9/Lrx8h6+txkiHdfAW/7J4g+Mvbx7Da2zFDLuD9NN6SZxSCi7HLGf4tv4+fx/mVo2MR/Brr28l+/APv"
+    "4JMevNG/AYmSbbjKH2J9c/MJsnMXv9nHvy9MEr6MDwY6WvgnCVJ65yP+I690nSVem7gS/2Aohjc7BnsIVvmjTXvw"
+    "bvogETW+4Uvvd2J9mLAR/hdWcGl0jODffPFd/KwTF0/7/DcJv8aXz/BlfgcfnN2QwKdxD9BL8E+sHk/p/PaAz4mJ"
+    "hnbAJfz08kniF58meCOPD0Mf41WheG/3EC7N8cfnNr6sdb3zfQIqyn3BHx/ilcOEX7+AP8zhr5OjZH13xkkIn0Rx"
+    "tcC/kgnew597UrjCK28RvopPcRGXWnjtPIGurHBCtwK7GPTohqrqpZywm6WqkmPmDOGB5+WA8EawBrsVeEFuqsEe"
+    "BV6sQG8KXgr/bwDS9EPqRHTNoZJq0YvqVOONBHvXxsnP95XhZW+M0mK+YH+2Nes690BW2LFPgbBrxwr0Zz3/nRmG"
+    "Vxr+e1WB19b8dwkO/td/cQYRfSEFhzzlc7k8hQE3nKEsC4PJZhGeEtFhV9MZgNe9YBCOUAZv6C7WErMO0USpCkMK"
+    "DGfXO1c0a5b67R8tw7FwNppIhhp0ptkMYnLApTusUIQRuc1PaBFG5aAQO65AnFaBKHDCOz7EeMFYst3fgkzjiIGT"
+    "bq7mKdPcfRlPwSm3hsaY7cBEGSbdAVYzpjbrwOkyTCW7GsumWbjoqOlSUfwwjVHV1HRqOjBdd0p65F8hgb3H")
+
+
+def test_gas_reader_reads_a_real_pandas3_pickle_without_pandas(tmp_path, monkeypatch):
+    import base64
+    import zlib
+    path = tmp_path / "ethylene_CO.pickle"
+    path.write_bytes(zlib.decompress(base64.b64decode(_PANDAS3_FRAME)))
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    columns, values = tab.read_gas_pickle(str(path))
+    assert columns == ["Time", "Meth", "Eth", "s0", "s1"]
+    np.testing.assert_array_equal(values, (np.arange(40.0).reshape(8, 5) * 0.5) ** 1.5)

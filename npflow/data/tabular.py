@@ -191,6 +191,10 @@ def _read_csv(path):
         raise DataError(f"{path} is not a numeric CSV table ({exc})") from exc
 
 
+def _str_keys(d):
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
 def _index_values(index):
     """Values of a pickled pandas Index (a stub made by safe_unpickle), or an array."""
     if isinstance(index, np.ndarray):
@@ -212,23 +216,26 @@ def _frame_from_stub(obj, path):
     state = getattr(obj, "state", None)
     if not isinstance(state, dict):
         raise DataError(f"{path} does not hold a pandas DataFrame")
-    state = {(k.decode() if isinstance(k, bytes) else k): v for k, v in state.items()}
+    state = _str_keys(state)
     mgr = state.get("_data", state.get("_mgr"))
-    mstate = getattr(mgr, "state", None)
-    if not (isinstance(mstate, tuple) and len(mstate) == 4):
-        raise DataError(f"{path}: unrecognised pandas block layout; install pandas to read it")
-    axes, block_values, block_items, extra = mstate
+    mstate, margs = getattr(mgr, "state", None), getattr(mgr, "args", ())
     blocks = None
-    if isinstance(extra, dict):
-        extra = {(k.decode() if isinstance(k, bytes) else k): v for k, v in extra.items()}
-        if "0.14.1" in extra:
-            e = {(k.decode() if isinstance(k, bytes) else k): v
-                 for k, v in extra["0.14.1"].items()}
-            axes = e["axes"]
-            blocks = []
-            for b in e["blocks"]:
-                b = {(k.decode() if isinstance(k, bytes) else k): v for k, v in b.items()}
-                blocks.append((b["values"], b["mgr_locs"]))
+    if isinstance(mstate, tuple) and len(mstate) == 4:
+        # pandas 0.15 ... 1.x: __getstate__ -> (axes, block values, block items, extra state)
+        axes, block_values, block_items, extra = mstate
+        if isinstance(extra, dict):
+            extra = _str_keys(extra)
+            if "0.14.1" in extra:
+                e = _str_keys(extra["0.14.1"])
+                axes = e["axes"]
+                blocks = [(b["values"], b["mgr_locs"]) for b in map(_str_keys, e["blocks"])]
+    elif mstate is None and len(margs) == 2:
+        # pandas 2.x / 3.x: __reduce__ -> BlockManager((_unpickle_block(values, locs, ndim),
+        # ...), axes)
+        block_stubs, axes = margs
+        blocks = [tuple(b.args[:2]) for b in block_stubs]
+    else:
+        raise DataError(f"{path}: unrecognised pandas block layout; install pandas to read it")
     columns = [c.decode() if isinstance(c, bytes) else str(c) for c in _index_values(axes[0])]
     n_rows = len(_index_values(axes[1]))
     if blocks is None:  # match block items to columns by name
@@ -239,6 +246,8 @@ def _frame_from_stub(obj, path):
     filled = np.zeros(len(columns), dtype=bool)
     for values, locs in blocks:
         values = np.asarray(values)
+        if getattr(locs, "args", ()):  # a pickled BlockPlacement(slice or indexer)
+            locs = locs.args[0]
         if isinstance(locs, slice):
             locs = np.arange(len(columns))[locs]
         locs = np.asarray(locs, dtype=np.int64)
