@@ -89,7 +89,9 @@ def toy_figure(data, log_prob_fn, samples, path, title: str = "", limits=None,
         ax.set_yticks([])
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.94))
+    else:
+        fig.tight_layout()
     return _save(fig, path)
 
 
@@ -123,7 +125,7 @@ def training_curves(history: dict, path, title: str = "", smooth: int | None = N
         ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
     ax = axes[0, 1]
     ax.plot(it, _smooth(h["nfe_forward"], k), label="forward")
-    ax.plot(it, _smooth(h["nfe_backward"], k), label="backward")
+    ax.plot(it, _smooth(h["nfe_backward"], k), ls="--", label="backward")
     ax.set_ylabel("NFE per iteration")
     ax.legend(fontsize=8)
     ax = axes[1, 0]
@@ -142,7 +144,9 @@ def training_curves(history: dict, path, title: str = "", smooth: int | None = N
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.96))
+    else:
+        fig.tight_layout()
     return _save(fig, path)
 
 
