@@ -304,3 +304,21 @@ def test_gas_reader_reads_a_real_pandas3_pickle_without_pandas(tmp_path, monkeyp
     columns, values = tab.read_gas_pickle(str(path))
     assert columns == ["Time", "Meth", "Eth", "s0", "s1"]
     np.testing.assert_array_equal(values, (np.arange(40.0).reshape(8, 5) * 0.5) ** 1.5)
+
+
+def test_hepmass_csv_cache_is_used_and_refreshed(tmp_path):
+    tr, te = _hepmass_tables(np.random.default_rng(7))
+    os.makedirs(tmp_path / "hepmass")
+    train_csv = tmp_path / "hepmass" / "1000_train.csv"
+    _write_csv(train_csv, tr, "# label,f0,f1,f2,f3,f4")
+    _write_csv(tmp_path / "hepmass" / "1000_test.csv", te, "# label,f0,f1,f2,f3,f4,mass")
+    first = load_tabular("hepmass", str(tmp_path), download=False)
+    assert (tmp_path / "hepmass" / "1000_train.csv.npy").is_file()
+    again = load_tabular("hepmass", str(tmp_path), download=False)
+    np.testing.assert_array_equal(first["test"], again["test"])
+    # a newer CSV invalidates the cache
+    _write_csv(train_csv, tr[:300], "# label,f0,f1,f2,f3,f4")
+    os.utime(train_csv, (os.path.getmtime(train_csv) + 10,) * 2)
+    fresh = load_tabular("hepmass", str(tmp_path), download=False)
+    n_pos = int((tr[:300, 0] == 1).sum())
+    assert fresh["train"].shape[0] + fresh["val"].shape[0] == n_pos

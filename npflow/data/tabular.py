@@ -176,7 +176,18 @@ def preprocess_hepmass(train_table, test_table):
     return train, val, te
 
 
-def _read_csv(path):
+def _read_csv(path, cache=True):
+    """A numeric CSV table (an optional header line is skipped) as float64 (N, C).
+
+    Parsing HEPMASS's CSV files takes seconds, so the table is cached next to the file as
+    ``path + ".npy"`` (written atomically) and reused while it is newer than the CSV.
+    """
+    cached = path + ".npy"
+    if cache and os.path.isfile(cached) and os.path.getmtime(cached) >= os.path.getmtime(path):
+        try:
+            return np.load(cached)
+        except (OSError, ValueError):
+            pass  # unreadable cache: parse the CSV again
     with open(path) as f:
         first = f.readline()
     try:
@@ -185,10 +196,19 @@ def _read_csv(path):
     except ValueError:
         header = 1
     try:
-        return np.loadtxt(path, delimiter=",", skiprows=header, comments=None, ndmin=2,
-                          dtype=np.float64)
+        table = np.loadtxt(path, delimiter=",", skiprows=header, comments=None, ndmin=2,
+                           dtype=np.float64)
     except ValueError as exc:
         raise DataError(f"{path} is not a numeric CSV table ({exc})") from exc
+    if cache:
+        try:
+            with open(cached + ".part", "wb") as f:
+                np.save(f, table)
+            os.replace(cached + ".part", cached)
+        except OSError:  # a read-only data folder: no cache
+            if os.path.exists(cached + ".part"):
+                os.remove(cached + ".part")
+    return table
 
 
 def _str_keys(d):
