@@ -1,0 +1,399 @@
+"""FFJORD's multiscale CNF for images (docs/images.md, section 3).
+
+For a (1, 28, 28) image and three scales (FFJORD's ODENVP, REFERENCE.md):
+
+    (1,28,28) -> 2 blocks -> squeeze -> (4,14,14) -> 2 blocks -> factor out half
+    (2,14,14) -> 2 blocks -> squeeze -> (8,7,7)   -> 2 blocks -> factor out half
+    (4,7,7)   -> 2 blocks                                         (10 CNF blocks)
+
+Each block is an ODE dz/dt = f_b(z, t) with its own ConvNet (docs/images.md eq. 1.12) and its
+own end time T_b (trained under TO-FLOW), solved by npflow.odeint with the CNF dynamics of
+npflow.cnf (augmented state z, logdet, and RNODE's kinetic / jacobian integrals). Squeeze and
+factor-out act on z only (volume preserving, eq. 2.1 and 3.1), so the log-determinants of the
+blocks simply add, and the Gaussian base density covers the factored-out parts and the final z
+together (eq. 3.2):
+
+    log p(y) = Σ_parts log N(z_part; 0, I) + Σ_b ℓ_b(T_b)
+
+The data enter as 8-bit images: dequantized (eq. 4.1) and logit transformed (eq. 4.2-4.3)
+inside ``loss_and_grad``, whose loss is bits/dim (eq. 4.4) plus the RNODE regularizers
+(eq. 3.3). The gradient is the exact derivative of that loss: the discrete adjoint of every
+block, pushed back through factor-out (concatenate the cotangents) and squeeze (unsqueeze the
+cotangent), eq. 3.4.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np  # host-side only: seed generator, host statistics
+
+from .backend import to_device, to_host
+from .cnf import CNFDynamics, CNFState, RegularizedCNFState, TRACE_KINDS
+from .conv import ConvNet
+from .images import (ALPHA, LOG2_256, dequantize, factor_in, factor_out, logit_inverse,
+                     logit_transform, squeeze, unsqueeze)
+from .model import FlowModel
+from .solvers import odeint, terminal_time_gradient
+
+__all__ = ["MultiscaleCNF", "multiscale_plan", "default_scales"]
+
+_FIXED_GRID = ("euler", "midpoint", "rk4", "rk38")
+
+
+def _probes(kind, K, shape, rng, dtype, xp):
+    """K Hutchinson probes of shape (K, *shape), drawn on the host from rng (Rademacher ±1 or
+    standard normal; docs/cnf.md), moved once to module xp."""
+    if kind == "rademacher":
+        e = 2.0 * rng.integers(0, 2, size=(K,) + tuple(shape)) - 1.0
+    else:
+        e = rng.standard_normal((K,) + tuple(shape))
+    return to_device(e, xp, dtype)
+
+
+def default_scales(H: int, W: int) -> int:
+    """FFJORD's calc_n_scale: the number of halvings while H, W >= 4 (28 -> 3, 32 -> 4)."""
+    n = 0
+    while H >= 4 and W >= 4:
+        n, H, W = n + 1, H // 2, W // 2
+    return n
+
+
+def multiscale_plan(image_shape, scales=None, blocks=2):
+    """The list of operations of the multiscale flow (FFJORD's ODENVP, eq. 3.1).
+
+    image_shape (C, H, W); scales (default: default_scales); blocks per stage.
+    Returns a list of ("block", shape), ("squeeze", shape_after), ("factor", kept_shape) in
+    forward order.
+    """
+    C, H, W = (int(v) for v in image_shape)
+    n = default_scales(H, W) if scales is None else int(scales)
+    if n < 1 or blocks < 1:
+        raise ValueError(f"need scales >= 1 and blocks >= 1, got scales={scales}, "
+                         f"blocks={blocks}")
+    plan = []
+    for i in range(n):
+        last = i == n - 1
+        plan += [("block", (C, H, W))] * blocks
+        if last:
+            break
+        if H % 2 or W % 2:
+            raise ValueError(f"multiscale: scale {i} has {H}x{W} pixels, not divisible by 2; "
+                             f"use fewer scales (got scales={n} for image {tuple(image_shape)})")
+        C, H, W = 4 * C, H // 2, W // 2
+        plan.append(("squeeze", (C, H, W)))
+        plan += [("block", (C, H, W))] * blocks
+        C = C // 2
+        plan.append(("factor", (C, H, W)))
+    return plan
+
+
+class MultiscaleCNF(FlowModel):
+    """FFJORD's multiscale CNF over 8-bit images (docs/images.md section 3).
+
+    image_shape  (C, H, W) of the data, e.g. (1, 28, 28)
+    hidden       ConvNet widths (FFJORD: 64, 64, 64); layer "concat" | "concatsquash"
+    scales       number of scales (default FFJORD's: 3 for 28×28); blocks per stage (2)
+    T            initial end time of every block (t0 = 0); train_T: TO-FLOW ("T0", "T1", ...)
+    solver       "rk4" | "rk38" | "euler" | "midpoint" with ``steps`` per block or
+                 ``step_size`` (RNODE: rk4, 0.25), or "dopri5" with rtol/atol
+    trace        "rademacher" (FFJORD images) | "gaussian"/"hutchinson"; probes K
+    kinetic, jacobian  RNODE's λ_K, λ_J; zero_last: each block starts as the identity
+    alpha        logit margin (eq. 4.2; FFJORD 1e-6)
+    params: "b{b}.{i}.weight", ... for block b, and "T{b}" when train_T.
+    """
+
+    def __init__(self, image_shape=(1, 28, 28), hidden=(64, 64, 64), layer="concat",
+                 scales=None, blocks=2, T=1.0, train_T=False, solver="rk4", steps=4,
+                 step_size=None, rtol=1e-5, atol=1e-5, trace="rademacher", probes=1,
+                 kinetic=0.0, jacobian=0.0, zero_last=False, alpha=ALPHA, dtype="float32",
+                 device="cpu", seed=0):
+        image_shape = tuple(int(v) for v in image_shape)
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
+        if trace not in TRACE_KINDS or trace == "exact":
+            raise ValueError(f"trace must be one of {TRACE_KINDS[1:]} for images (the exact "
+                             f"trace would need C·H·W probes), got {trace!r}")
+        if not T > 0:
+            raise ValueError(f"end time T must be > 0, got {T}")
+        if kinetic < 0 or jacobian < 0:
+            raise ValueError(f"regularizer weights must be >= 0, got kinetic={kinetic}, "
+                             f"jacobian={jacobian}")
+        plan = multiscale_plan(image_shape, scales, int(blocks))
+        config = dict(image_shape=list(image_shape), hidden=[int(h) for h in hidden],
+                      layer=layer, scales=None if scales is None else int(scales),
+                      blocks=int(blocks), T=float(T), train_T=bool(train_T), solver=solver,
+                      steps=int(steps), step_size=None if step_size is None else float(step_size),
+                      rtol=float(rtol), atol=float(atol), trace=trace, probes=int(probes),
+                      kinetic=float(kinetic), jacobian=float(jacobian),
+                      zero_last=bool(zero_last), alpha=float(alpha), dtype=str(dtype),
+                      device=device, seed=int(seed))
+        super().__init__(config, device=device, dtype=dtype)
+        self.image_shape = image_shape
+        self.D = int(np.prod(image_shape))
+        self.plan = plan
+        self.nets = [ConvNet(shape, config["hidden"], layer_type=layer, zero_last=zero_last)
+                     for op, shape in plan if op == "block"]
+        rng = np.random.default_rng(seed)
+        params = {}
+        for b, net in enumerate(self.nets):
+            for k, v in net.init_params(rng, self.dtype, self.xp).items():
+                params[f"b{b}.{k}"] = v
+        if train_T:
+            for name in self.time_names:
+                params[name] = self.xp.asarray(float(T), dtype=self.dtype)
+        self.params = params
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def time_names(self):
+        """Names of the trained end times: "T0", "T1", ... one per block."""
+        return [f"T{b}" for b in range(len(self.nets))]
+
+    def end_times(self, params=None, T=None):
+        """End time of every block: the override T (STEER), the trained T, or config T."""
+        params = self.params if params is None else params
+        n = len(self.nets)
+        if T is not None:
+            Ts = list(T) if isinstance(T, (list, tuple)) else [T] * n
+            if len(Ts) != n:
+                raise ValueError(f"T override has {len(Ts)} entries for {n} blocks")
+            return Ts
+        if self.config["train_T"]:
+            return [params[name] for name in self.time_names]
+        return [self.config["T"]] * n
+
+    def block_params(self, b, params=None):
+        params = self.params if params is None else params
+        pre = f"b{b}."
+        return {k[len(pre):]: v for k, v in params.items() if k.startswith(pre)}
+
+    def _solver_kwargs(self, solver=None, steps=None, step_size=None, rtol=None, atol=None):
+        cfg = self.config
+        solver = cfg["solver"] if solver is None else solver
+        kw = dict(method=solver, rtol=cfg["rtol"] if rtol is None else rtol,
+                  atol=cfg["atol"] if atol is None else atol)
+        if solver in _FIXED_GRID:
+            step_size = cfg["step_size"] if step_size is None and steps is None else step_size
+            if step_size is not None:
+                kw["step_size"] = step_size
+            else:
+                kw["steps"] = cfg["steps"] if steps is None else steps
+        return kw
+
+    def preprocess(self, x, rng):
+        """8-bit images x (B, C, H, W) in {0..255} -> (y, logdet_pre (B,)) (eq. 4.1-4.3)."""
+        shape = getattr(x, "shape", None)
+        if shape is None or len(shape) != 4 or tuple(shape[1:]) != self.image_shape:
+            raise ValueError(f"images must have shape (B, {', '.join(map(str, self.image_shape))})"
+                             f", got {shape}")
+        if shape[0] < 1:
+            raise ValueError("image batch is empty")
+        xh = to_host(x)
+        if xh.min() < 0 or xh.max() > 255:
+            raise ValueError(f"images must hold 8-bit intensities 0..255, got values in "
+                             f"[{xh.min()}, {xh.max()}]")
+        xt = dequantize(x, rng, xp=self.xp, dtype=self.dtype)
+        return logit_transform(xt, self.config["alpha"])
+
+    def _flow(self, y0, Ts, params, rng, regularized, kw, store="states"):
+        """Forward through the plan (eq. 3.1): returns (state, parts, tape)."""
+        cfg = self.config
+        K = cfg["probes"]
+        weight = 1.0 / K
+        xp = self.xp
+        B = y0.shape[0]
+        zero = xp.zeros(B, dtype=y0.dtype)
+        y = (RegularizedCNFState(y0, zero, zero, zero) if regularized else CNFState(y0, zero))
+        parts, tape = [], []
+        b = 0
+        for op, shape in self.plan:
+            if op == "block":
+                eps = _probes(cfg["trace"], K, (B,) + shape, rng, self.dtype, xp)
+                dyn = CNFDynamics(self.nets[b], self.block_params(b, params), eps, weight,
+                                  regularized)
+                sol = odeint(dyn, y, 0.0, Ts[b], store=store, **kw)
+                tape.append(("block", b, dyn, sol))
+                y = sol.y1
+                b += 1
+            elif op == "squeeze":
+                y = y._replace(z=squeeze(y.z))
+                tape.append(("squeeze",))
+            else:
+                kept, out = factor_out(y.z)
+                parts.append(out)
+                y = y._replace(z=kept)
+                tape.append(("factor", len(parts) - 1))
+        parts.append(y.z)
+        return y, parts, tape
+
+    def _nll(self, parts, logdet):
+        """−log p(y) = Σ_parts ½‖z‖² + (D/2) log 2π − Σ_b ℓ_b (eq. 3.2), per sample (B,)."""
+        sq = sum((p * p).reshape(p.shape[0], -1).sum(axis=1) for p in parts)
+        return 0.5 * sq + 0.5 * self.D * math.log(2 * math.pi) - logdet
+
+    # ---------------------------------------------------------------- training
+    def loss_and_grad(self, x, rng, params=None, T=None):
+        """Loss = mean bits/dim (eq. 4.4) + λ_K ΣE + λ_J Σn (eq. 3.3) and its exact gradient.
+
+        x (B, C, H, W) 8-bit images (host or device); rng numpy Generator (dequantization
+        noise, then the probes of every block); T optional end-time override (STEER).
+        Returns (loss, grads like params, stats) with stats "nll" and "bpd" (bits/dim of the
+        batch), "nfe_forward", "nfe_backward", "T" (list), and the regularizers / ∂L/∂T.
+        """
+        params = self.params if params is None else params
+        cfg = self.config
+        xp = self.xp
+        regularized = cfg["kinetic"] > 0 or cfg["jacobian"] > 0
+        y0, logdet_pre = self.preprocess(x, rng)
+        B = y0.shape[0]
+        Ts = self.end_times(params, T)
+        kw = self._solver_kwargs()
+        y, parts, tape = self._flow(y0, Ts, params, rng, regularized, kw)
+        nll = self._nll(parts, y.logdet)
+        scale = 1.0 / (self.D * math.log(2))
+        bpd = (nll - logdet_pre) * scale + LOG2_256                             # eq. 4.4
+        loss = bpd.mean()
+        if regularized:
+            loss = loss + cfg["kinetic"] * y.kinetic.mean() + cfg["jacobian"] * y.jacobian.mean()
+
+        # eq. 3.4: cotangents of the final state and of the factored-out parts
+        c = scale / B
+        part_bars = [p * c for p in parts]
+        lbar = xp.full((B,), -c, dtype=y0.dtype)
+        if regularized:
+            ybar = RegularizedCNFState(part_bars[-1], lbar,
+                                       xp.full((B,), cfg["kinetic"] / B, dtype=y0.dtype),
+                                       xp.full((B,), cfg["jacobian"] / B, dtype=y0.dtype))
+        else:
+            ybar = CNFState(part_bars[-1], lbar)
+        grads = {}
+        nfe_b = 0
+        dT_discrete, dT_analytic = {}, {}
+        for entry in reversed(tape):
+            if entry[0] == "block":
+                _, b, dyn, sol = entry
+                if cfg["train_T"]:
+                    dT_analytic[b] = terminal_time_gradient(dyn, sol.y1, Ts[b], ybar)
+                g = sol.backward(ybar)
+                nfe_b += g.nfe
+                for k, v in g.params.items():
+                    grads[f"b{b}.{k}"] = v
+                dT_discrete[b] = g.t1
+                ybar = g.y0
+            elif entry[0] == "squeeze":
+                ybar = ybar._replace(z=unsqueeze(ybar.z))
+            else:
+                ybar = ybar._replace(z=factor_in(ybar.z, part_bars[entry[1]]))
+        n = len(self.nets)
+        if cfg["train_T"]:
+            for b, name in enumerate(self.time_names):
+                grads[name] = xp.asarray(dT_discrete[b], dtype=self.dtype)
+        bpd_mean = float(to_host(bpd.mean()))
+        stats = {
+            "nll": bpd_mean,
+            "bpd": bpd_mean,
+            "nfe_forward": int(sum(e[3].nfe for e in tape if e[0] == "block")),
+            "nfe_backward": int(nfe_b),
+            "T": [float(to_host(t)) for t in Ts],
+        }
+        if regularized:
+            stats["kinetic"] = float(to_host(y.kinetic.mean()))
+            stats["jacobian"] = float(to_host(y.jacobian.mean()))
+        if cfg["train_T"]:
+            stats["dL_dT_discrete"] = [float(to_host(dT_discrete[b])) for b in range(n)]
+            stats["dL_dT_analytic"] = [float(dT_analytic[b]) for b in range(n)]
+        return float(to_host(loss)), grads, stats
+
+    def time_gradient(self, x, rng, params=None, kind="analytic"):
+        """∂L/∂T_b of every block (TO-FLOW's T step): a full forward and backward pass (an
+        inner block's λ needs the later blocks' adjoint); list of floats, one per block."""
+        if kind not in ("analytic", "discrete"):
+            raise ValueError(f"unknown time-gradient kind {kind!r}: 'analytic' or 'discrete'")
+        if not self.config["train_T"]:
+            raise ValueError("time_gradient needs a model built with train_T=True")
+        _, _, stats = self.loss_and_grad(x, rng, params)
+        return stats["dL_dT_" + kind]
+
+    # ---------------------------------------------------------------- evaluation
+    def bits_per_dim(self, x, rng, params=None, solver=None, steps=None, step_size=None,
+                     rtol=None, atol=None, batch_size=200, return_nfe=False):
+        """Bits/dim per image (N,) (eq. 4.4) with the model's trace estimator, by default with
+        the training solver; dopri5 as FFJORD's test evaluation with solver="dopri5"."""
+        params = self.params if params is None else params
+        kw = self._solver_kwargs(solver, steps, step_size, rtol, atol)
+        Ts = self.end_times(params)
+        out, nfes = [], []
+        for s in range(0, x.shape[0], batch_size):
+            y0, logdet_pre = self.preprocess(x[s:s + batch_size], rng)
+            y, parts, tape = self._flow(y0, Ts, params, rng, False, kw)
+            nll = self._nll(parts, y.logdet)
+            out.append(to_host((nll - logdet_pre) / (self.D * math.log(2)) + LOG2_256))
+            nfes.append(sum(e[3].nfe for e in tape if e[0] == "block"))
+        bpd = np.concatenate(out)
+        return (bpd, float(np.mean(nfes))) if return_nfe else bpd
+
+    def log_prob(self, x, rng, **kwargs):
+        """log density of the dequantized images x̃ ∈ [0, 1]^D (nats), (N,) on the host:
+        log p(x̃) = −D ln2 (bits/dim − 8) (eq. 4.4)."""
+        bpd = self.bits_per_dim(x, rng, **kwargs)
+        return -self.D * math.log(2) * (bpd - LOG2_256)
+
+    def part_shapes(self):
+        """Shapes (C, H, W) of the factored-out parts and of the final z, in forward order."""
+        shape, out = self.image_shape, []
+        for op, s in self.plan:
+            if op == "squeeze":
+                shape = s
+            elif op == "factor":
+                out.append((shape[0] - s[0],) + s[1:])
+                shape = s
+        return out + [shape]
+
+    def encode(self, y, params=None, solver=None, steps=None, step_size=None, rtol=None,
+               atol=None):
+        """Logit-space images y (B, C, H, W) -> latent parts (list, shapes part_shapes())."""
+        params = self.params if params is None else params
+        kw = self._solver_kwargs(solver, steps, step_size, rtol, atol)
+        Ts = self.end_times(params)
+        z, parts, b = y, [], 0
+        for op, _ in self.plan:
+            if op == "block":
+                dyn = CNFDynamics(self.nets[b], self.block_params(b, params))
+                z = odeint(dyn, z, 0.0, Ts[b], **kw).y1
+                b += 1
+            elif op == "squeeze":
+                z = squeeze(z)
+            else:
+                z, out = factor_out(z)
+                parts.append(out)
+        return parts + [z]
+
+    def decode(self, parts, params=None, solver=None, steps=None, step_size=None, rtol=None,
+               atol=None):
+        """Inverse of encode: latent parts -> logit-space images (B, C, H, W), running the
+        plan backwards (blocks from T_b to 0, un-factor, unsqueeze)."""
+        params = self.params if params is None else params
+        kw = self._solver_kwargs(solver, steps, step_size, rtol, atol)
+        Ts = self.end_times(params)
+        k, b = len(parts) - 1, len(self.nets)
+        z = parts[k]
+        for op, _ in reversed(self.plan):
+            if op == "block":
+                b -= 1
+                dyn = CNFDynamics(self.nets[b], self.block_params(b, params))
+                z = odeint(dyn, z, Ts[b], 0.0, **kw).y1
+            elif op == "squeeze":
+                z = unsqueeze(z)
+            else:
+                k -= 1
+                z = factor_in(z, parts[k])
+        return z
+
+    def sample(self, n, rng, params=None, **solver_kwargs):
+        """n images: latent parts z ~ N(0, I) from rng, decoded, then the inverse logit
+        (eq. 4.2). Returns x̃ (n, C, H, W) in [0, 1] on the model's device; solver_kwargs as
+        in encode (default: the training solver)."""
+        parts = [to_device(rng.standard_normal((int(n),) + s), self.xp, self.dtype)
+                 for s in self.part_shapes()]
+        y = self.decode(parts, params, **solver_kwargs)
+        return logit_inverse(y, self.config["alpha"])
