@@ -34,20 +34,11 @@ from .images import (ALPHA, LOG2_256, dequantize, factor_in, factor_out, logit_i
                      logit_transform, squeeze, unsqueeze)
 from .model import FlowModel
 from .solvers import odeint, terminal_time_gradient
+from . import trace as trace_mod
 
 __all__ = ["MultiscaleCNF", "multiscale_plan", "default_scales"]
 
 _FIXED_GRID = ("euler", "midpoint", "rk4", "rk38")
-
-
-def _probes(kind, K, shape, rng, dtype, xp):
-    """K Hutchinson probes of shape (K, *shape), drawn on the host from rng (Rademacher ±1 or
-    standard normal; docs/cnf.md), moved once to module xp."""
-    if kind == "rademacher":
-        e = 2.0 * rng.integers(0, 2, size=(K,) + tuple(shape)) - 1.0
-    else:
-        e = rng.standard_normal((K,) + tuple(shape))
-    return to_device(e, xp, dtype)
 
 
 def default_scales(H: int, W: int) -> int:
@@ -208,7 +199,8 @@ class MultiscaleCNF(FlowModel):
         b = 0
         for op, shape in self.plan:
             if op == "block":
-                eps = _probes(cfg["trace"], K, (B,) + shape, rng, self.dtype, xp)
+                kind = "gaussian" if cfg["trace"] == "hutchinson" else cfg["trace"]
+                eps = trace_mod.probes(kind, K, (B,) + shape, rng, self.dtype, xp)
                 dyn = CNFDynamics(self.nets[b], self.block_params(b, params), eps, weight,
                                   regularized)
                 sol = odeint(dyn, y, 0.0, Ts[b], store=store, **kw)
