@@ -67,7 +67,7 @@ def test_short_run_writes_checkpoint_figures_and_json_log(tmp_path, capsys):
 @needs_cnf
 @pytest.mark.parametrize("method", ["toflow", "steer+rnode"])
 def test_script_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, method):
-    base = TINY + ["--method", method, "--trace", "hutchinson", "--no-figures"]
+    base = TINY + ["--method", method, "--trace", "rademacher", "--no-figures"]
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     assert _run(base + ["--niters", "9", "--save", str(tmp_path / "a"),
                         "--log-json", str(full)]) == 0
@@ -122,6 +122,14 @@ def test_cnf_interrupted_and_resumed_run_gives_the_same_losses(tmp_path):
         np.testing.assert_array_equal(rest.history[k], full.history[k])
     for k, v in m_full.params.items():
         np.testing.assert_array_equal(m2.params[k], v)
+
+
+@needs_cnf
+@pytest.mark.parametrize("trace", ["hutchinson", "rademacher"])
+def test_every_trace_flag_runs(tmp_path, trace):
+    code = _run(TINY + ["--niters", "2", "--trace", trace, "--no-figures", "--save",
+                        str(tmp_path / "r")])
+    assert code == 0
 
 
 @pytest.mark.parametrize("argv, message", [
