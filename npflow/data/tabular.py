@@ -313,7 +313,8 @@ def _fetch_maf(data_dir, missing, timeout):
             _download_file(MAF_URL, archive, MAF_SHA256, timeout=timeout)
         except DataError as exc:
             raise DataError(
-                f"{exc}. The MAF tabular files are missing: "
+                f"could not download the MAF archive {MAF_URL}: {exc.reason}. "
+                "The MAF tabular files are missing: "
                 + ", ".join(os.path.abspath(os.path.join(data_dir, m)) for m in missing)
                 + f"; put them there by hand (from data.tar.gz of {MAF_URL}, whose data/ "
                 f"folder has this layout), or put data.tar.gz as "
