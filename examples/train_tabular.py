@@ -147,15 +147,21 @@ def _positive(name, v, allow_zero=False):
 
 def resolve_settings(args, is_toy):
     """Fill every None default from the method's per-set table; return a dict of settings."""
+    from npflow.data import TOY_NAMES
+    if not is_toy and args.data not in TABULAR:
+        raise ValueError(f"unknown data set {args.data!r}; valid: {', '.join(TABULAR)} or a "
+                         f"toy name ({', '.join(TOY_NAMES)})")
     key = "toy" if is_toy else args.data
+
+    def pick(v, default):
+        return default if v is None else v
     s = {}
     if args.model == "otflow":
         d = OTFLOW_DEFAULTS[key]
-        s.update(nt=args.nt or d["nt"], nt_val=args.nt_val or d["nt_val"],
-                 nt_test=args.nt_test or d["nt_test"], batch=args.batch_size or d["batch"],
-                 width=args.width or d["width"],
-                 lr=args.lr if args.lr is not None else d["lr"],
-                 weight_decay=args.weight_decay or 0.0)
+        s.update(nt=pick(args.nt, d["nt"]), nt_val=pick(args.nt_val, d["nt_val"]),
+                 nt_test=pick(args.nt_test, d["nt_test"]),
+                 batch=pick(args.batch_size, d["batch"]), width=pick(args.width, d["width"]),
+                 lr=pick(args.lr, d["lr"]), weight_decay=pick(args.weight_decay, 0.0))
         if args.alpha is not None:
             try:
                 alpha = tuple(float(v) for v in args.alpha.split(","))
@@ -171,16 +177,16 @@ def resolve_settings(args, is_toy):
     else:
         if is_toy:
             s.update(hidden=(64, 64, 64), activation="tanh", blocks=1,
-                     batch=args.batch_size or 100, T=0.5)
+                     batch=pick(args.batch_size, 100), T=0.5)
         else:
             d = FFJORD_DEFAULTS[args.data]
             s.update(hidden=None, factor=d["factor"], layers=d["layers"],
                      activation=d["activation"], blocks=d["blocks"],
-                     batch=args.batch_size or d["batch"], T=1.0)
+                     batch=pick(args.batch_size, d["batch"]), T=1.0)
         s.update(lr=args.lr if args.lr is not None else 1e-3,
                  weight_decay=args.weight_decay if args.weight_decay is not None else
                  (1e-5 if is_toy else 1e-6),
-                 clamp=args.clamp or 0.0)
+                 clamp=pick(args.clamp, 0.0))
     s["niters"] = args.niters if args.niters is not None else (1000 if is_toy else 8000)
     s["drop_freq"] = args.drop_freq if args.drop_freq is not None else (
         100 if is_toy and args.model == "otflow" else 0)
@@ -308,8 +314,12 @@ class ValidationHook(TrainHook):
         done = it + 1
         if done % self.every and done != self.n_iters:
             return {}
+        from npflow.solvers import SolverError
         t = time.perf_counter()
-        loss, nll = self.evaluate(model)
+        try:
+            loss, nll = self.evaluate(model)
+        except SolverError as exc:
+            raise FloatingPointError(f"validation: {exc}") from exc
         if not math.isfinite(loss):
             raise FloatingPointError(f"validation loss is {loss}")
         improved = loss < self.best

@@ -28,7 +28,7 @@ import numpy as np  # host side only: the seed generator and the sampling noise
 from .backend import check_finite, get_array_module, to_device, to_host
 from .model import FlowModel
 from .otflow_net import init_potential, param_names, potential_backward, potential_forward
-from .solvers import odeint, terminal_time_gradient
+from .solvers import SolverError, odeint, terminal_time_gradient
 
 __all__ = ["OTFlow", "OTFlowState", "OTFlowDynamics"]
 
@@ -194,6 +194,8 @@ class OTFlow(FlowModel):
         x       data (B, d) (host or device array)
         rng     unused (OT-Flow's loss is deterministic); accepted for the common interface
         params  parameter dict (default self.params)
+        Raises FloatingPointError when the state becomes NaN/Inf (the solver's SolverError),
+        which npflow.training treats as a non-finite loss.
         Returns (loss: float, grads: dict like params, stats: dict with nll, transport, hjb,
         nfe_forward, nfe_backward, T and, when T is trained, dL_dT_discrete (= grads["T"],
         eq. 5.30) and dL_dT_analytic (the terminal formula λ(T)·F(y(T), T), eq. 5.31)).
@@ -205,8 +207,11 @@ class OTFlow(FlowModel):
         xp = self.xp
         T = self.end_time(params)
         dyn = self._dynamics(params)
-        sol = odeint(dyn, self._initial_state(x), 0.0, T, method="rk4",
-                     steps=self.config["steps"], store="caches")
+        try:
+            sol = odeint(dyn, self._initial_state(x), 0.0, T, method="rk4",
+                         steps=self.config["steps"], store="caches")
+        except SolverError as exc:   # a NaN/Inf state: the training loop's non-finite stop
+            raise FloatingPointError(f"OTFlow loss: {exc}") from exc
         y = sol.y1
         nll_b = self._nll(y.x, y.logdet)
         C, L, R = nll_b.mean(), y.transport.mean(), y.hjb.mean()
