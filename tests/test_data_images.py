@@ -4,7 +4,6 @@ import contextlib
 import gzip
 import hashlib
 import http.server
-import io
 import os
 import pickle
 import struct
