@@ -64,6 +64,7 @@ def test_idx_round_trip(tmp_path, kind, split):
     imgs, labs = write_mnist(tmp_path / kind, split, 6)
     x, y = load_mnist(str(tmp_path), split=split, kind=kind, download=False)
     assert x.dtype == np.uint8 and x.shape == (6, 1, 28, 28)
+    assert x.flags.writeable and x.flags.c_contiguous
     assert y.dtype == np.int64 and y.shape == (6,)
     np.testing.assert_array_equal(x[:, 0], imgs)
     np.testing.assert_array_equal(y, labs)

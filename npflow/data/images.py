@@ -129,7 +129,8 @@ def read_idx(path: str, expected_magic=None) -> np.ndarray:
             f"header promises shape {shape} ({need} data bytes) but the file holds {have}; "
             "delete it and download it again (or rerun shared/tools/offline-data.sh)")
     arr = np.frombuffer(raw, dtype=dtype, count=need // dtype.itemsize, offset=header)
-    return arr.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+    # a writable array in native byte order (frombuffer over bytes is read-only)
+    return arr.reshape(shape).astype(dtype.newbyteorder("="), copy=True)
 
 
 def _check_choice(value, name, choices):
