@@ -1,0 +1,281 @@
+#!/usr/bin/env python
+"""Train FFJORD's multiscale CNF on MNIST, Fashion-MNIST or CIFAR-10 (docs/images.md).
+
+    python examples/train_mnist.py --device cpu --max-iters 20 --subset 1000
+    python examples/train_mnist.py --device gpu                      # FFJORD's configuration
+    python examples/train_mnist.py --method rnode                    # RK4 step 0.25, λ = 0.01
+    python examples/train_mnist.py --dims 32,32 --batch-size 64 --solver rk4 --steps 4
+
+The model (npflow.multiscale.MultiscaleCNF): dequantization and logit transform, then
+(1,28,28) -> blocks -> squeeze -> blocks -> factor out half -> ... with --num-blocks ODE blocks
+per stage (FFJORD: 2, 10 blocks in all), each block a ConvNet of ConcatConv2d layers of widths
+--dims with softplus, Hutchinson trace with --trace probes, its own end time T. The loss is
+bits/dim (plus the RNODE regularizers).
+
+Writes to --save DIR: checkpoint.h5 (every --log-every iterations and at the end; atomic;
+--resume continues exactly), samples_iterNNNNNN.png every --sample-every iterations and
+samples.png at the end, result.json with the test bits/dim on --test-n test images. With
+--log-json PATH one JSON object per log line is appended to PATH, and a last one holding
+"test_bpd".
+
+Methods (docs/training.md §6):
+  ffjord  maximum likelihood (bits/dim)
+  rnode   adds λ_K ∫‖f‖² and λ_J ∫‖∂f/∂z‖²_F (0.01 each), zero-initialised last layers
+          (RNODE trains with RK4, step 0.25: pass --solver rk4 --step-size 0.25, the default)
+  toflow  every block's end time trained by its own Adam (lr --lr-T) after each weight step,
+          temporal regularization α|T|, clipping to [t0 + ε, 2T0 − t0 − ε]
+  steer   each training step integrates block b to T'_b ~ U[T_b − b, T_b + b]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+METHODS = ("ffjord", "rnode", "toflow", "steer")
+DATASETS = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Train a multiscale continuous normalizing flow on images (npflow).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", default="mnist", choices=sorted(DATASETS))
+    a("--data-dir", default="data", help="DATA_DIR with mnist/, fashion-mnist/, cifar10/")
+    a("--no-download", action="store_true",
+      help="never download: fail with a message naming the missing files")
+    a("--subset", type=int, default=None,
+      help="train on the first N training images only (quick runs); also the default --test-n")
+    a("--dims", default="64,64,64", help="ConvNet widths, comma- or dash-separated (FFJORD)")
+    a("--num-blocks", type=int, default=2, help="CNF blocks per stage (FFJORD: 2)")
+    a("--scales", type=int, default=None,
+      help="number of scales (default FFJORD's: 3 for 28×28, 4 for 32×32)")
+    a("--layer-type", default="concat", choices=["concat", "concatsquash"])
+    a("--T", type=float, default=1.0, help="(initial) end time of every block; t0 = 0")
+    a("--solver", default="rk4", choices=["rk4", "rk38", "dopri5", "euler", "midpoint"])
+    a("--steps", type=int, default=4, help="steps per block of a fixed-grid solver")
+    a("--step-size", type=float, default=None,
+      help="fixed-grid step size (RNODE: 0.25); overrides --steps")
+    a("--atol", type=float, default=1e-5)
+    a("--rtol", type=float, default=1e-5)
+    a("--trace", default="rademacher", choices=["rademacher", "gaussian"],
+      help="Hutchinson probe distribution (one probe per sample, drawn once per solve)")
+    a("--alpha-logit", type=float, default=1e-6, help="logit margin α (RNODE: 1e-5)")
+    a("--method", default="ffjord",
+      help="ffjord | rnode | toflow | steer, or a '+' combination such as toflow+rnode")
+    a("--kinetic", type=float, default=None, help="λ_K (default 0.01 with rnode, else 0)")
+    a("--jacobian", type=float, default=None, help="λ_J (default 0.01 with rnode, else 0)")
+    a("--zero-last", action="store_true",
+      help="zero-initialise every block's last layer (the default with rnode)")
+    a("--alpha", type=float, default=0.1, help="TO-FLOW temporal regularization α·|T|")
+    a("--eps-T", type=float, default=0.1, help="TO-FLOW clipping ε: T in [t0+ε, 2T0−t0−ε]")
+    a("--lr-T", type=float, default=1e-2, help="TO-FLOW learning rate of the T optimizer")
+    a("--T-grad", default="stale", choices=["analytic", "discrete", "stale"],
+      help="TO-FLOW ∂L/∂T: 'stale' = the analytic value of the weight step (no extra solve);"
+           " 'analytic'/'discrete' rerun forward and backward at the updated weights")
+    a("--steer-b", type=float, default=None, help="STEER half-width b (default T0/2)")
+    a("--max-iters", type=int, default=10000)
+    a("--batch-size", type=int, default=200)
+    a("--lr", type=float, default=1e-3)
+    a("--warmup", type=int, default=1000, help="linear learning-rate warm-up iterations")
+    a("--weight-decay", type=float, default=0.0)
+    a("--grad-clip", type=float, default=None, help="max global gradient norm (default off)")
+    a("--device", default="cpu", choices=["cpu", "gpu"])
+    a("--dtype", default="float32", choices=["float32", "float64"])
+    a("--seed", type=int, default=0)
+    a("--save", default="runs/mnist", help="folder for checkpoint, samples, result.json")
+    a("--resume", action="store_true", help="continue from SAVE/checkpoint.h5")
+    a("--log-every", type=int, default=10)
+    a("--log-json", default=None, help="append one JSON object per log line to this file")
+    a("--sample-every", type=int, default=0,
+      help="write a sample grid every N iterations (0: only at the end)")
+    a("--n-samples", type=int, default=64, help="images per sample grid")
+    a("--test-n", type=int, default=None,
+      help="test images for the final bits/dim (default: all, or --subset if given)")
+    a("--test-batch", type=int, default=200)
+    a("--test-solver", default=None, choices=["rk4", "rk38", "dopri5", "euler", "midpoint"],
+      help="solver of the test evaluation (default: the training solver)")
+    a("--no-figures", action="store_true", help="skip the sample grids")
+    return p
+
+
+def parse_methods(text):
+    parts = [m.strip().lower() for m in text.split("+") if m.strip()]
+    bad = [m for m in parts if m not in METHODS]
+    if not parts or bad:
+        raise ValueError(f"unknown method {text!r}: use one of {', '.join(METHODS)} or a "
+                         "'+' combination such as toflow+rnode")
+    return set(parts)
+
+
+def parse_dims(text):
+    try:
+        dims = tuple(int(h) for h in text.replace("-", ",").split(",") if h.strip())
+    except ValueError:
+        raise ValueError(f"--dims must be integers like 64,64,64, got {text!r}") from None
+    if not dims or any(h < 1 for h in dims):
+        raise ValueError(f"--dims widths must be >= 1, got {text!r}")
+    return dims
+
+
+def load_images(args):
+    """(train images, test images) as uint8 (N, C, H, W) on the host."""
+    from npflow.data import load_cifar10, load_mnist
+    if args.data == "cifar10":
+        dl = not args.no_download
+        x_train, _ = load_cifar10(args.data_dir, "train", download=dl)
+        x_test, _ = load_cifar10(args.data_dir, "test", download=dl)
+    else:
+        dl = not args.no_download
+        x_train, _ = load_mnist(args.data_dir, "train", kind=args.data, download=dl)
+        x_test, _ = load_mnist(args.data_dir, "test", kind=args.data, download=dl)
+    if args.subset is not None:
+        x_train = x_train[:args.subset]
+    test_n = args.test_n if args.test_n is not None else (
+        args.subset if args.subset is not None else len(x_test))
+    return x_train, x_test[:test_n]
+
+
+def prepare(args):
+    """Check every input and build the model config, before any data or training."""
+    methods = parse_methods(args.method)
+    for name, v in (("--max-iters", args.max_iters), ("--batch-size", args.batch_size),
+                    ("--log-every", args.log_every), ("--steps", args.steps),
+                    ("--num-blocks", args.num_blocks), ("--n-samples", args.n_samples),
+                    ("--test-batch", args.test_batch)):
+        if v < 1 and not (name == "--max-iters" and v == 0):
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    for name, v in (("--subset", args.subset), ("--test-n", args.test_n)):
+        if v is not None and v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if not args.T > 0:
+        raise ValueError(f"--T must be > 0, got {args.T}")
+    if args.step_size is not None and not args.step_size > 0:
+        raise ValueError(f"--step-size must be > 0, got {args.step_size}")
+    rnode, toflow, steer = "rnode" in methods, "toflow" in methods, "steer" in methods
+    kinetic = args.kinetic if args.kinetic is not None else (0.01 if rnode else 0.0)
+    jacobian = args.jacobian if args.jacobian is not None else (0.01 if rnode else 0.0)
+    steer_b = args.steer_b if args.steer_b is not None else 0.5 * args.T
+    if steer and not 0 < steer_b < args.T:
+        raise ValueError(f"--steer-b must be in (0, T) = (0, {args.T}), got {steer_b}")
+    config = dict(image_shape=DATASETS[args.data], hidden=parse_dims(args.dims),
+                  layer=args.layer_type, scales=args.scales, blocks=args.num_blocks, T=args.T,
+                  train_T=toflow, solver=args.solver, steps=args.steps,
+                  step_size=args.step_size, rtol=args.rtol, atol=args.atol, trace=args.trace,
+                  kinetic=kinetic, jacobian=jacobian, zero_last=bool(args.zero_last or rnode),
+                  alpha=args.alpha_logit, dtype=args.dtype, device=args.device,
+                  seed=args.seed)
+    return methods, config, steer_b
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import npflow
+    from npflow.backend import to_host
+    from npflow.multiscale import MultiscaleCNF
+    from npflow.optim import Adam, Warmup
+    from npflow.training import SteerHook, TimeOptimizer, append_json, train
+
+    try:
+        methods, config, steer_b = prepare(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        model = MultiscaleCNF(**config)
+    except (ValueError, npflow.DeviceError) as exc:
+        parser.error(f"cannot build the model: {exc}")
+    try:
+        x_train, x_test = load_images(args)
+    except Exception as exc:  # DataError and OSError: name the files and where to put them
+        print(f"train_mnist.py: cannot load {args.data}: {exc}\n(on a machine without web "
+              "access: bash ../shared/tools/offline-data.sh data)", file=sys.stderr)
+        return 2
+
+    time_names = set(model.time_names) if config["train_T"] else set()
+    weights = {k: v for k, v in model.params.items() if k not in time_names}
+    optimizer = Adam(weights, lr=args.lr, weight_decay=args.weight_decay,
+                     schedule=Warmup(args.warmup) if args.warmup else None)
+    hooks = []
+    if "steer" in methods:
+        hooks.append(SteerHook(steer_b))
+    if "toflow" in methods:
+        hooks.append(TimeOptimizer(model, lr=args.lr_T, alpha=args.alpha, eps=args.eps_T,
+                                   kind=args.T_grad))
+
+    os.makedirs(args.save, exist_ok=True)
+    with open(os.path.join(args.save, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    cfg = model.config
+    solver_txt = cfg["solver"] if cfg["solver"] == "dopri5" else (
+        f"{cfg['solver']} " + (f"step {cfg['step_size']}" if cfg["step_size"]
+                               else f"{cfg['steps']} steps"))
+    print(f"npflow multiscale CNF on {args.data} ({len(x_train)} training images): method "
+          f"{'+'.join(sorted(methods))}, {len(model.nets)} blocks, {model.num_params()} "
+          f"parameters, dims {cfg['hidden']}, solver {solver_txt}, trace {cfg['trace']}, "
+          f"λ_K {cfg['kinetic']}, λ_J {cfg['jacobian']}, T {cfg['T']}"
+          f"{' (trained)' if cfg['train_T'] else ''}, {cfg['dtype']} on {cfg['device']}")
+
+    def sample_batch(rng, it):
+        return x_train[rng.integers(0, len(x_train), args.batch_size)]
+
+    def draw(path):
+        from npflow.plotting import image_grid
+        s = model.sample(args.n_samples, np.random.default_rng([args.seed, 5]))
+        return image_grid(to_host(s), path, title=f"{args.data}, {args.method}")
+
+    def on_log(rec):
+        print(f"    bits/dim {rec['nll']:.4f} (last batch)")
+        if args.sample_every and not args.no_figures and rec["iteration"] % args.sample_every == 0:
+            draw(os.path.join(args.save, f"samples_iter{rec['iteration']:06d}.png"))
+
+    rng = np.random.default_rng(args.seed)
+    t0 = time.perf_counter()
+    result = train(model, optimizer, sample_batch, args.max_iters, rng,
+                   log_every=args.log_every, save_dir=args.save, resume=args.resume,
+                   log_json=args.log_json, grad_clip=args.grad_clip, hooks=hooks,
+                   on_log=[on_log])
+    train_seconds = time.perf_counter() - t0
+    if result.status == "nonfinite":
+        print(result.message, file=sys.stderr)
+        return 1
+    print(result.message)
+
+    t1 = time.perf_counter()
+    bpd, nfe = model.bits_per_dim(x_test, np.random.default_rng([args.seed, 2]),
+                                  solver=args.test_solver, batch_size=args.test_batch,
+                                  return_nfe=True)
+    test_bpd = float(bpd.mean())
+    stderr = float(bpd.std() / math.sqrt(len(bpd)))
+    h = result.history
+    final = {
+        "test_bpd": test_bpd, "test_bpd_stderr": stderr, "test_n": int(len(bpd)),
+        "test_nfe": nfe, "test_seconds": time.perf_counter() - t1, "data": args.data,
+        "method": "+".join(sorted(methods)), "iterations": int(result.iteration),
+        "train_seconds_this_run": train_seconds,
+        "mean_nfe_forward": float(np.mean(h["nfe_forward"])) if len(h["loss"]) else None,
+        "mean_nfe_backward": float(np.mean(h["nfe_backward"])) if len(h["loss"]) else None,
+        "mean_sec_per_iter": float(np.mean(h["seconds"])) if len(h["loss"]) else None,
+        "median_sec_per_iter": float(np.median(h["seconds"])) if len(h["loss"]) else None,
+        "T": [float(t) for t in (to_host(model.params[n]) for n in model.time_names)]
+        if cfg["train_T"] else cfg["T"],
+    }
+    print(f"test bits/dim {test_bpd:.4f} ± {stderr:.4f} on {len(bpd)} test images "
+          f"(solver {args.test_solver or cfg['solver']}, NFE {nfe:.0f}); "
+          f"median {final['median_sec_per_iter']} s/it")
+    append_json(args.log_json, final)
+    with open(os.path.join(args.save, "result.json"), "w") as f:
+        json.dump(final, f, indent=1)
+    if not args.no_figures:
+        print("samples:", draw(os.path.join(args.save, "samples.png")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
