@@ -62,6 +62,11 @@ def test_short_run_writes_checkpoint_figures_and_json_log(tmp_path, capsys):
     import npflow
     model = npflow.load(tmp_path / "run" / "checkpoint.h5")
     assert model.config["hidden"] == [8, 8]
+    # the reloaded model reproduces the final test NLL exactly (same params, same solver)
+    from npflow.data import toy
+    x = toy("checkerboard", 100, np.random.default_rng([3, 2]))
+    nll = -float(np.mean(npflow.backend.to_host(model.log_prob(x)).astype(np.float64)))
+    assert nll == pytest.approx(recs[-1]["test_nll"], rel=1e-6)
 
 
 @needs_cnf
