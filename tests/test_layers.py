@@ -6,8 +6,6 @@ For every layer, in float64 over random batch (1-5), features (1-6), tangents K 
 - dot-product test: <J v, w> = <v, Jᵀ w> between the forward tangent and the backward;
 - eq. 1.2: x̄, ẋ̄, θ̄ and t̄ equal central differences of F = <a, y> + <b, ydot>, rel. error ≤ 1e-6.
 """
-import math
-
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
