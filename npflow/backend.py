@@ -96,7 +96,10 @@ def array_module(device: str = "cpu"):
 
 def resolve_dtype(dtype) -> numpy.dtype:
     """float32 (default) or float64, given as a name or a dtype."""
-    dt = numpy.dtype(dtype)
+    try:
+        dt = numpy.dtype(dtype)
+    except TypeError:  # numpy says TypeError for an unknown name; users get ValueError
+        raise ValueError(f"unknown dtype {dtype!r}: expected 'float32' or 'float64'") from None
     if dt not in (numpy.dtype("float32"), numpy.dtype("float64")):
         raise ValueError(f"unsupported dtype {dtype!r}: expected 'float32' or 'float64'")
     return dt
