@@ -23,10 +23,17 @@ Usage:
 from __future__ import annotations
 
 import os
+import sys
 
-# Threads: 2 for every library. Must be set before numpy / torch are imported.
+# Threads: 2 for every library unless --threads says otherwise. The environment variables must
+# be set before numpy / torch are imported; set_blas_threads() also adjusts OpenBLAS at run time
+# (when this module is imported after numpy, e.g. by the tests).
+_THREADS = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv[:-1] else "2"
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_v, "2")
+    if "--threads" in sys.argv:
+        os.environ[_v] = _THREADS
+    else:
+        os.environ.setdefault(_v, _THREADS)
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
@@ -36,7 +43,6 @@ import math  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
 
@@ -48,6 +54,49 @@ if HERE not in sys.path:
 
 MODEL = dict(dim=2, hidden=(64, 64, 64), T=0.5, steps=8)
 LR, WEIGHT_DECAY = 1e-3, 1e-5
+
+
+# ------------------------------------------------------------------------------------ threads
+def _openblas_functions():
+    """(get, set) of the OpenBLAS that numpy loaded, through ctypes; (None, None) if not found."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = sorted({ln.split()[-1] for ln in fh if "openblas" in ln.lower()
+                            and ln.split()[-1].startswith("/")})
+    except OSError:
+        return None, None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for pre, suf in (("scipy_openblas_", "64_"), ("openblas_", ""), ("openblas_", "64_"),
+                         ("scipy_openblas_", "")):
+            get = getattr(lib, f"{pre}get_num_threads{suf}", None)
+            set_ = getattr(lib, f"{pre}set_num_threads{suf}", None)
+            if get is not None and set_ is not None:
+                get.restype = ctypes.c_int
+                return get, set_
+    return None, None
+
+
+def get_blas_threads():
+    """numpy's OpenBLAS thread count, or None if OpenBLAS was not found."""
+    get, _ = _openblas_functions()
+    return None if get is None else int(get())
+
+
+def set_blas_threads(n):
+    """Set numpy's OpenBLAS thread count to n (if found); return the count now in force or None."""
+    get, set_ = _openblas_functions()
+    if get is None:
+        return None
+    import ctypes
+
+    set_(ctypes.c_int(int(n)))
+    return int(get())
 
 
 # ------------------------------------------------------------------------------------ data
@@ -122,10 +171,10 @@ class NpflowRunner:
         return loss, stats.get("nfe_forward", -1), stats.get("nfe_backward", -1)
 
 
-def make_runner(spec, batches, seed):
+def make_runner(spec, batches, seed, threads=2):
     framework, solver = spec.split(":")
     if framework == "torch":
-        return TorchRunner(solver, batches, seed)
+        return TorchRunner(solver, batches, seed, threads)
     if framework == "npflow":
         return NpflowRunner(solver, batches, seed)
     raise ValueError(f"unknown runner {spec!r}: expected torch:SOLVER or npflow:SOLVER")
@@ -226,12 +275,27 @@ def count_numpy_ops(runner, i=0):
 
 
 # ------------------------------------------------------------------------------------ memory
-def _memory_child(spec, batch, iters, seed):
-    """Run in a fresh process: maxrss before/after ``iters`` iterations, tracemalloc peak."""
+def _current_rss_kib():
+    """Resident set size now (KiB), from /proc (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _memory_child(spec, batch, iters, seed, threads):
+    """Run in a fresh process: peak RSS (ru_maxrss) after ``iters`` iterations, its growth over
+    the RSS just before them (model built, data made), and the tracemalloc peak during them."""
     batches = make_batches(batch, iters + 1, seed)
-    runner = make_runner(spec, batches, seed)
+    runner = make_runner(spec, batches, seed, threads)
     gc.collect()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = _current_rss_kib()
+    if rss0 is None:
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tracemalloc.start()
     for i in range(iters):
         runner.step(i)
@@ -242,10 +306,10 @@ def _memory_child(spec, batch, iters, seed):
                 tracemalloc_peak_mib=peak / 2**20)
 
 
-def measure_memory(spec, batch, seed, iters=3):
+def measure_memory(spec, batch, seed, threads, iters=3):
     """Peak memory of ``spec`` at ``batch`` in a fresh subprocess (see _memory_child)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", spec, str(batch),
-           str(iters), str(seed)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads),
+           "--_memory-child", spec, str(batch), str(iters), str(seed)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         return dict(error=res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed")
@@ -288,6 +352,8 @@ def main(argv=None):
                     help="FRAMEWORK:SOLVER; torch solvers rk38 (torchdiffeq rk4), "
                          "rk4_classical, midpoint, euler")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=int(_THREADS),
+                    help="threads for torch and for numpy's BLAS (default 2)")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                     help="measure peak memory in a fresh subprocess per runner and batch")
     ap.add_argument("--count-ops", action=argparse.BooleanOptionalAction, default=True,
@@ -298,9 +364,19 @@ def main(argv=None):
 
     if args._memory_child:
         spec, batch, iters, seed = args._memory_child
-        print(json.dumps(_memory_child(spec, int(batch), int(iters), int(seed))))
+        print(json.dumps(_memory_child(spec, int(batch), int(iters), int(seed), args.threads)))
         return 0
 
+    blas_before = get_blas_threads()
+    try:
+        return _run(args)
+    finally:  # leave the caller's BLAS thread count as it was (tests import this module)
+        if blas_before is not None:
+            set_blas_threads(blas_before)
+
+
+def _run(args):
+    blas_threads = set_blas_threads(args.threads)
     specs = available_runners(args.runners)
     if not specs:
         print("no runner available", file=sys.stderr)
@@ -310,11 +386,12 @@ def main(argv=None):
                threads={v: os.environ.get(v) for v in ("OMP_NUM_THREADS",
                                                         "OPENBLAS_NUM_THREADS",
                                                         "MKL_NUM_THREADS")},
-               loadavg_start=os.getloadavg(), command=" ".join([sys.argv[0]] + sys.argv[1:]))
+               blas_threads=blas_threads, loadavg_start=os.getloadavg(),
+               command=" ".join([sys.argv[0]] + sys.argv[1:]))
     if any(s.startswith("torch") for s in specs):
         import torch
         import torchdiffeq
-        torch.set_num_threads(2)
+        torch.set_num_threads(args.threads)
         env.update(torch=torch.__version__, torchdiffeq=torchdiffeq.__version__,
                    torch_threads=torch.get_num_threads())
     print(f"# {json.dumps(env)}")
@@ -325,7 +402,7 @@ def main(argv=None):
                    batches={})
     for batch in args.batch:
         batches = make_batches(batch, args.warmup + args.iters + 2, args.seed)
-        runners = [make_runner(s, batches, args.seed) for s in specs]
+        runners = [make_runner(s, batches, args.seed, args.threads) for s in specs]
         res = time_interleaved(runners, args.iters, args.warmup, args.block)
         entry = {}
         for r in runners:
@@ -346,7 +423,7 @@ def main(argv=None):
                 except Exception as exc:  # noqa: BLE001 - counting is optional
                     e["ops_per_iter"] = dict(error=f"{type(exc).__name__}: {exc}")
             if args.memory:
-                e["memory"] = measure_memory(e["spec"], batch, args.seed)
+                e["memory"] = measure_memory(e["spec"], batch, args.seed, args.threads)
             entry[r.name] = e
         torch_med = [e["median"] for e in entry.values() if e["spec"].startswith("torch:rk38")]
         for e in entry.values():

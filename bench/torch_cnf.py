@@ -39,7 +39,8 @@ import torch.nn as nn
 from torchdiffeq import odeint
 
 __all__ = ["ConcatSquashLinear", "ODEnet", "ODEfunc", "TorchCNF", "make_optimizer",
-           "load_npflow_params", "npflow_param_names", "train_step", "SOLVERS"]
+           "load_npflow_params", "npflow_param_names", "grads_as_npflow", "train_step",
+           "SOLVERS"]
 
 # solver name here -> (torchdiffeq method or None for the hand-written loop, evaluations/step)
 SOLVERS = {"rk38": ("rk4", 4), "rk4_classical": (None, 4), "midpoint": ("midpoint", 2),
@@ -185,48 +186,59 @@ def train_step(model, opt, x):
     return loss.item()
 
 
-# ---- parameter mapping to npflow's ODEnet (npflow/odenet.py: flat names "<layer>.<param>") ----
+# ---- parameter mapping to npflow's ODENet (npflow/odenet.py: flat names "<layer>.<param>";
+#      npflow.CNF prefixes its block: "b0.0.weight", ...) ----
 
 _NAME_MAP = {  # npflow parameter suffix -> (torch submodule, attribute)
-    "weight": ("_layer", "weight"),            # W   (n_out, n_in)
-    "bias": ("_layer", "bias"),                # b   (n_out,)
-    "gate_weight": ("_hyper_gate", "weight"),  # W_g (n_out, 1) or (n_out,)
-    "gate_bias": ("_hyper_gate", "bias"),      # b_g (n_out,)
-    "hyper_bias": ("_hyper_bias", "weight"),   # W_b (n_out, 1) or (n_out,)
+    "weight": ("_layer", "weight"),                   # W   (n_out, n_in)
+    "bias": ("_layer", "bias"),                       # b   (n_out,)
+    "gate.weight": ("_hyper_gate", "weight"),         # W_g npflow (n_out,), torch (n_out, 1)
+    "gate.bias": ("_hyper_gate", "bias"),             # b_g (n_out,)
+    "hyper_bias.weight": ("_hyper_bias", "weight"),   # W_b npflow (n_out,), torch (n_out, 1)
 }
 
 
-def npflow_param_names(model):
-    """The torch parameter for each npflow name: dict npflow name -> torch.nn.Parameter."""
+def npflow_param_names(model, prefix="b0."):
+    """The torch parameter for each npflow name: dict npflow name -> torch.nn.Parameter.
+
+    prefix: npflow.CNF's block prefix ("b0." for its single block; "" for a bare ODENet)."""
     out = {}
     for i, layer in enumerate(model.odefunc.net.layers):
         for suffix, (sub, attr) in _NAME_MAP.items():
-            out[f"{i}.{suffix}"] = getattr(getattr(layer, sub), attr)
+            out[f"{prefix}{i}.{suffix}"] = getattr(getattr(layer, sub), attr)
     return out
 
 
-def load_npflow_params(model, params, name_map=None):
+def load_npflow_params(model, params, prefix="b0."):
     """Copy npflow parameters (dict name -> array) into the torch model, in place.
 
-    ``name_map`` (optional) maps npflow names to the names of ``npflow_param_names``; shapes
-    (n_out,) and (n_out, 1) are accepted for the hyper-net vectors. Raises ValueError naming
-    any npflow entry it cannot place and any torch parameter left unset."""
+    Vectors of shape (n_out,) fill torch's (n_out, 1) hyper-net weights. Raises ValueError
+    naming any npflow entry it cannot place, any size mismatch and any torch parameter left
+    unset."""
     import numpy as np
 
-    targets = npflow_param_names(model)
-    name_map = name_map or {}
+    targets = npflow_param_names(model, prefix)
     unset = set(targets)
     with torch.no_grad():
         for name, value in params.items():
-            key = name_map.get(name, name)
-            if key not in targets:
+            if name not in targets:
                 raise ValueError(f"npflow parameter {name!r} has no torch counterpart "
                                  f"(known: {sorted(targets)})")
-            p = targets[key]
+            p = targets[name]
             a = np.asarray(value)
             if a.size != p.numel():
                 raise ValueError(f"{name!r}: npflow shape {a.shape} vs torch {tuple(p.shape)}")
             p.copy_(torch.from_numpy(a.reshape(tuple(p.shape)).copy()).to(p.dtype))
-            unset.discard(key)
+            unset.discard(name)
     if unset:
         raise ValueError(f"torch parameters not set from npflow params: {sorted(unset)}")
+
+
+def grads_as_npflow(model, prefix="b0."):
+    """The torch gradients (after backward) under npflow's names and shapes (numpy arrays)."""
+    out = {}
+    for name, p in npflow_param_names(model, prefix).items():
+        g = p.grad
+        out[name] = None if g is None else g.detach().numpy().reshape(-1 if p.shape[1:] == (1,)
+                                                                      else p.shape).copy()
+    return out
