@@ -57,8 +57,10 @@ OTFLOW_DEFAULTS = {
                       alpha=(1.0, 100.0, 15.0), lr=0.02),
     "bsds300":   dict(nt=14, nt_val=30, nt_test=40, batch=300, width=512,
                       alpha=(1.0, 2000.0, 800.0), lr=0.001),
-    # toy (trainToyOTflow.py): validation with the training steps, test with 4× as many
-    "toy":       dict(nt=8, nt_val=8, nt_test=32, batch=4096, width=32,
+    # toy: trainToyOTflow.py's CPU defaults (batch 2048, 1000 iterations, single precision;
+    # its GPU defaults, batch 4096, 1500 iterations, are REFERENCE.md's: pass --batch-size 4096
+    # --niters 1500 --dtype float64). Validation with the training steps, test with 4× as many.
+    "toy":       dict(nt=8, nt_val=8, nt_test=32, batch=2048, width=32,
                       alpha=(1.0, 100.0, 5.0), lr=0.1),
 }
 
@@ -116,7 +118,7 @@ def build_parser():
       help="validations without improvement before the lr is dropped (stale-loss schedule)")
     a("--max-drops", type=int, default=3,
       help="stop early when the validation loss is stale after this many lr drops")
-    a("--val-n", type=int, default=None, help="validation points (default: toy 4096, all)")
+    a("--val-n", type=int, default=None, help="validation points (default: toy 2048, tabular all)")
     a("--test-n", type=int, default=None, help="test points (default: toy 10000, all)")
     a("--eval-batch", type=int, default=None, help="batch size of validation and test")
     # CNF (FFJORD, RNODE, TO-FLOW)
@@ -125,7 +127,7 @@ def build_parser():
     a("--steps", type=int, default=8, help="RNODE: RK4 steps on [0, T]")
     # run
     a("--dtype", default=None, choices=["float32", "float64"],
-      help="default: toy float64, tabular float32")
+      help="default float32 (OT-Flow's own default precision)")
     a("--device", default="cpu", choices=["cpu", "gpu"])
     a("--seed", type=int, default=0)
     a("--save", default="runs/tabular", help="folder for checkpoints and result.json")
@@ -191,7 +193,7 @@ def resolve_settings(args, is_toy):
     s["drop_freq"] = args.drop_freq if args.drop_freq is not None else (
         100 if is_toy and args.model == "otflow" else 0)
     s["lr_drop"] = args.lr_drop if args.lr_drop is not None else (2.0 if is_toy else 10.0)
-    s["dtype"] = args.dtype or ("float64" if is_toy else "float32")
+    s["dtype"] = args.dtype or "float32"
     for name in ("nt", "nt_val", "nt_test", "batch", "width"):
         _positive("--" + name.replace("_", "-"), s.get(name))
     _positive("--niters", s["niters"], allow_zero=True)
@@ -212,7 +214,7 @@ def load_data(args, settings):
     from npflow.data import TOY_NAMES, DataError, load_tabular, toy, validate_data
 
     if args.data in TOY_NAMES:
-        val_n = args.val_n or 4096
+        val_n = args.val_n or 2048
         test_n = args.test_n or 10000
         _positive("--val-n", val_n)
         _positive("--test-n", test_n)
