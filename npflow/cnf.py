@@ -1,0 +1,397 @@
+"""Continuous normalizing flows: FFJORD, RNODE, TO-FLOW and STEER (docs/cnf.md).
+
+The augmented state of one CNF block (eq. 3.1), with z(t0) = x, ℓ(t0) = 0:
+
+    dz/dt = f(z, t; θ)                    z        (B, *event_shape)
+    dℓ/dt = tr ∂f/∂z   (exact or Hutchinson, eq. 3.3-3.4)          ℓ        (B,)
+    dE/dt = ‖f‖² / D          (kinetic energy, RNODE, eq. 3.6)     E        (B,)
+    dn/dt = ‖∂f/∂z ε‖² / D    (Jacobian Frobenius, RNODE, eq. 3.7) n        (B,)
+
+log p(x) = log N(z(T); 0, I) + ℓ(T)                                (eq. 3.2)
+loss     = mean_b [ ½‖z(T)‖² + (D/2) log 2π − ℓ(T) ] + λ_K mean E(T) + λ_J mean n(T)   (eq. 3.8)
+
+Every derivative comes from the layers' tangent/adjoint rules (docs/layers.md) and the solver's
+discrete adjoint (docs/solvers.md); the end time's gradient comes out of the same pass
+(∂L/∂T, eq. 3.10), and the analytic terminal formula of TO-FLOW (eq. 3.11) is reported beside it.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np  # host-side only: the seed generator and validation messages
+
+from .backend import check_finite, get_array_module, to_device, to_host
+from .model import FlowModel
+from .odenet import ODENet
+from .solvers import odeint, terminal_time_gradient
+from . import trace as trace_mod
+
+__all__ = ["CNF", "CNFState", "RegularizedCNFState", "CNFDynamics", "TRACE_KINDS"]
+
+TRACE_KINDS = ("exact", "hutchinson", "gaussian", "rademacher")
+_FIXED_GRID = ("euler", "midpoint", "rk4", "rk38")
+
+
+class CNFState(NamedTuple):
+    """State of a CNF block without regularizers: z (B, ...), logdet ℓ (B,)."""
+    z: object
+    logdet: object
+
+
+class RegularizedCNFState(NamedTuple):
+    """State with RNODE's integrals: z (B, ...), logdet (B,), kinetic E (B,), jacobian n (B,)."""
+    z: object
+    logdet: object
+    kinetic: object
+    jacobian: object
+
+
+def _sum_features(a):
+    """Σ over every axis but the batch axis: (B, ...) -> (B,)."""
+    return a.reshape(a.shape[0], -1).sum(axis=1)
+
+
+class CNFDynamics:
+    """The augmented CNF vector field F(y, t) of eq. 3.1 for npflow.odeint.
+
+    Built once per solve with its probes ε fixed (drawn before the solve, reused by every stage
+    and by the backward pass); never mutated.
+
+    net     network with the layer interface (ODENet, ConvNet): f = net(z, t)
+    params  dict of the network's parameters
+    eps     probes (K, B, ...) with the shape of z behind the K axis, or None (no trace:
+            the state is z alone, used for sampling)
+    weight  trace weight: 1 for the exact basis, 1/K for Hutchinson (eq. 3.3-3.4)
+    regularized  carry E and n (eq. 3.6-3.7)
+    """
+
+    def __init__(self, net, params, eps=None, weight=1.0, regularized=False):
+        self.net = net
+        self.params = params
+        self.eps = eps
+        self.weight = weight
+        self.regularized = regularized
+
+    def forward(self, t, y):
+        """F(y, t) -> (dydt, cache); y a CNFState / RegularizedCNFState, or z alone if eps is None."""
+        if self.eps is None:
+            f, _, cache = self.net.forward(self.params, y, None, t)
+            return f, (cache, None, None)
+        z = y.z
+        f, Jeps, cache = self.net.forward(self.params, z, self.eps, t)
+        D = z[0].size
+        dlogdet = self.weight * _sum_features((self.eps * Jeps).sum(axis=0))       # eq. 3.3
+        if not self.regularized:
+            return CNFState(f, dlogdet), (cache, f, Jeps)
+        dkin = _sum_features(f * f) / D                                            # eq. 3.6
+        djac = self.weight * _sum_features((Jeps * Jeps).sum(axis=0)) / D           # eq. 3.7
+        return RegularizedCNFState(f, dlogdet, dkin, djac), (cache, f, Jeps)
+
+    def backward(self, cache, ybar):
+        """Adjoint of forward (eq. 3.9): cotangents of dydt -> (y_bar, params_bar, t_bar)."""
+        ncache, f, Jeps = cache
+        if self.eps is None:
+            zbar, _, pbar, tbar = self.net.backward(ybar, None, ncache)
+            return zbar, pbar, tbar
+        bshape = (1, -1) + (1,) * (f.ndim - 1)            # (B,) -> broadcast over (K, B, ...)
+        fbar = ybar.z
+        Jeps_bar = (self.weight * ybar.logdet).reshape(bshape) * self.eps
+        if self.regularized:
+            D = f[0].size
+            fbar = fbar + (2.0 / D) * ybar.kinetic.reshape(bshape[1:]) * f
+            Jeps_bar = Jeps_bar + (2.0 * self.weight / D) * ybar.jacobian.reshape(bshape) * Jeps
+        zbar, _, pbar, tbar = self.net.backward(fbar, Jeps_bar, ncache)
+        xp = get_array_module(zbar)
+        zero = xp.zeros_like(ybar.logdet)
+        if self.regularized:
+            return RegularizedCNFState(zbar, zero, zero, zero), pbar, tbar
+        return CNFState(zbar, zero), pbar, tbar
+
+
+def _block_prefix(b):
+    return f"b{b}."
+
+
+class CNF(FlowModel):
+    """A stack of CNF blocks (FFJORD), each an ODE with its own end time T_b (docs/cnf.md).
+
+    dim         D, the data dimension; data x has shape (B, D)
+    hidden      widths of the ODENet's hidden layers
+    layer       "concatsquash" | "concat" | "linear" (ODENet layer type)
+    activation  "tanh" | "softplus" | "sigmoid" | "swish" | "logcosh"
+    T           initial end time of every block (t0 = 0)
+    train_T     train the end times (TO-FLOW): params gains "T" (one block) or "T0", "T1", ...
+    solver      "rk4" | "rk38" | "euler" | "midpoint" (fixed grid, `steps` steps) | "dopri5"
+    trace       "exact" (basis probes) | "hutchinson"/"gaussian" | "rademacher"
+    probes      K, the number of Hutchinson probes (ignored for "exact")
+    kinetic, jacobian  RNODE's λ_K, λ_J (eq. 3.8)
+    zero_last   zero the last layer of every block so the flow starts as the identity (RNODE)
+    """
+
+    def __init__(self, dim, hidden=(64, 64, 64), layer="concatsquash", activation="tanh",
+                 T=0.5, train_T=False, solver="rk4", steps=8, rtol=1e-5, atol=1e-5,
+                 trace="exact", probes=1, kinetic=0.0, jacobian=0.0, blocks=1,
+                 zero_last=False, dtype="float32", device="cpu", seed=0):
+        dim, blocks, steps, probes = int(dim), int(blocks), int(steps), int(probes)
+        if dim < 1 or blocks < 1 or steps < 1 or probes < 1:
+            raise ValueError(f"dim, blocks, steps and probes must be >= 1, got dim={dim}, "
+                             f"blocks={blocks}, steps={steps}, probes={probes}")
+        if trace not in TRACE_KINDS:
+            raise ValueError(f"unknown trace {trace!r}: expected one of {TRACE_KINDS}")
+        if not T > 0:
+            raise ValueError(f"end time T must be > 0, got {T}")
+        if kinetic < 0 or jacobian < 0:
+            raise ValueError(f"regularizer weights must be >= 0, got kinetic={kinetic}, "
+                             f"jacobian={jacobian}")
+        config = dict(dim=dim, hidden=[int(h) for h in hidden], layer=layer,
+                      activation=activation, T=float(T), train_T=bool(train_T), solver=solver,
+                      steps=steps, rtol=float(rtol), atol=float(atol), trace=trace,
+                      probes=probes, kinetic=float(kinetic), jacobian=float(jacobian),
+                      blocks=blocks, zero_last=bool(zero_last), dtype=str(dtype),
+                      device=device, seed=int(seed))
+        super().__init__(config, device=device, dtype=dtype)
+        self.dim = dim
+        self.nets = [ODENet(dim, config["hidden"], dim, layer=layer, activation=activation)
+                     for _ in range(blocks)]
+        rng = np.random.default_rng(seed)
+        params = {}
+        for b, net in enumerate(self.nets):
+            p = net.init_params(rng, self.dtype, self.xp, zero_last=zero_last)
+            params.update({_block_prefix(b) + k: v for k, v in p.items()})
+        if train_T:
+            for name in self.time_names:
+                params[name] = self.xp.asarray(float(T), dtype=self.dtype)
+        self.params = params
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def time_names(self):
+        """Names of the trained end times in params: "T" for one block, else "T0", "T1", ..."""
+        n = len(self.nets)
+        return ["T"] if n == 1 else [f"T{b}" for b in range(n)]
+
+    def end_times(self, params=None, T=None):
+        """End time of every block: the override T (STEER), the trained T, or config T."""
+        params = self.params if params is None else params
+        if T is not None:
+            Ts = list(T) if isinstance(T, (list, tuple)) else [T] * len(self.nets)
+            if len(Ts) != len(self.nets):
+                raise ValueError(f"T override has {len(Ts)} entries for {len(self.nets)} blocks")
+            return Ts
+        if self.config["train_T"]:
+            return [params[name] for name in self.time_names]
+        return [self.config["T"]] * len(self.nets)
+
+    def block_params(self, b, params=None):
+        params = self.params if params is None else params
+        pre = _block_prefix(b)
+        return {k[len(pre):]: v for k, v in params.items() if k.startswith(pre)}
+
+    def _prepare(self, x):
+        """Validate data and move it to the model's device and dtype (one host check)."""
+        shape = getattr(x, "shape", None)
+        if shape is None or len(shape) != 2 or shape[1] != self.dim:
+            raise ValueError(f"data must have shape (B, {self.dim}), got {shape}")
+        if shape[0] < 1:
+            raise ValueError("data batch is empty")
+        x = to_device(x, self.xp, self.dtype)
+        return check_finite(x, "data x")
+
+    def _probes(self, kind, rng, B):
+        """Probes (K, B, D) and their trace weight (eq. 3.3-3.4)."""
+        kind = "gaussian" if kind == "hutchinson" else kind
+        K = self.dim if kind == "exact" else self.config["probes"]
+        eps = trace_mod.probes(kind, K, (B, self.dim), rng, self.dtype, self.xp)
+        return eps, trace_mod.probe_weight(kind, K)
+
+    def _solver_kwargs(self, solver, steps, rtol, atol):
+        kw = dict(method=solver, rtol=rtol, atol=atol)
+        if solver in _FIXED_GRID:
+            kw["steps"] = steps
+        return kw
+
+    def _initial_state(self, x, regularized):
+        xp = self.xp
+        zero = xp.zeros(x.shape[0], dtype=x.dtype)
+        if regularized:
+            return RegularizedCNFState(x, zero, zero, zero)
+        return CNFState(x, zero)
+
+    def _nll(self, z, logdet):
+        """Per-sample −log p(x) = ½‖z‖² + (D/2) log 2π − ℓ (eq. 3.2)."""
+        return 0.5 * _sum_features(z * z) + 0.5 * self.dim * math.log(2 * math.pi) - logdet
+
+    # ---------------------------------------------------------------- training
+    def loss_and_grad(self, x, rng, params=None, T=None):
+        """Loss of eq. 3.8 on a batch and its exact gradient (discrete adjoint).
+
+        x       data (B, D) (host or device array)
+        rng     numpy.random.Generator for the Hutchinson probes
+        params  parameter dict (default self.params)
+        T       optional end-time override (STEER, a float or one per block)
+        Returns (loss: float, grads: dict like params, stats: dict). When T is trained, grads
+        holds the discrete ∂L/∂T (eq. 3.10) and stats both it and the analytic one (eq. 3.11).
+        """
+        params = self.params if params is None else params
+        cfg = self.config
+        x = self._prepare(x)
+        B = x.shape[0]
+        xp = self.xp
+        regularized = cfg["kinetic"] > 0 or cfg["jacobian"] > 0
+        Ts = self.end_times(params, T)
+        kw = self._solver_kwargs(cfg["solver"], cfg["steps"], cfg["rtol"], cfg["atol"])
+        store = "caches" if cfg["solver"] in _FIXED_GRID else "states"
+
+        y = self._initial_state(x, regularized)
+        sols, dyns = [], []
+        for b, net in enumerate(self.nets):
+            eps, weight = self._probes(cfg["trace"], rng, B)
+            dyn = CNFDynamics(net, self.block_params(b, params), eps, weight, regularized)
+            sol = odeint(dyn, y, 0.0, Ts[b], store=store, **kw)
+            sols.append(sol)
+            dyns.append(dyn)
+            y = sol.y1
+
+        nll_b = self._nll(y.z, y.logdet)
+        loss = nll_b.mean()
+        if regularized:
+            loss = loss + cfg["kinetic"] * y.kinetic.mean() + cfg["jacobian"] * y.jacobian.mean()
+        ybar = self._final_cotangent(y, B)          # ∂loss/∂y(T), eq. 3.9
+
+        grads = {}
+        nfe_b = 0
+        dT_discrete, dT_analytic = [], []
+        for b in reversed(range(len(self.nets))):
+            if cfg["train_T"]:
+                dT_analytic.append(terminal_time_gradient(dyns[b], sols[b].y1, Ts[b], ybar))
+            g = sols[b].backward(ybar)
+            nfe_b += g.nfe
+            pre = _block_prefix(b)
+            for k, v in g.params.items():
+                grads[pre + k] = v
+            dT_discrete.append(g.t1)
+            ybar = g.y0
+        dT_discrete.reverse()
+        dT_analytic.reverse()
+        if cfg["train_T"]:
+            for name, g in zip(self.time_names, dT_discrete):
+                grads[name] = xp.asarray(g, dtype=self.dtype)
+
+        stats = {
+            "nll": float(nll_b.mean()),
+            "nfe_forward": int(sum(s.nfe for s in sols)),
+            "nfe_backward": int(nfe_b),
+            "T": [float(t) for t in Ts] if len(Ts) > 1 else float(Ts[0]),
+        }
+        if regularized:
+            stats["kinetic"] = float(y.kinetic.mean())
+            stats["jacobian"] = float(y.jacobian.mean())
+        if cfg["train_T"]:
+            stats["dL_dT_discrete"] = _scalars(dT_discrete)
+            stats["dL_dT_analytic"] = _scalars(dT_analytic)
+        return float(loss), grads, stats
+
+    def time_gradient(self, x, rng, params=None, kind="analytic"):
+        """∂L/∂T_b of every block for the current params (TO-FLOW's T step, Algorithm 1).
+
+        kind "analytic": one forward solve and the terminal formula λ(T)·F(y(T), T) (eq. 3.11),
+        no backward pass; kind "discrete": the exact derivative of the discrete loss (eq. 3.10).
+        Returns a list of floats, one per block.
+        """
+        if kind not in ("analytic", "discrete"):
+            raise ValueError(f"unknown time-gradient kind {kind!r}: 'analytic' or 'discrete'")
+        if not self.config["train_T"]:
+            raise ValueError("time_gradient needs a model built with train_T=True")
+        if kind == "discrete" or len(self.nets) > 1:
+            # several blocks: λ at an inner block's end needs the later blocks' adjoint, so the
+            # full pass runs; it reports the analytic formula of every block beside the discrete
+            _, _, stats = self.loss_and_grad(x, rng, params)
+            v = stats["dL_dT_" + kind]
+            return list(v) if isinstance(v, list) else [v]
+        params = self.params if params is None else params
+        cfg = self.config
+        x = self._prepare(x)
+        B = x.shape[0]
+        xp = self.xp
+        regularized = cfg["kinetic"] > 0 or cfg["jacobian"] > 0
+        Ts = self.end_times(params)
+        kw = self._solver_kwargs(cfg["solver"], cfg["steps"], cfg["rtol"], cfg["atol"])
+        y = self._initial_state(x, regularized)
+        eps, weight = self._probes(cfg["trace"], rng, B)
+        dyn = CNFDynamics(self.nets[0], self.block_params(0, params), eps, weight, regularized)
+        y1 = odeint(dyn, y, 0.0, Ts[0], **kw).y1
+        ybar = self._final_cotangent(y1, B)
+        return [float(to_host(terminal_time_gradient(dyn, y1, Ts[0], ybar)))]
+
+    def _final_cotangent(self, y, B):
+        """∂loss/∂y(T) for the final augmented state (eq. 3.9)."""
+        cfg = self.config
+        xp = self.xp
+        dt = y.z.dtype
+        zbar = y.z / B
+        lbar = xp.full((B,), -1.0 / B, dtype=dt)
+        if isinstance(y, RegularizedCNFState):
+            return RegularizedCNFState(zbar, lbar, xp.full((B,), cfg["kinetic"] / B, dtype=dt),
+                                       xp.full((B,), cfg["jacobian"] / B, dtype=dt))
+        return CNFState(zbar, lbar)
+
+    # ---------------------------------------------------------------- evaluation
+    def log_prob(self, x, params=None, solver="dopri5", steps=None, rtol=1e-5, atol=1e-5,
+                 trace="exact", rng=None, batch_size=10000, return_nfe=False):
+        """log p(x) (eq. 3.2) for x (N, D), by default with dopri5 and the exact trace.
+
+        Returns an array (N,) on the model's device (and the mean NFE per batch if asked).
+        """
+        params = self.params if params is None else params
+        if trace not in TRACE_KINDS:
+            raise ValueError(f"unknown trace {trace!r}: expected one of {TRACE_KINDS}")
+        if trace != "exact" and rng is None:
+            raise ValueError("a Hutchinson trace needs an explicit rng")
+        x = self._prepare(x)
+        Ts = self.end_times(params)
+        kw = self._solver_kwargs(solver, steps if steps is not None else self.config["steps"],
+                                 rtol, atol)
+        out, nfes = [], []
+        for start in range(0, x.shape[0], batch_size):
+            y = self._initial_state(x[start:start + batch_size], False)
+            nfe = 0
+            for b, net in enumerate(self.nets):
+                eps, weight = self._probes(trace, rng, y.z.shape[0])
+                dyn = CNFDynamics(net, self.block_params(b, params), eps, weight, False)
+                sol = odeint(dyn, y, 0.0, Ts[b], **kw)
+                nfe += sol.nfe
+                y = sol.y1
+            out.append(-self._nll(y.z, y.logdet))
+            nfes.append(nfe)
+        lp = self.xp.concatenate(out)
+        if return_nfe:
+            return lp, float(np.mean(nfes))
+        return lp
+
+    def transform(self, x, params=None, inverse=False, solver="dopri5", steps=None,
+                  rtol=1e-5, atol=1e-5):
+        """x -> z(T) (or z -> x with inverse=True), without the log-determinant."""
+        params = self.params if params is None else params
+        x = self._prepare(x)
+        Ts = self.end_times(params)
+        kw = self._solver_kwargs(solver, steps if steps is not None else self.config["steps"],
+                                 rtol, atol)
+        order = range(len(self.nets) - 1, -1, -1) if inverse else range(len(self.nets))
+        y = x
+        for b in order:
+            dyn = CNFDynamics(self.nets[b], self.block_params(b, params))
+            t0, t1 = (Ts[b], 0.0) if inverse else (0.0, Ts[b])
+            y = odeint(dyn, y, t0, t1, **kw).y1
+        return y
+
+    def sample(self, n, rng, params=None, solver="dopri5", steps=None, rtol=1e-5, atol=1e-5):
+        """n samples: z ~ N(0, I) drawn from rng, integrated backwards from T to 0. (n, D)."""
+        z = rng.standard_normal((int(n), self.dim))
+        return self.transform(z, params, inverse=True, solver=solver, steps=steps,
+                              rtol=rtol, atol=atol)
+
+
+def _scalars(values):
+    vals = [float(to_host(v)) for v in values]
+    return vals[0] if len(vals) == 1 else vals
