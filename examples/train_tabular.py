@@ -121,6 +121,10 @@ def build_parser():
     a("--val-n", type=int, default=None, help="validation points (default: toy 2048, tabular all)")
     a("--test-n", type=int, default=None, help="test points (default: toy 10000, all)")
     a("--eval-batch", type=int, default=None, help="batch size of validation and test")
+    a("--target-val-nll", type=float, default=None,
+      help="stop as soon as the validation NLL is at or below this (method comparisons)")
+    a("--trace", default=None, choices=["exact", "hutchinson", "rademacher"],
+      help="CNF trace estimator (default: exact on toy data, hutchinson on tabular)")
     # CNF (FFJORD, RNODE, TO-FLOW)
     a("--atol", type=float, default=1e-8, help="CNF: dopri5 atol")
     a("--rtol", type=float, default=1e-6, help="CNF: dopri5 rtol")
@@ -265,7 +269,7 @@ def build_model(args, settings, dim, is_toy):
                       train_T=args.model in ("ffjord", "toflow"),
                       solver="rk4" if rnode else "dopri5", steps=args.steps,
                       rtol=args.rtol, atol=args.atol,
-                      trace="exact" if is_toy else "hutchinson",
+                      trace=args.trace or ("exact" if is_toy else "hutchinson"),
                       kinetic=0.01 if rnode else 0.0, jacobian=0.01 if rnode else 0.0,
                       blocks=settings["blocks"], zero_last=rnode, dtype=settings["dtype"],
                       device=args.device, seed=args.seed)
@@ -301,10 +305,14 @@ class ValidationHook(TrainHook):
 
     name = "validation"
 
-    def __init__(self, evaluate, every, plateau, max_drops, best_path, log_json, n_iters):
+    def __init__(self, evaluate, every, plateau, max_drops, best_path, log_json, n_iters,
+                 target=None):
         self.evaluate, self.every, self.plateau = evaluate, int(every), plateau
         self.max_drops, self.best_path, self.log_json = int(max_drops), best_path, log_json
-        self.n_iters = n_iters
+        self.n_iters, self.target = n_iters, target
+        self.t_start = time.perf_counter()
+        self.val_seconds = 0.0          # time spent validating (excluded from training time)
+        self.nfe_total = 0              # forward + backward NFE of all training iterations
         self.best = math.inf
         self.best_nll = math.nan
         self.best_iter = 0
@@ -312,11 +320,12 @@ class ValidationHook(TrainHook):
         self.stopped = False
 
     def after_step(self, model, x, rng, it, stats):
+        from npflow.solvers import SolverError
         from npflow.training import append_json
         done = it + 1
+        self.nfe_total += int(stats.get("nfe_forward", 0)) + int(stats.get("nfe_backward", 0))
         if done % self.every and done != self.n_iters:
             return {}
-        from npflow.solvers import SolverError
         t = time.perf_counter()
         try:
             loss, nll = self.evaluate(model)
@@ -336,13 +345,21 @@ class ValidationHook(TrainHook):
                 self.stopped = True
             else:
                 self.drops += 1
+        self.val_seconds += time.perf_counter() - t
         rec = {"iteration": done, "val_loss": loss, "val_nll": nll, "best_val_loss": self.best,
                "best_iteration": self.best_iter, "lr_drops": self.drops,
-               "val_seconds": time.perf_counter() - t}
+               "val_seconds": time.perf_counter() - t,
+               "train_seconds": time.perf_counter() - self.t_start - self.val_seconds,
+               "nfe_total": self.nfe_total}
         print(f"  validation @ {done}: loss {loss:.4f}, nll {nll:.4f} "
               f"{'(best)' if improved else f'(best {self.best:.4f} @ {self.best_iter})'}"
               f"{' | lr dropped' if dropped and not self.stopped else ''}", flush=True)
         append_json(self.log_json, rec)
+        if self.target is not None and nll <= self.target:
+            self.stopped = True
+            raise EarlyStop(f"validation NLL {nll:.4f} <= target {self.target} at iteration "
+                            f"{done} after {rec['train_seconds']:.1f} s of training and "
+                            f"{self.nfe_total} function evaluations")
         if self.stopped:
             raise EarlyStop(f"validation loss stale after {self.drops} lr drops; stopping at "
                             f"iteration {done} (best {self.best:.4f} at {self.best_iter})")
@@ -351,13 +368,15 @@ class ValidationHook(TrainHook):
     def state_dict(self):
         return {"best": self.best if math.isfinite(self.best) else None,
                 "best_nll": self.best_nll if math.isfinite(self.best_nll) else None,
-                "best_iter": self.best_iter, "drops": self.drops, "stopped": self.stopped}
+                "best_iter": self.best_iter, "drops": self.drops, "stopped": self.stopped,
+                "nfe_total": self.nfe_total}
 
     def load_state_dict(self, state):
         self.best = math.inf if state["best"] is None else float(state["best"])
         self.best_nll = math.nan if state["best_nll"] is None else float(state["best_nll"])
         self.best_iter, self.drops = int(state["best_iter"]), int(state["drops"])
         self.stopped = bool(state["stopped"])
+        self.nfe_total = int(state.get("nfe_total", 0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,7 +457,7 @@ def main(argv=None) -> int:
     if settings["clamp"]:
         hooks.append(ClampHook(settings["clamp"]))
     vhook = ValidationHook(validate, val_every, plateau, args.max_drops, best_path,
-                           args.log_json, settings["niters"])
+                           args.log_json, settings["niters"], target=args.target_val_nll)
     hooks.append(vhook)
 
     with open(os.path.join(args.save, "args.json"), "w") as f:
@@ -479,6 +498,8 @@ def main(argv=None) -> int:
              "status": status, "iterations": int(iterations),
              "best_val_loss": vhook.best, "best_val_nll": vhook.best_nll,
              "best_iteration": vhook.best_iter, "train_seconds_this_run": train_seconds,
+             "train_seconds_without_validation": train_seconds - vhook.val_seconds,
+             "nfe_total": vhook.nfe_total,
              **extra}
     print(f"test NLL {test_nll:.4f} ± {stderr:.4f} nats on {len(lp)} points "
           f"({', '.join(f'{k} {v}' for k, v in extra.items())}); best validation loss "

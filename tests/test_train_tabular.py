@@ -134,6 +134,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
         assert all(np.isfinite(v).all() for v in m.params.values())
 
 
+def test_target_validation_nll_stops_the_run_and_reports_time_and_nfe(tmp_path, capsys):
+    log = tmp_path / "log.json"
+    assert script.main(["--data", "8gaussians", "--save", str(tmp_path / "run"), "--log-json",
+                        str(log), "--target-val-nll", "100"] + TINY) == 0
+    final = _json_lines(log)[-1]
+    assert final["status"] == "early-stopped" and final["iterations"] == 2
+    assert final["nfe_total"] == 2 * 2 * 4 * 2        # 2 iterations, fwd + bwd, 4 stages, nt 2
+    assert 0 < final["train_seconds_without_validation"] <= final["train_seconds_this_run"]
+    assert "target" in capsys.readouterr().out
+
+
 def test_cnf_model_runs_through_the_same_script(tmp_path, capsys):
     log = tmp_path / "log.json"
     assert script.main(["--data", "8gaussians", "--model", "rnode", "--save",
