@@ -266,10 +266,14 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
-    result = train(model, optimizer, run["sample_batch"], args.niters, rng,
-                   log_every=args.log_every, save_dir=args.save, resume=args.resume,
-                   log_json=args.log_json, grad_clip=args.grad_clip, hooks=hooks,
-                   on_log=on_log)
+    try:
+        result = train(model, optimizer, run["sample_batch"], args.niters, rng,
+                       log_every=args.log_every, save_dir=args.save, resume=args.resume,
+                       log_json=args.log_json, grad_clip=args.grad_clip, hooks=hooks,
+                       on_log=on_log)
+    except npflow.CheckpointError as exc:
+        print(f"train_toy.py: cannot resume: {exc}", file=sys.stderr)
+        return 2
     train_seconds = time.perf_counter() - t0
     if result.status == "nonfinite":
         print(result.message, file=sys.stderr)

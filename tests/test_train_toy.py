@@ -171,6 +171,24 @@ def test_data_file_with_nan_or_wrong_dimension_is_refused(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@needs_cnf
+def test_resume_from_a_truncated_or_foreign_checkpoint_is_refused(tmp_path, capsys):
+    import h5py
+    run = tmp_path / "r"
+    assert _run(TINY + ["--niters", "3", "--no-figures", "--save", str(run)]) == 0
+    ck = run / "checkpoint.h5"
+    data = ck.read_bytes()
+    ck.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert _run(TINY + ["--niters", "6", "--no-figures", "--save", str(run), "--resume"]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    ck.unlink()
+    with h5py.File(ck, "w") as f:
+        f["x"] = np.zeros(3)
+    assert _run(TINY + ["--niters", "6", "--no-figures", "--save", str(run), "--resume"]) == 2
+    assert "not an npflow checkpoint" in capsys.readouterr().err
+
+
 def test_help_lists_the_shared_flags():
     out = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True,
                          timeout=120).stdout
