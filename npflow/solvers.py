@@ -158,6 +158,32 @@ def _stages(dynamics, struct, tab, t, h, y, n, k1=None, cache1=None):
     return ks, caches, nfe
 
 
+def rk_step(dynamics, struct, tab, t, h, y, k1=None, cache1=None, with_error=False):
+    """One explicit RK step (eq. 1.1), the same pure function for every tableau.
+
+    t, h: host floats; y: tuple of state parts; k1, cache1: the first stage when known (FSAL
+    or a retried step). with_error: also the local error of eq. 1.2 (embedded pairs), which
+    for an FSAL pair evaluates the last stage F(t + h, y_new), the next step's first stage.
+    Returns (y_new parts, ks, caches, err parts or None, nfe); ks/caches hold every evaluated
+    stage (the first ``tab.n_solution_stages`` are the ones the adjoint reverses).
+    """
+    nsol, b = tab.n_solution_stages, tab.b
+    fsal_extra = with_error and tab.fsal and nsol < tab.stages
+    n_eval = tab.stages if (with_error and not fsal_extra) else nsol
+    ks, caches, nfe = _stages(dynamics, struct, tab, t, h, y, n_eval, k1, cache1)
+    y_new = _combine(y, [(h * b[j], ks[j]) for j in range(nsol) if b[j] != 0.0])
+    if not with_error:
+        return y_new, ks, caches, None, nfe
+    if fsal_extra:                   # Y_s = y_new and c_s = 1 (eq. 1.1 with FSAL)
+        f_new, cache_new = dynamics.forward(t + h, struct.pack(y_new))
+        ks = ks + [struct.unpack(f_new, "dynamics.forward output")]
+        caches = caches + [cache_new]
+        nfe += 1
+    e = tab.b_err
+    err = _combine(None, [(h * e[j], ks[j]) for j in range(tab.stages) if e[j] != 0.0])
+    return y_new, ks, caches, err, nfe
+
+
 def _step_backward(dynamics, struct, tab, h, ybar, ks, caches, pacc):
     """Reverse one step y_new = y + h Σ b_i k_i (eq. 2.3-2.8).
 
@@ -353,10 +379,8 @@ def _backward(tape, y1_bar):
         seg = {start: tape.states[start]} if tape.stages is None else {}
         for n in range(start, end - 1 if tape.stages is None else start):          # recompute the segment's states (section 4)
             h = ts[n + 1] - ts[n]
-            ks, _, nf = _stages(dyn, struct, tab, ts[n], h, seg[n], nsol)
+            seg[n + 1], _, _, _, nf = rk_step(dyn, struct, tab, ts[n], h, seg[n])
             nre += nf
-            seg[n + 1] = _combine(seg[n], [(h * tab.b[j], ks[j]) for j in range(nsol)
-                                           if tab.b[j] != 0.0])
         for n in reversed(range(start, end)):
             h = ts[n + 1] - ts[n]
             if tape.stages is not None:
@@ -479,15 +503,13 @@ def _solve_fixed(dyn, struct, tab, y, t0, t1, grid, store, ckpt):
     span = t1 - t0
     ts = [t0 + s * span for s in grid[:-1]] + [t1]
     nsol = tab.n_solution_stages
-    b = tab.b
     states = {0: y}
     stages = [] if store == "caches" else None
     nfe = 0
     for n in range(N):
         h = ts[n + 1] - ts[n]
-        ks, caches, nf = _stages(dyn, struct, tab, ts[n], h, y, nsol)
+        y, ks, caches, _, nf = rk_step(dyn, struct, tab, ts[n], h, y)
         nfe += nf
-        y = _combine(y, [(h * b[j], ks[j]) for j in range(nsol) if b[j] != 0.0])
         if stages is not None:
             stages.append((ks, caches))
         elif (n + 1) % ckpt == 0 and n + 1 < N:
@@ -511,10 +533,7 @@ def _solve_fixed(dyn, struct, tab, y, t0, t1, grid, store, ckpt):
 def _solve_adaptive(dyn, struct, tab, y, t0, t1, rtol, atol, first_step, max_step, min_step,
                     max_num_steps, store, ckpt):
     """Embedded-pair stepping with error control (section 3): FSAL, eq. 3.1-3.3."""
-    nsol, b, e = tab.n_solution_stages, tab.b, tab.b_err
-    # FSAL with b_s = 0 (dopri5): evaluate the solution stages, then F(t_new, y_new) once.
-    fsal_extra = tab.fsal and nsol < tab.stages
-    n_eval = nsol if fsal_extra else tab.stages
+    nsol = tab.n_solution_stages
     ts = [t0]
     states = {0: y}
     stages = [] if store == "caches" else None
@@ -554,19 +573,10 @@ def _solve_adaptive(dyn, struct, tab, y, t0, t1, rtol, atol, first_step, max_ste
         if direction * (t_new - t1) > 0:
             t_new = t1
         h = t_new - t
-        ks, caches, nf = _stages(dyn, struct, tab, t, h, y, n_eval, k1, cache0)
+        y_new, ks, caches, err, nf = rk_step(dyn, struct, tab, t, h, y, k1, cache0,
+                                             with_error=True)
         nfe += nf
-        y_new = _combine(y, [(h * b[j], ks[j]) for j in range(nsol) if b[j] != 0.0])
-        if fsal_extra:   # the FSAL stage Y_s = y_new, c_s = 1: next step's first stage
-            f_new, cache_new = dyn.forward(t_new, struct.pack(y_new))
-            k_new = struct.unpack(f_new, "dynamics.forward output")
-            nfe += 1
-            ks_err = ks + [k_new]
-        else:
-            k_new, cache_new = (ks[-1], caches[-1]) if tab.fsal else (None, None)
-            ks_err = ks
-        err = _combine(None, [(h * e[j], ks_err[j]) for j in range(tab.stages)
-                              if e[j] != 0.0])
+        k_new, cache_new = (ks[-1], caches[-1]) if tab.fsal else (None, None)
         ratio = _error_ratio(err, y, y_new, rtol, atol)
         attempts += 1
         if not math.isfinite(ratio):
