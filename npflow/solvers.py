@@ -376,11 +376,14 @@ def _backward(tape, y1_bar):
     k = tape.checkpoint
     for start in reversed(range(0, N, k)):
         end = min(start + k, N)
-        seg = {start: tape.states[start]} if tape.stages is None else {}
-        for n in range(start, end - 1 if tape.stages is None else start):          # recompute the segment's states (section 4)
-            h = ts[n + 1] - ts[n]
-            seg[n + 1], _, _, _, nf = rk_step(dyn, struct, tab, ts[n], h, seg[n])
-            nre += nf
+        seg = {}
+        if tape.stages is None:
+            # the segment's states from its checkpoint (section 4; nothing to do when k = 1)
+            seg[start] = tape.states[start]
+            for n in range(start, end - 1):
+                seg[n + 1], _, _, _, nf = rk_step(dyn, struct, tab, ts[n], ts[n + 1] - ts[n],
+                                                  seg[n])
+                nre += nf
         for n in reversed(range(start, end)):
             h = ts[n + 1] - ts[n]
             if tape.stages is not None:

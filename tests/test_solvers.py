@@ -284,7 +284,7 @@ def test_dopri5_needs_far_fewer_evaluations_than_rk4_at_equal_accuracy():
 
 
 def test_dopri5_adapts_to_the_solution():
-    """Small steps where the solution moves fast, large where it is quiet (y' = −50 (y − cos t))."""
+    """Small steps in the fast transient, larger ones later (y' = −50 (y − cos t))."""
 
     class Relax:
         params = {}
@@ -434,7 +434,7 @@ def test_caches_and_checkpoint_give_the_same_gradients(method, kw):
 
 @pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
 def test_analytic_time_gradients_approach_discrete_ones_at_method_order(method):
-    """|∂L/∂T discrete − λ(T)·F(y(T), T)| = O(h^p) (eq. 5.3); same at t0 with −λ(t0)·F."""
+    """|∂L/∂T discrete − λ(T)·F(y(T), T)| = O(h^p) (eq. 5.3); at t0 with −λ(t0)·F."""
     rng = np.random.default_rng(8)
     net = TanhMLP(rng, 2, 6, scale=1.5)
     y0 = rng.normal(size=(3, 2))
