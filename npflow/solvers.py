@@ -38,6 +38,7 @@ __all__ = ["odeint", "Solution", "Grads", "SolverError", "terminal_time_gradient
 SAFETY = 0.9        # h_new = h · SAFETY · ρ^(−1/order), before the limits below
 MIN_FACTOR = 0.2    # never shrink a rejected step by more than 5×
 MAX_FACTOR = 10.0   # never grow a step by more than 10×
+UNDERFLOW_ULPS = 10  # |h| below this many ulp(t) is an underflow (t + h would round badly)
 
 
 class SolverError(RuntimeError):
@@ -445,7 +446,8 @@ def odeint(dynamics, y0, t0, t1, method="rk4", steps=None, rtol=1e-5, atol=1e-5,
                    ``solution.grid`` of an adaptive solve, to replay its mesh)
     Adaptive (dopri5 when no mesh is given; section 3):
         rtol, atol  error ratio eq. 3.1; first_step (default: eq. 3.3, one evaluation);
-        max_step (|h| cap); min_step (|h| floor: below it, or when t + h == t, SolverError);
+        max_step (|h| cap); min_step (|h| floor: below it, or below 10 ulp(t) so that t + h
+        would barely move, SolverError);
         max_num_steps (attempted steps, accepted or rejected, before SolverError).
     Memory for the backward (section 4):
         store="states" (keep y_n, recompute stages) or "caches" (keep every stage's cache);
@@ -565,12 +567,12 @@ def _solve_adaptive(dyn, struct, tab, y, t0, t1, rtol, atol, first_step, max_ste
                 f"(integrating from {t0!r} to {t1!r}), h={direction * h_abs!r}, last error "
                 f"ratio={ratio!r}; {n} accepted, {rejected} rejected steps. The problem may "
                 "be stiff: loosen rtol/atol, raise max_num_steps or use a fixed grid.")
-        if h_abs < min_step or t + direction * h_abs == t:
+        if h_abs < min_step or h_abs < UNDERFLOW_ULPS * math.ulp(t):
             raise SolverError(
                 f"{tab.name}: step size underflow at t={t!r} (integrating from {t0!r} to "
-                f"{t1!r}): h={direction * h_abs!r} below min_step={min_step!r} or too small "
-                f"to change t; last error ratio={ratio!r}. The solution may blow up or the "
-                "problem be stiff.")
+                f"{t1!r}): h={direction * h_abs!r} below min_step={min_step!r} or below "
+                f"{UNDERFLOW_ULPS} ulp(t) (t + h barely changes t); last error "
+                f"ratio={ratio!r}. The solution may blow up or the problem be stiff.")
         h = direction * h_abs
         t_new = t + h
         if direction * (t_new - t1) > 0:
