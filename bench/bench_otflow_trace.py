@@ -68,6 +68,12 @@ def main(argv=None):
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--json", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
+    try:                                        # keep freed memory (see train_tabular.py)
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30), libc.mallopt(-1, (1 << 31) - 1), libc.mallopt(-2, 1 << 28)
+    except OSError:
+        pass
     dims = [int(v) for v in args.dims.split(",")]
     dtype = np.dtype(args.dtype)
     rows = []

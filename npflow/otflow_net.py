@@ -158,7 +158,7 @@ def potential_forward(params, s, d, need_trace=True):
     Js, Ps = [], []
     if need_trace:
         # Trace, eq. 5.7-5.10: J_i = ∂u_i/∂x as (d, B, m); P_i = ∂a_i/∂x.
-        KE_T = K[0][:, :d].T                   # (d, m) = (K_0 E)ᵀ
+        KE_T = xp.ascontiguousarray(K[0][:, :d].T)   # (d, m) = (K_0 E)ᵀ, unit inner stride
         q = (KE_T * KE_T).sum(axis=0)          # (m,)  ((K_0E)⊙(K_0E))1
         trace = (d2[0] * z[1]) @ q             # t_0
         J = th[0][None] * KE_T[:, None, :]     # (d, B, m)
@@ -232,7 +232,7 @@ def potential_backward(cache, phi_bar, grad_bar, trace_bar):
             Pf = P_bar.reshape(d * B, m)                       # eq. 5.13, P_i = K_i J_{i−1}
             Kb[i] = Kb[i] + Pf.T @ Jprev.reshape(d * B, m)
             J_bar = _add(J_bar, (Pf @ K[i]).reshape(d, B, m))
-        KE_T = K[0][:, :d].T                                   # eq. 5.14, J_0 = σ'(a_0) K_0E
+        KE_T = xp.ascontiguousarray(K[0][:, :d].T)             # eq. 5.14, J_0 = σ'(a_0) K_0E
         th_bar[0] = _add(th_bar[0], (J_bar * KE_T[:, None, :]).sum(axis=0))
         KE_bar = (J_bar * th[0][None]).sum(axis=1).T           # (m, d)
         c0 = d2[0] * z[1]                                      # eq. 5.15, t_0 = c_0ᵀ q
