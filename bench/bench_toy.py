@@ -235,6 +235,16 @@ def count_torch_ops(runner, i=0):
     return sum(c.counts.values()), c.counts
 
 
+def count_torch_profiler_ops(runner, i=0):
+    """aten:: events that torch.profiler records in one iteration (composite ops such as
+    aten::linear and the ops they call are both counted; the measure of shared/REFERENCE.md)."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        runner.step(i)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
 class _CountingArray(np.ndarray):
     """ndarray subclass counting ufunc calls (incl. matmul and reductions) and array functions."""
 
@@ -415,7 +425,8 @@ def _run(args):
                     if r.framework == "torch":
                         n, c = count_torch_ops(r)
                         e["ops_per_iter"] = dict(kind="aten ops dispatched", total=n,
-                                                 top=dict(c.most_common(12)))
+                                                 top=dict(c.most_common(12)),
+                                                 profiler_aten_events=count_torch_profiler_ops(r))
                     else:
                         n, c = count_numpy_ops(r)
                         e["ops_per_iter"] = dict(kind="numpy ufunc/function calls", total=n,
