@@ -196,3 +196,16 @@ def test_help_lists_the_shared_flags():
                  "--log-json", "--solver", "--kinetic", "--jacobian", "--alpha", "--eps-T",
                  "--steer-b", "--trace", "--test-n"):
         assert flag in out, flag
+
+
+@needs_cnf
+@pytest.mark.slow
+@pytest.mark.parametrize("data, bound", [("checkerboard", 3.60), ("8gaussians", 2.90)])
+def test_default_flags_reach_the_quality_target(tmp_path, data, bound):
+    # issue 4, item 5: FFJORD's toy set-up, 10,000 iterations (about 20 min each on 2 cores)
+    log = tmp_path / "log.jsonl"
+    proc = subprocess.run([sys.executable, SCRIPT, "--data", data, "--save", str(tmp_path),
+                           "--log-json", str(log), "--log-every", "1000", "--no-figures"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert _records(log)[-1]["test_nll"] <= bound
