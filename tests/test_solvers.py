@@ -605,3 +605,29 @@ def test_step_size_picks_the_number_of_steps():
     assert sol.n_steps == 4 and sol.nfe == 16
     sol = odeint(dyn, np.ones((1, 2)), 1.0, 0.0, method="rk4", step_size=0.3)
     assert sol.n_steps == 4
+
+
+@pytest.mark.slow
+def test_dopri5_nfe_is_comparable_with_torchdiffeq():
+    """Same tableau, controller and initial step as torchdiffeq's dopri5 (shared/REFERENCE.md):
+    NFE alike: at most two attempts more, and not far fewer (we land on t1 instead of stepping
+    past it and interpolating, which changes the last steps)."""
+    torch = pytest.importorskip("torch")
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    rng = np.random.default_rng(14)
+    net = TanhMLP(rng, 2, 16, scale=2.0)
+    P = {k: torch.tensor(v) for k, v in net.params.items()}
+    count = [0]
+
+    def f(t, y):
+        count[0] += 1
+        h = torch.tanh(y @ P["W1"].T + t * P["u"] + P["c1"])
+        return h @ P["W2"].T + P["c2"]
+
+    y0 = rng.normal(size=(5, 2))
+    for tol in (1e-3, 1e-5, 1e-7, 1e-9):
+        count[0] = 0
+        torchdiffeq.odeint(f, torch.tensor(y0), torch.tensor([0.0, 1.0], dtype=torch.float64),
+                           method="dopri5", rtol=tol, atol=tol)
+        sol = odeint(net, y0, 0.0, 1.0, method="dopri5", rtol=tol, atol=tol)
+        assert 0.75 * count[0] <= sol.nfe <= count[0] + 12, (tol, sol.nfe, count[0])
