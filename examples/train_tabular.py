@@ -144,8 +144,8 @@ def build_parser():
     a("--trace", default=None, choices=["exact", "hutchinson", "rademacher"],
       help="CNF trace estimator (default: exact on toy data, hutchinson on tabular)")
     # CNF (FFJORD, RNODE, TO-FLOW)
-    a("--atol", type=float, default=1e-8, help="CNF: dopri5 atol")
-    a("--rtol", type=float, default=1e-6, help="CNF: dopri5 rtol")
+    a("--atol", type=float, default=None, help="CNF: dopri5 atol (toy 1e-5, tabular 1e-8)")
+    a("--rtol", type=float, default=None, help="CNF: dopri5 rtol (toy 1e-5, tabular 1e-6)")
     a("--steps", type=int, default=8, help="RNODE: RK4 steps on [0, T]")
     # run
     a("--dtype", default=None, choices=["float32", "float64"],
@@ -440,6 +440,10 @@ def main(argv=None) -> int:
     from npflow.training import TimeOptimizer, append_json, train
 
     is_toy = args.data in TOY_NAMES
+    if args.atol is None:
+        args.atol = 1e-5 if is_toy else 1e-8
+    if args.rtol is None:
+        args.rtol = 1e-5 if is_toy else 1e-6
     try:
         settings = resolve_settings(args, is_toy)
         data = load_data(args, settings)
