@@ -133,18 +133,17 @@ class StackedLayer(Layer):
         K = h.shape[0] - 1
         out, cache = self.forward_stacked(params, h, t)
         y, ydot = unstack_tangents(out, K)
-        return y, ydot, (cache, K, x.shape, x.dtype)
+        return y, ydot, (cache, K, x)
 
     def backward(self, ybar, ydotbar, cache):
         """eq. 1.2: (ybar, ydotbar) -> (xbar, xdotbar, params_bar, tbar)."""
-        cache, K, x_shape, dtype = cache
-        ref = ybar if ybar is not None else ydotbar
-        xp = get_array_module(ref) if ref is not None else get_array_module(cache[0])
-        y_shape = self.out_shape(x_shape)
+        cache, K, x = cache
+        xp = get_array_module(x)
+        y_shape = self.out_shape(x.shape)
         if ybar is not None and tuple(ybar.shape) != tuple(y_shape):
             raise ValueError(f"{type(self).__name__}: cotangent ybar must have shape "
                              f"{tuple(y_shape)}, got {tuple(ybar.shape)}")
-        hbar = stack_cotangents(ybar, ydotbar, y_shape, K, dtype, xp)
+        hbar = stack_cotangents(ybar, ydotbar, y_shape, K, x.dtype, xp)
         hin, grads, tbar = self.backward_stacked(hbar, cache)
         xbar, xdotbar = unstack_tangents(hin, K)
         return xbar, xdotbar, grads, tbar

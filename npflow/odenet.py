@@ -143,15 +143,15 @@ class ODENet(Layer):
                 h, c = act.forward_stacked(None, h, t)
                 caches.append(c)
         y, ydot = unstack_tangents(h, K)
-        return y, ydot, (tuple(caches), K, x.shape, x.dtype)
+        return y, ydot, (tuple(caches), K, x)
 
     def backward(self, ybar, ydotbar, cache):
         """eq. 2.3: reverse of forward. ybar (B, n_out) or None, ydotbar (K, B, n_out) or None
         -> (xbar (B, n_in), xdotbar (K, B, n_in) or None, params_bar {"i.name": array},
         tbar 0-d array)."""
-        caches, K, x_shape, dtype = cache
-        xp = get_array_module(*(a for a in (ybar, ydotbar) if a is not None))
-        y_shape = (x_shape[0], self.n_out)
+        caches, K, x = cache
+        xp, dtype = get_array_module(x), x.dtype
+        y_shape = (x.shape[0], self.n_out)
         if ybar is not None and tuple(ybar.shape) != y_shape:
             raise ValueError(f"ODENet: cotangent ybar must have shape {y_shape}, "
                              f"got {tuple(ybar.shape)}")
