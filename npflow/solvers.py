@@ -185,20 +185,18 @@ def rk_step(dynamics, struct, tab, t, h, y, k1=None, cache1=None, with_error=Fal
     return y_new, ks, caches, err, nfe
 
 
-def _step_backward(dynamics, struct, tab, h, ybar, ks, caches, pacc):
+def _step_backward(dynamics, struct, tab, h, ybar, ks, caches, pacc, s, ds, times):
     """Reverse one step y_new = y + h Σ b_i k_i (eq. 2.3-2.8).
 
     ybar: parts of ∂L/∂y_new (None = 0); ks, caches: the recomputed (or stored) stages.
     pacc: dict of parameter-cotangent accumulators, updated in place (owned by the caller).
-    Returns (ybar_n, hbar, tbar, n_backward) with hbar = ∂L/∂h (eq. 2.7) and tbar = ∂L/∂t_n
-    (eq. 2.8), both through this step only.
+    s, ds: the step's mesh fraction s_n and Δs_n (eq. 2.9). times: a _TimeCotangents that
+    collects the scalars of eq. 2.7-2.8 with their eq. 2.10 weights (summed once at the end).
+    Returns (ybar_n, n_backward).
     """
     n = len(ks)
     b, c, cols = tab.b, tab.c, tab.a_cols
     Ybar = [None] * n
-    hdir = 0.0
-    tsum = 0.0
-    tc = 0.0
     nb = 0
     for j in reversed(range(n)):
         # eq. 2.4: g_j = b_j ȳ + Σ_{i>j} a_ij Ȳ_i,  k̄_j = h g_j
@@ -213,16 +211,49 @@ def _step_backward(dynamics, struct, tab, h, ybar, ks, caches, pacc):
         yb, pb, tb = dynamics.backward(caches[j], struct.pack(kbar))  # eq. 2.5
         nb += 1
         Ybar[j] = struct.unpack(yb, "dynamics.backward y_bar")
-        hdir = hdir + _vdot_parts(g, ks[j])                           # eq. 2.7, first sum
+        # eq. 2.7 first sum, ⟨g_j, k_j⟩, enters h̄_n: weights −Δs_n (t0) and Δs_n (t1), eq. 2.10
+        times.add(_vdot_parts(g, ks[j]), -ds, ds)
+        # τ̄_j enters t̄_n (eq. 2.8) and h̄_n with c_j (eq. 2.7): with eq. 2.10 the weights are
+        # 1 − s_n − c_j Δs_n (t0) and s_n + c_j Δs_n (t1)
         if tb is not None:
-            tsum = tsum + tb                                          # eq. 2.8
-            if c[j] != 0.0:
-                tc = tc + c[j] * tb                                   # eq. 2.7, second sum
+            times.add(tb, 1.0 - s - c[j] * ds, s + c[j] * ds)
         for name, v in pb.items():
             if v is not None:
                 pacc[name] += v                                       # eq. 2.6
     ybar_n = _combine(ybar, [(1.0, Y) for Y in Ybar if Y is not None])  # eq. 2.3
-    return ybar_n, hdir + tc, tsum, nb
+    return ybar_n, nb
+
+
+class _TimeCotangents:
+    """Collects scalars v with weights (w0, w1); total() = (Σ w0 v, Σ w1 v) (eq. 2.10).
+
+    Array scalars are summed by one stacked product at the end (no per-stage scalar
+    arithmetic on the device); host floats are summed on the host.
+    """
+
+    __slots__ = ("vals", "w0", "w1", "host0", "host1")
+
+    def __init__(self):
+        self.vals, self.w0, self.w1 = [], [], []
+        self.host0 = self.host1 = 0.0
+
+    def add(self, v, w0, w1):
+        if isinstance(v, (int, float)):
+            self.host0 += w0 * v
+            self.host1 += w1 * v
+        else:
+            self.vals.append(v)
+            self.w0.append(w0)
+            self.w1.append(w1)
+
+    def total(self):
+        t0, t1 = self.host0, self.host1
+        if self.vals:
+            xp = get_array_module(*self.vals)
+            v = xp.stack(self.vals)
+            t0 += float(v @ xp.asarray(self.w0, dtype=v.dtype))
+            t1 += float(v @ xp.asarray(self.w1, dtype=v.dtype))
+        return t0, t1
 
 
 def _zeros_like(a):
@@ -362,8 +393,7 @@ def _backward(tape, y1_bar):
     pacc = {k: xp.zeros_like(v) for k, v in params.items()}
     ts, grid = tape.ts, tape.grid
     N = len(ts) - 1
-    t0bar = 0.0
-    t1bar = 0.0
+    times = _TimeCotangents()
     nb = 0
     nre = 0
     nsol = tab.n_solution_stages
@@ -392,12 +422,11 @@ def _backward(tape, y1_bar):
             else:
                 ks, caches, nf = _stages(dyn, struct, tab, ts[n], h, seg[n], nsol)
                 nre += nf
-            ybar, hbar, tbar, nbs = _step_backward(dyn, struct, tab, h, ybar, ks, caches, pacc)
+            # eq. 2.9: t_n = t0 + s_n (t1 − t0), h_n = (s_{n+1} − s_n)(t1 − t0)
+            ybar, nbs = _step_backward(dyn, struct, tab, h, ybar, ks, caches, pacc,
+                                       grid[n], grid[n + 1] - grid[n], times)
             nb += nbs
-            # eq. 2.10: t_n = t0 + s_n (t1 − t0), h_n = (s_{n+1} − s_n)(t1 − t0)
-            s, ds = grid[n], grid[n + 1] - grid[n]
-            t0bar = t0bar + (1.0 - s) * tbar - ds * hbar
-            t1bar = t1bar + s * tbar + ds * hbar
+    t0bar, t1bar = times.total()                                   # eq. 2.10
     return _finish(struct, ybar, pacc, params, t0bar, t1bar, nb, nre, ref)
 
 
