@@ -40,7 +40,8 @@ from .backend import get_array_module
 
 __all__ = ["Layer", "StackedLayer", "Linear", "ConcatLinear", "ConcatSquashLinear",
            "Activation", "Tanh", "Softplus", "Sigmoid", "Swish", "LogCosh",
-           "ACTIVATIONS", "get_activation", "stack_tangents", "unstack_tangents"]
+           "ACTIVATIONS", "get_activation", "stack_tangents", "stack_cotangents",
+           "unstack_tangents"]
 
 
 class Layer:

@@ -184,3 +184,40 @@ def test_stacked_path_equals_layer_by_layer_public_interface():
     assert_rel_close(float(tb), float(tbar), rtol=1e-13, atol=1e-15)
     for k in pbar:
         assert_rel_close(grads[k], pbar[k], rtol=1e-13, atol=0)
+
+
+@pytest.mark.slow
+def test_toy_network_forward_backward_timing():
+    """Benchmark (run with --runslow -s): one forward+backward of the toy CNF network,
+    ConcatSquash 2-64-64-64-2, tanh, B = 100, K = 2 exact-trace tangents, float32. The toy
+    iteration makes 32 such calls (RK4, 8 steps) and must stay ≲ 25 ms, so one call must be well
+    under 0.75 ms of CPU time; the bound below is loose for a shared 2-core machine.
+    Reports CPU time (process_time, insensitive to other users' load) and wall time, min over
+    repeats. BLAS threads matter: run with OPENBLAS_NUM_THREADS=1 for these small products."""
+    import time
+    from npflow import trace as T
+    rng = np.random.default_rng(0)
+    net = ODENet(2, (64, 64, 64), 2, layer="concatsquash", activation="tanh")
+    p = net.init_params(rng, "float32", np)
+    x = rng.standard_normal((100, 2)).astype(np.float32)
+    eps = T.probes("exact", 2, x.shape, rng, "float32", np)
+    ybar = rng.standard_normal((100, 2)).astype(np.float32)
+    ydotbar = rng.standard_normal((2, 100, 2)).astype(np.float32)
+
+    def call():
+        _, _, cache = net.forward(p, x, eps, 0.3)
+        net.backward(ybar, ydotbar, cache)
+
+    for _ in range(200):
+        call()
+    cpu, wall = [], []
+    for _ in range(10):
+        c0, w0 = time.process_time(), time.perf_counter()
+        for _ in range(300):
+            call()
+        cpu.append((time.process_time() - c0) / 300)
+        wall.append((time.perf_counter() - w0) / 300)
+    print(f"\nODENet toy forward+backward per call: CPU min {min(cpu) * 1e3:.3f} ms "
+          f"(median {np.median(cpu) * 1e3:.3f}), wall min {min(wall) * 1e3:.3f} ms "
+          f"(median {np.median(wall) * 1e3:.3f})")
+    assert min(cpu) < 1.5e-3
