@@ -54,6 +54,7 @@ class ODENet(Layer):
         self.layers = [cls(dims[i], dims[i + 1]) for i in range(len(dims) - 1)]
         self._keys = [tuple((n, f"{i}.{n}") for n in lay.param_names())
                       for i, lay in enumerate(self.layers)]
+        self._flat = [dict(keys) for keys in self._keys]    # local name -> flat name
 
     @property
     def config(self) -> dict:
@@ -164,8 +165,9 @@ class ODENet(Layer):
             hbar, g, tb = self.layers[i].backward_stacked(hbar, caches[ci])
             ci -= 1
             tbar = tbar + tb
+            flat = self._flat[i]
             for name, v in g.items():
-                grads[f"{i}.{name}"] = v
+                grads[flat[name]] = v
             if i > 0:
                 hbar, _, _ = act.backward_stacked(hbar, caches[ci])
                 ci -= 1
