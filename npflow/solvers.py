@@ -459,7 +459,7 @@ def _nonfinite_message(states, ts):
 
 
 def odeint(dynamics, y0, t0, t1, method="rk4", steps=None, rtol=1e-5, atol=1e-5,
-           first_step=None, max_step=math.inf, min_step=0.0, max_num_steps=10_000,
+           first_step=None, max_step=None, min_step=0.0, max_num_steps=10_000,
            checkpoint=None, store="states", step_size=None, grid=None) -> Solution:
     """Solve dy/dt = F(t, y) from t0 to t1 (t1 < t0 allowed) with an explicit RK method.
 
@@ -475,7 +475,7 @@ def odeint(dynamics, y0, t0, t1, method="rk4", steps=None, rtol=1e-5, atol=1e-5,
                    ``solution.grid`` of an adaptive solve, to replay its mesh)
     Adaptive (dopri5 when no mesh is given; section 3):
         rtol, atol  error ratio eq. 3.1; first_step (default: eq. 3.3, one evaluation);
-        max_step (|h| cap); min_step (|h| floor: below it, or below 10 ulp(t) so that t + h
+        max_step (|h| cap, None = no cap); min_step (|h| floor: below it, or below 10 ulp(t) so that t + h
         would barely move, SolverError);
         max_num_steps (attempted steps, accepted or rejected, before SolverError).
     Memory for the backward (section 4):
@@ -527,8 +527,13 @@ def odeint(dynamics, y0, t0, t1, method="rk4", steps=None, rtol=1e-5, atol=1e-5,
         raise ValueError(f"rtol={rtol!r} must be > 0 and atol={atol!r} >= 0")
     if max_num_steps < 1:
         raise ValueError(f"max_num_steps={max_num_steps!r}: expected a positive integer")
+    max_step = math.inf if max_step is None else float(max_step)
+    if not max_step > 0:
+        raise ValueError(f"max_step={max_step!r}: expected a positive number or None")
+    if first_step is not None and not (math.isfinite(first_step) and first_step != 0):
+        raise ValueError(f"first_step={first_step!r}: expected a nonzero finite number or None")
     return _solve_adaptive(dynamics, struct, tab, y, t0, t1, rtol, atol, first_step,
-                           float(max_step), float(min_step), int(max_num_steps), store, ckpt)
+                           max_step, float(min_step), int(max_num_steps), store, ckpt)
 
 
 def _solve_fixed(dyn, struct, tab, y, t0, t1, grid, store, ckpt):

@@ -599,6 +599,15 @@ def test_bad_arguments_are_named():
         odeint(dyn, y0, 0.0, 1.0, method="rk4", steps=2).backward(np.ones((2, 2)))
 
 
+def test_max_step_caps_every_step():
+    dyn = Linear(np.zeros((2, 2)), np.zeros(2))          # y' = 0: the controller grows h by 10×
+    sol = odeint(dyn, np.ones((1, 2)), 0.0, 1.0, method="dopri5", max_step=0.1)
+    assert sol.n_steps >= 10 and max(np.diff(sol.ts)) <= 0.1 + 1e-15
+    h = np.diff(odeint(dyn, np.ones((1, 2)), 0.0, 1.0, method="dopri5").ts)
+    np.testing.assert_allclose(h[1:-1] / h[:-2], MAX_FACTOR)   # ρ = 0: grow by MAX_FACTOR
+    assert h[0] == pytest.approx(1e-6)                          # eq. 3.3 with d1 = d2 = 0
+
+
 def test_step_size_picks_the_number_of_steps():
     dyn = Linear(np.eye(2), np.zeros(2))
     sol = odeint(dyn, np.ones((1, 2)), 0.0, 1.0, method="rk4", step_size=0.25)
