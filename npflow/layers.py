@@ -20,7 +20,7 @@ Conventions:
   layer does not depend on t, else a 0-d array).
 - The array module comes from the inputs: ``xp = get_array_module(x)``.
 
-The stacked form (docs/layers.md, section 1.1). The layers of this module (subclasses of
+The stacked form (docs/layers.md, eq. 1.1a). The layers of this module (subclasses of
 ``StackedLayer``) do their work on one array h of shape (K+1, B, n) holding the primal in h[0]
 and the K tangents in h[1:]:
 
@@ -62,7 +62,7 @@ class Layer:
 
 
 # ---------------------------------------------------------------------------------------------
-# The stacked form: h = [x; xdot_1; ...; xdot_K]  (docs/layers.md section 1.1)
+# The stacked form: h = [x; xdot_1; ...; xdot_K]  (docs/layers.md, eq. 1.1a)
 # ---------------------------------------------------------------------------------------------
 
 def _shape_error(where, x, xdot):

@@ -5,7 +5,7 @@
 with L_i a ConcatSquashLinear (default), ConcatLinear or Linear (t ignored) and σ one activation
 between layers (none after the last). The forward carries K tangents and the backward is the
 exact reverse, second-order terms included (eq. 2.2-2.3), by chaining the layers' stacked rules
-(docs/layers.md section 1.1): the primal and the K tangents travel as one (K+1, B, n) array, so
+(docs/layers.md, eq. 1.1a): the primal and the K tangents travel as one (K+1, B, n) array, so
 each layer costs one matrix product forward and two backward.
 
 Parameters are one flat dict: layer i's entries are prefixed "i.", e.g. "0.weight", "0.bias",

@@ -154,7 +154,7 @@ def test_config_round_trips():
 
 def test_stacked_path_equals_layer_by_layer_public_interface():
     """ODENet chains the stacked rules; chaining the public per-layer forward/backward gives the
-    same numbers (the two interfaces of docs/layers.md section 1.1 agree)."""
+    same numbers (the two interfaces of docs/layers.md eq. 1.1a agree)."""
     rng = np.random.default_rng(4)
     net = ODENet(3, (5, 4), 3, activation="tanh")
     params = net.init_params(rng, "float64", np)
