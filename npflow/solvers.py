@@ -305,7 +305,8 @@ def initial_step(dynamics, struct, t0, y0, f0, direction, order, rtol, atol):
 
     d0 = ‖y0/sc‖, d1 = ‖f0/sc‖ with sc = atol + rtol|y0|; h0 = 0.01 d0/d1 (1e-6 if either is
     below 1e-5); f1 = F(t0 + h0, y0 + h0 f0); d2 = ‖(f1 − f0)/sc‖ / h0;
-    h1 = (0.01/max(d1, d2))^(1/(order+1)) (max(1e-6, 1e-3 h0) if both ≤ 1e-15);
+    h1 = (0.01/max(d1, d2))^(1/(order+1)) (max(1e-6, 1e-3 h0) if both ≤ 1e-15), with
+    order the embedded order q̂ (4 for dopri5, as torchdiffeq passes it);
     returns (min(100 h0, h1) ≥ 0, nfe = 1). Norms are RMS, max over parts (as eq. 3.1).
     """
     scales = []
@@ -585,7 +586,9 @@ def _solve_adaptive(dyn, struct, tab, y, t0, t1, rtol, atol, first_step, max_ste
     k1 = struct.unpack(f0, "dynamics.forward output")
     nfe = 1
     if first_step is None:
-        h_abs, nf = initial_step(dyn, struct, t0, y, k1, direction, tab.order, rtol, atol)
+        # torchdiffeq passes order − 1 (the embedded order, 4 for dopri5): exponent 1/5
+        h_abs, nf = initial_step(dyn, struct, t0, y, k1, direction, tab.error_order, rtol,
+                                 atol)
         nfe += nf
     else:
         h_abs = abs(float(first_step))

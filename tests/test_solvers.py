@@ -312,13 +312,13 @@ def test_controller_constants_and_limits():
 
 def test_initial_step_is_hairer_wanner_for_exponential_decay():
     """y' = −λ y, y0 = 1, rtol=atol=τ: d0 = 1/(2τ), d1 = λ d0, h0 = 0.01/λ,
-    d2 = λ² d0, h1 = (0.01/(λ² d0))^(1/6); first step min(100 h0, h1)."""
+    d2 = λ² d0, h1 = (0.01/(λ² d0))^(1/5) (embedded order 4); first step min(100 h0, h1)."""
     lam, tau = 3.0, 1e-6
     dyn = Linear(np.array([[-lam]]), np.zeros(1))
     sol = odeint(dyn, np.ones((1, 1)), 0.0, 1e-9, method="dopri5", rtol=tau, atol=tau)
     d0 = 1 / (2 * tau)
     h0 = 0.01 / lam
-    h1 = (0.01 / (lam * lam * d0)) ** (1 / 6)
+    h1 = (0.01 / (lam * lam * d0)) ** (1 / 5)
     expect = min(100 * h0, h1)
     sol = odeint(dyn, np.ones((1, 1)), 0.0, 1.0, method="dopri5", rtol=tau, atol=tau)
     sol_given = odeint(dyn, np.ones((1, 1)), 0.0, 1.0, method="dopri5", rtol=tau, atol=tau,
