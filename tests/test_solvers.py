@@ -497,8 +497,12 @@ def test_namedtuple_state_keeps_its_type_and_its_gradients_are_exact():
         np.testing.assert_allclose(g_none.y0.z, g_zero.y0.z, rtol=1e-14)
         np.testing.assert_array_equal(g_none.y0.e, np.zeros(3))
         assert g_none.t1 == pytest.approx(g_zero.t1, rel=1e-13)
-        # the analytic terminal gradient accepts the same structure
-        terminal_time_gradient(dyn, sol.y1, 0.8, State(wz, None))
+        # the analytic terminal gradient (eq. 5.1) accepts the same structure, None = 0
+        f_end, _ = dyn.forward(0.8, sol.y1)
+        assert terminal_time_gradient(dyn, sol.y1, 0.8, State(wz, None)) == pytest.approx(
+            np.vdot(wz, f_end.z), rel=1e-13)
+        assert terminal_time_gradient(dyn, sol.y1, 0.8, State(wz, we)) == pytest.approx(
+            np.vdot(wz, f_end.z) + np.vdot(we, f_end.e), rel=1e-13)
 
 
 def test_plain_tuple_state_stays_a_tuple():
