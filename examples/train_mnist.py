@@ -66,6 +66,9 @@ def build_parser():
     a("--rtol", type=float, default=1e-5)
     a("--trace", default="rademacher", choices=["rademacher", "gaussian"],
       help="Hutchinson probe distribution (one probe per sample, drawn once per solve)")
+    a("--store", default="states", choices=["states", "caches"],
+      help="backward memory: recompute each step's stages (states) or keep every stage's "
+           "layer caches (caches: faster, memory ∝ steps × activations; fixed grid only)")
     a("--alpha-logit", type=float, default=1e-6, help="logit margin α (RNODE: 1e-5)")
     a("--method", default="ffjord",
       help="ffjord | rnode | toflow | steer, or a '+' combination such as toflow+rnode")
@@ -169,7 +172,7 @@ def prepare(args):
                   train_T=toflow, solver=args.solver, steps=args.steps,
                   step_size=args.step_size, rtol=args.rtol, atol=args.atol, trace=args.trace,
                   kinetic=kinetic, jacobian=jacobian, zero_last=bool(args.zero_last or rnode),
-                  alpha=args.alpha_logit, dtype=args.dtype, device=args.device,
+                  alpha=args.alpha_logit, store=args.store, dtype=args.dtype, device=args.device,
                   seed=args.seed)
     return methods, config, steer_b
 

@@ -90,14 +90,17 @@ class MultiscaleCNF(FlowModel):
     trace        "rademacher" (FFJORD images) | "gaussian"/"hutchinson"; probes K
     kinetic, jacobian  RNODE's λ_K, λ_J; zero_last: each block starts as the identity
     alpha        logit margin (eq. 4.2; FFJORD 1e-6)
+    store        what the solves keep for the backward: "states" (recompute each step's stages,
+                 least memory) or "caches" (keep every stage's layer caches: no recompute,
+                 memory ∝ steps × stages × activations; fixed-grid solvers only)
     params: "b{b}.{i}.weight", ... for block b, and "T{b}" when train_T.
     """
 
     def __init__(self, image_shape=(1, 28, 28), hidden=(64, 64, 64), layer="concat",
                  scales=None, blocks=2, T=1.0, train_T=False, solver="rk4", steps=4,
                  step_size=None, rtol=1e-5, atol=1e-5, trace="rademacher", probes=1,
-                 kinetic=0.0, jacobian=0.0, zero_last=False, alpha=ALPHA, dtype="float32",
-                 device="cpu", seed=0):
+                 kinetic=0.0, jacobian=0.0, zero_last=False, alpha=ALPHA, store="states",
+                 dtype="float32", device="cpu", seed=0):
         image_shape = tuple(int(v) for v in image_shape)
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
@@ -109,6 +112,8 @@ class MultiscaleCNF(FlowModel):
         if kinetic < 0 or jacobian < 0:
             raise ValueError(f"regularizer weights must be >= 0, got kinetic={kinetic}, "
                              f"jacobian={jacobian}")
+        if store not in ("states", "caches"):
+            raise ValueError(f"store must be 'states' or 'caches', got {store!r}")
         plan = multiscale_plan(image_shape, scales, int(blocks))
         config = dict(image_shape=list(image_shape), hidden=[int(h) for h in hidden],
                       layer=layer, scales=None if scales is None else int(scales),
@@ -116,7 +121,8 @@ class MultiscaleCNF(FlowModel):
                       steps=int(steps), step_size=None if step_size is None else float(step_size),
                       rtol=float(rtol), atol=float(atol), trace=trace, probes=int(probes),
                       kinetic=float(kinetic), jacobian=float(jacobian),
-                      zero_last=bool(zero_last), alpha=float(alpha), dtype=str(dtype),
+                      zero_last=bool(zero_last), alpha=float(alpha), store=store,
+                      dtype=str(dtype),
                       device=device, seed=int(seed))
         super().__init__(config, device=device, dtype=dtype)
         self.image_shape = image_shape
@@ -240,7 +246,8 @@ class MultiscaleCNF(FlowModel):
         B = y0.shape[0]
         Ts = self.end_times(params, T)
         kw = self._solver_kwargs()
-        y, parts, tape = self._flow(y0, Ts, params, rng, regularized, kw)
+        store = cfg["store"] if cfg["solver"] in _FIXED_GRID else "states"
+        y, parts, tape = self._flow(y0, Ts, params, rng, regularized, kw, store=store)
         nll = self._nll(parts, y.logdet)
         scale = 1.0 / (self.D * math.log(2))
         bpd = (nll - logdet_pre) * scale + LOG2_256                             # eq. 4.4

@@ -114,6 +114,18 @@ def test_float64_and_float32_training_steps_agree():
         np.testing.assert_allclose(p32[k], p64[k], rtol=1e-5, atol=1e-6)
 
 
+def test_stored_caches_give_the_same_gradient_as_recomputed_stages():
+    x = _images(np.random.default_rng(6), 2, (1, 8, 8))
+    out = []
+    for store in ("states", "caches"):
+        m = MultiscaleCNF((1, 8, 8), hidden=(4,), blocks=1, steps=2, train_T=True,
+                          store=store, dtype="float64", seed=1)
+        out.append(m.loss_and_grad(x, np.random.default_rng(3)))
+    assert out[0][0] == out[1][0]
+    for k in out[0][1]:
+        np.testing.assert_allclose(out[1][1][k], out[0][1][k], rtol=1e-12, atol=1e-14)
+
+
 def test_bad_images_are_rejected():
     m = MultiscaleCNF((1, 4, 4), hidden=(2,), scales=2, blocks=1)
     with pytest.raises(ValueError, match="shape"):
