@@ -52,6 +52,10 @@ def build_parser():
       help="never download: fail with a message naming the missing files")
     a("--subset", type=int, default=None,
       help="train on the first N training images only (quick runs); also the default --test-n")
+    a("--labels", action="store_true",
+      help="labels as data: append the class label as an extra channel, intensity "
+           "255·(label + ½)/10, so the flow models (image, label) jointly; bits/dim is then "
+           "over C+1 channels, and sample grids show the label each sample carries")
     a("--dims", default="64,64,64", help="ConvNet widths, comma- or dash-separated (FFJORD)")
     a("--num-blocks", type=int, default=2, help="CNF blocks per stage (FFJORD: 2)")
     a("--scales", type=int, default=None,
@@ -127,17 +131,33 @@ def parse_dims(text):
     return dims
 
 
+def label_channel(images, labels):
+    """Append the label channel: intensity round(255·(label + ½)/10) everywhere (uint8)."""
+    level = np.rint(255.0 * (np.asarray(labels) + 0.5) / 10).astype(np.uint8)
+    chan = np.broadcast_to(level[:, None, None, None], (len(images), 1) + images.shape[2:])
+    return np.concatenate([images, chan], axis=1)
+
+
+def read_labels(samples):
+    """Labels carried by generated samples x̃ (n, C+1, H, W): the class whose level
+    (label + ½)/10 is nearest to the mean of the last channel."""
+    m = np.asarray(samples)[:, -1].reshape(len(samples), -1).mean(axis=1)
+    return np.clip(np.rint(m * 10 - 0.5), 0, 9).astype(int)
+
+
 def load_images(args):
-    """(train images, test images) as uint8 (N, C, H, W) on the host."""
+    """(train images, test images) as uint8 (N, C, H, W) on the host (C + 1 with labels)."""
     from npflow.data import load_cifar10, load_mnist
     if args.data == "cifar10":
         dl = not args.no_download
-        x_train, _ = load_cifar10(args.data_dir, "train", download=dl)
-        x_test, _ = load_cifar10(args.data_dir, "test", download=dl)
+        x_train, y_train = load_cifar10(args.data_dir, "train", download=dl)
+        x_test, y_test = load_cifar10(args.data_dir, "test", download=dl)
     else:
         dl = not args.no_download
-        x_train, _ = load_mnist(args.data_dir, "train", kind=args.data, download=dl)
-        x_test, _ = load_mnist(args.data_dir, "test", kind=args.data, download=dl)
+        x_train, y_train = load_mnist(args.data_dir, "train", kind=args.data, download=dl)
+        x_test, y_test = load_mnist(args.data_dir, "test", kind=args.data, download=dl)
+    if args.labels:
+        x_train, x_test = label_channel(x_train, y_train), label_channel(x_test, y_test)
     if args.subset is not None:
         x_train = x_train[:args.subset]
     test_n = args.test_n if args.test_n is not None else (
@@ -167,7 +187,8 @@ def prepare(args):
     steer_b = args.steer_b if args.steer_b is not None else 0.5 * args.T
     if steer and not 0 < steer_b < args.T:
         raise ValueError(f"--steer-b must be in (0, T) = (0, {args.T}), got {steer_b}")
-    config = dict(image_shape=DATASETS[args.data], hidden=parse_dims(args.dims),
+    C, H, W = DATASETS[args.data]
+    config = dict(image_shape=(C + int(args.labels), H, W), hidden=parse_dims(args.dims),
                   layer=args.layer_type, scales=args.scales, blocks=args.num_blocks, T=args.T,
                   train_T=toflow, solver=args.solver, steps=args.steps,
                   step_size=args.step_size, rtol=args.rtol, atol=args.atol, trace=args.trace,
@@ -230,8 +251,12 @@ def main(argv=None) -> int:
 
     def draw(path):
         from npflow.plotting import image_grid
-        s = model.sample(args.n_samples, np.random.default_rng([args.seed, 5]))
-        return image_grid(to_host(s), path, title=f"{args.data}, {args.method}")
+        s = to_host(model.sample(args.n_samples, np.random.default_rng([args.seed, 5])))
+        if args.labels:
+            return image_grid(s[:, :-1], path, labels=[f"label {v}" for v in read_labels(s)],
+                              title=f"{args.data}, {args.method}: samples with the label "
+                                    "the model gave them")
+        return image_grid(s, path, title=f"{args.data}, {args.method}")
 
     def on_log(rec):
         print(f"    bits/dim {rec['nll']:.4f} (last batch)")

@@ -101,3 +101,16 @@ def test_missing_data_names_the_folder(tmp_path, capsys):
                            "--save", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert rc == 2 and "nowhere" in err
+
+
+def test_labels_as_data_round_trip_and_run(tmp_path, data_dir):
+    mod = _load_script()
+    x = np.zeros((10, 1, 4, 4), np.uint8)
+    xl = mod.label_channel(x, np.arange(10))
+    assert xl.shape == (10, 2, 4, 4)
+    # dequantized levels (x + ½)/256 of the label channel read back as the label
+    np.testing.assert_array_equal(mod.read_labels((xl + 0.5) / 256), np.arange(10))
+    save = str(tmp_path / "lab")
+    assert mod.main(SMALL + ["--data-dir", data_dir, "--max-iters", "1", "--labels",
+                             "--save", save]) == 0
+    assert os.path.isfile(os.path.join(save, "samples.png"))
