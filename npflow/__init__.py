@@ -23,10 +23,13 @@ _EXPORTS = {
     "CheckpointError": "npflow.checkpoint",
     "Adam": "npflow.optim",
     "DeviceError": "npflow.backend",
+    "ODENet": "npflow.odenet",
+    "get_activation": "npflow.layers",
     "get_array_module": "npflow.backend",
 }
 _SUBMODULES = {"backend", "layers", "data", "trace", "tableau", "solvers", "cnf", "otflow",
-               "optim", "checkpoint", "conv", "plotting", "training", "multiscale"}
+               "optim", "checkpoint", "conv", "plotting", "training", "multiscale",
+               "odenet", "model", "images", "otflow_net"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -95,7 +95,9 @@ def array_module(device: str = "cpu"):
 
 
 def resolve_dtype(dtype) -> numpy.dtype:
-    """float32 (default) or float64, given as a name or a dtype."""
+    """float32 (the default, also for None) or float64, given as a name or a dtype."""
+    if dtype is None:
+        return numpy.dtype("float32")
     try:
         dt = numpy.dtype(dtype)
     except TypeError:  # numpy says TypeError for an unknown name; users get ValueError
