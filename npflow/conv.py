@@ -189,7 +189,7 @@ class Conv2d(Layer):
         Wm_bar = G @ cols.T if O >= cols.shape[0] else (cols @ G.T).T
         Wbar = xp.ascontiguousarray(Wm_bar.reshape(O, k, k, C + nt).transpose(0, 3, 1, 2))
         # eq. 1.5: input gradient = fold(Wᵀ G)
-        dcols = _weight_matrix(W).T @ G
+        dcols = xp.ascontiguousarray(_weight_matrix(W).T) @ G
         dP = _col2im(dcols, C + nt, R, H + 2 * p, Wd + 2 * p, k, s, Ho, Wo, xp)
         dX = dP[nt:, :, p:p + H, p:p + Wd].transpose(1, 0, 2, 3)
         xbar = xdotbar = None
