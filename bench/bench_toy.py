@@ -285,35 +285,50 @@ def count_numpy_ops(runner, i=0):
 
 
 # ------------------------------------------------------------------------------------ memory
-def _current_rss_kib():
-    """Resident set size now (KiB), from /proc (Linux); None elsewhere."""
+def _proc_status_kib(field):
+    """A memory field of /proc/self/status in KiB (Linux: VmRSS now, VmHWM peak); None elsewhere."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
     return None
 
 
+def _reset_peak_rss():
+    """Reset this process's peak-RSS mark (Linux >= 4.0, /proc/self/clear_refs "5")."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _memory_child(spec, batch, iters, seed, threads):
-    """Run in a fresh process: peak RSS (ru_maxrss) after ``iters`` iterations, its growth over
-    the RSS just before them (model built, data made), and the tracemalloc peak during them."""
+    """Run in a fresh process: peak resident set while running ``iters`` iterations, its growth
+    over the resident set just before them (model built, data made), and the tracemalloc peak.
+
+    The peak is /proc/self/status VmHWM after resetting the mark just before the iterations
+    (not ru_maxrss: on Linux a child's ru_maxrss starts from the parent's peak at fork)."""
     batches = make_batches(batch, iters + 1, seed)
     runner = make_runner(spec, batches, seed, threads)
     gc.collect()
-    rss0 = _current_rss_kib()
-    if rss0 is None:
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = _proc_status_kib("VmRSS")
+    reset = _reset_peak_rss()
     tracemalloc.start()
     for i in range(iters):
         runner.step(i)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return dict(maxrss_mib=rss1 / 1024, maxrss_growth_mib=(rss1 - rss0) / 1024,
-                tracemalloc_peak_mib=peak / 2**20)
+    hwm = _proc_status_kib("VmHWM")
+    if hwm is None or rss0 is None or not reset:
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss0 = rss0 if rss0 is not None else float("nan")
+    return dict(peak_rss_mib=hwm / 1024, rss_growth_mib=(hwm - rss0) / 1024,
+                tracemalloc_peak_mib=peak / 2**20, peak_source="VmHWM" if reset else "ru_maxrss")
 
 
 def measure_memory(spec, batch, seed, threads, iters=3):
@@ -445,7 +460,7 @@ def _run(args):
         print(f"\nbatch {batch}: ms per training iteration (median, IQR, min) over "
               f"{args.iters} iterations after {args.warmup} warm-up, blocks of {args.block}")
         print(f"{'runner':38s} {'median':>8s} {'q25':>8s} {'q75':>8s} {'min':>8s} "
-              f"{'npflow/torch':>12s} {'NFE f+b':>8s} {'ops/it':>7s} {'maxrss(+growth) MiB':>20s} "
+              f"{'npflow/torch':>12s} {'NFE f+b':>8s} {'ops/it':>7s} {'peak RSS(+growth) MiB':>21s} "
               f"{'tracemalloc MiB':>15s}")
         for name, e in entry.items():
             ratio = f"{e['ratio_to_torch']:12.3f}" if "ratio_to_torch" in e else f"{'':12s}"
@@ -453,8 +468,8 @@ def _run(args):
             mem = e.get("memory", {})
             print(f"{name:38s} {fmt_ms(e['median'])} {fmt_ms(e['q25'])} {fmt_ms(e['q75'])} "
                   f"{fmt_ms(e['min'])} {ratio} {e['nfe_forward']:>4}+{e['nfe_backward']:<3} "
-                  f"{ops!s:>7s} {mem.get('maxrss_mib', float('nan')):10.1f} "
-                  f"(+{mem.get('maxrss_growth_mib', float('nan')):6.1f}) "
+                  f"{ops!s:>7s} {mem.get('peak_rss_mib', float('nan')):11.1f} "
+                  f"(+{mem.get('rss_growth_mib', float('nan')):6.1f}) "
                   f"{mem.get('tracemalloc_peak_mib', float('nan')):15.2f}")
         del runners
     results["env"]["loadavg_end"] = os.getloadavg()
