@@ -76,7 +76,11 @@ def toy_figure(data, log_prob_fn, samples, path, title: str = "", limits=None,
     bins = [np.linspace(*limits[0], 120), np.linspace(*limits[1], 120)]
     axes[0].hist2d(data[:, 0], data[:, 1], bins=bins, cmap="viridis")
     axes[0].set_title(f"data ({len(data)} points)")
-    axes[1].pcolormesh(xs, ys, p, cmap="viridis", shading="auto")
+    # colour scale robust to a few extreme grid values (a spike would hide the rest)
+    finite_p = p[np.isfinite(p)]
+    vmax = float(np.percentile(finite_p, 99.5)) if finite_p.size else 1.0
+    axes[1].pcolormesh(xs, ys, np.nan_to_num(p), cmap="viridis", shading="auto", vmin=0.0,
+                       vmax=vmax if vmax > 0 else None)
     axes[1].set_title("learned density exp(log p)")
     finite = samples[np.isfinite(samples).all(axis=1)]
     axes[2].hist2d(finite[:, 0], finite[:, 1], bins=bins, cmap="viridis")

@@ -31,7 +31,7 @@ def _script():
 
 
 TINY = ["--dims", "8-8", "--batch-size", "16", "--log-every", "3", "--test-n", "100",
-        "--seed", "3"]
+        "--solver", "rk4", "--seed", "3"]
 
 
 def _run(argv, capsys=None):
@@ -58,6 +58,7 @@ def test_short_run_writes_checkpoint_figures_and_json_log(tmp_path, capsys):
                 "time_left_s"):
         assert key in recs[0]
     assert np.isfinite(recs[-1]["test_nll"]) and recs[-1]["test_n"] == 100
+    assert np.isfinite(recs[-1]["test_nll_train_solver"])     # rk4 run: also under rk4
     assert "test NLL" in out and "s/it" in out and "left" in out
     import npflow
     model = npflow.load(tmp_path / "run" / "checkpoint.h5")
