@@ -106,10 +106,13 @@ def _smooth(y, k):
     return np.concatenate([np.cumsum(y[: k - 1]) / np.arange(1, k), (c[k:] - c[:-k]) / k])
 
 
-def training_curves(history: dict, path, title: str = "", smooth: int | None = None):
+def training_curves(history: dict, path, title: str = "", smooth: int | None = None,
+                    floor: float | None = None):
     """Four panels against the iteration: loss (raw and running mean), NFE forward and
     backward, end time T, gradient norm (log scale). history: dict with arrays "iteration",
-    "loss", "nfe_forward", "nfe_backward", "T", "grad_norm" (as TrainResult.history)."""
+    "loss", "nfe_forward", "nfe_backward", "T", "grad_norm" (as TrainResult.history), each
+    (n,); smooth: running-mean window (default n/50); floor: a known lower bound of the
+    expected NLL (the data entropy), drawn as a dashed line."""
     plt = _plt()
     h = {k: np.asarray(v, dtype=np.float64) for k, v in history.items()}
     it = h.get("iteration")
@@ -122,9 +125,13 @@ def training_curves(history: dict, path, title: str = "", smooth: int | None = N
     ax.plot(it, _smooth(h["loss"], k), color="C0", lw=1.4, label=f"running mean ({k})")
     if "nll" in h and not np.allclose(h["nll"], h["loss"], equal_nan=True):
         ax.plot(it, _smooth(h["nll"], k), color="C3", lw=1.0, label="NLL")
+    if floor is not None:
+        ax.axhline(floor, color="k", ls="--", lw=0.8, label=f"entropy of the data {floor:.3f}")
     ax.set_ylabel("loss (nats)")
     ax.legend(fontsize=8)
     lo, hi = np.nanpercentile(h["loss"], [1, 99])
+    if floor is not None:
+        lo = min(lo, floor)
     if np.isfinite(lo) and np.isfinite(hi) and hi > lo:
         ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
     ax = axes[0, 1]
