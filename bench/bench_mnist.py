@@ -69,7 +69,7 @@ def run_torch(args, x_train, x_test):
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (it + 1) % args.log_every == 0:
             print(f"torch  iter {it + 1}: bits/dim {losses[-1]:.4f}, {times[-1]:.2f} s/it",
                   flush=True)
