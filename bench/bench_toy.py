@@ -99,6 +99,23 @@ def set_blas_threads(n):
     return int(get())
 
 
+def tune_malloc():
+    """Keep freed memory in glibc's heap instead of returning it to the kernel: blocks up to
+    32 MiB come from the heap (M_MMAP_THRESHOLD) and the heap is never trimmed (M_TRIM_THRESHOLD),
+    so the arrays of the next iteration reuse pages already mapped instead of page-faulting fresh,
+    zeroed ones. Applies to the whole process (both frameworks). Returns True on success."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+                    and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 # ------------------------------------------------------------------------------------ data
 def sample_8gaussians(n, rng):
     """8gaussians: npflow.data.toy when available, else the same recipe (shared/REFERENCE.md)."""
@@ -191,8 +208,9 @@ def summarize(times):
 def time_interleaved(runners, iters, warmup, block):
     """Warm up each runner, then alternate blocks of ``block`` timed iterations.
 
-    Returns {name: dict(times=[s...], losses=[...], nfe=(fwd, bwd))}."""
-    out = {r.name: dict(times=[], losses=[], nfe=None) for r in runners}
+    Returns {name: dict(times=[s...], losses=[...], nfe=(fwd, bwd), faults=minor page faults
+    summed over the timed iterations)}."""
+    out = {r.name: dict(times=[], losses=[], nfe=None, faults=0) for r in runners}
     counters = {r.name: 0 for r in runners}
     for r in runners:
         for _ in range(warmup):
@@ -206,9 +224,11 @@ def time_interleaved(runners, iters, warmup, block):
             rec = out[r.name]
             gc.collect()
             for _ in range(min(block, iters - len(rec["times"]))):
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t0 = time.perf_counter()
                 loss, nf, nb = r.step(counters[r.name])
                 rec["times"].append(time.perf_counter() - t0)
+                rec["faults"] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
                 rec["losses"].append(loss)
                 rec["nfe"] = (nf, nb)
                 counters[r.name] += 1
@@ -331,10 +351,11 @@ def _memory_child(spec, batch, iters, seed, threads):
                 tracemalloc_peak_mib=peak / 2**20, peak_source="VmHWM" if reset else "ru_maxrss")
 
 
-def measure_memory(spec, batch, seed, threads, iters=3):
+def measure_memory(spec, batch, seed, threads, iters=3, mallopt=False):
     """Peak memory of ``spec`` at ``batch`` in a fresh subprocess (see _memory_child)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads),
-           "--_memory-child", spec, str(batch), str(iters), str(seed)]
+           "--_memory-child", spec, str(batch), str(iters), str(seed)] + (
+               ["--mallopt"] if mallopt else [])
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         return dict(error=res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed")
@@ -383,10 +404,15 @@ def main(argv=None):
                     help="measure peak memory in a fresh subprocess per runner and batch")
     ap.add_argument("--count-ops", action=argparse.BooleanOptionalAction, default=True,
                     help="count framework operations in one iteration")
+    ap.add_argument("--mallopt", action="store_true",
+                    help="tune glibc malloc (no mmap below 32 MiB, no trimming) for the whole "
+                         "process, so iterations reuse mapped pages (see tune_malloc)")
     ap.add_argument("--json", metavar="PATH", help="write all results as JSON")
     ap.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    if args.mallopt and not tune_malloc():
+        print("# --mallopt: mallopt failed (not glibc?); going on without it", file=sys.stderr)
     if args._memory_child:
         spec, batch, iters, seed = args._memory_child
         print(json.dumps(_memory_child(spec, int(batch), int(iters), int(seed), args.threads)))
@@ -411,7 +437,8 @@ def _run(args):
                threads={v: os.environ.get(v) for v in ("OMP_NUM_THREADS",
                                                         "OPENBLAS_NUM_THREADS",
                                                         "MKL_NUM_THREADS")},
-               blas_threads=blas_threads, loadavg_start=os.getloadavg(),
+               blas_threads=blas_threads, mallopt=bool(args.mallopt),
+               loadavg_start=os.getloadavg(),
                command=" ".join([sys.argv[0]] + sys.argv[1:]))
     if any(s.startswith("torch") for s in specs):
         import torch
@@ -434,6 +461,7 @@ def _run(args):
             rec = res[r.name]
             e = dict(spec=f"{r.framework}:{r.solver}", **summarize(rec["times"]),
                      nfe_forward=rec["nfe"][0], nfe_backward=rec["nfe"][1],
+                     page_faults_per_iter=rec["faults"] / max(1, len(rec["times"])),
                      loss_first=rec["losses"][0], loss_last=rec["losses"][-1])
             if args.count_ops:
                 try:
@@ -449,7 +477,8 @@ def _run(args):
                 except Exception as exc:  # noqa: BLE001 - counting is optional
                     e["ops_per_iter"] = dict(error=f"{type(exc).__name__}: {exc}")
             if args.memory:
-                e["memory"] = measure_memory(e["spec"], batch, args.seed, args.threads)
+                e["memory"] = measure_memory(e["spec"], batch, args.seed, args.threads,
+                                             mallopt=args.mallopt)
             entry[r.name] = e
         torch_med = [e["median"] for e in entry.values() if e["spec"].startswith("torch:rk38")]
         for e in entry.values():
@@ -460,7 +489,8 @@ def _run(args):
         print(f"\nbatch {batch}: ms per training iteration (median, IQR, min) over "
               f"{args.iters} iterations after {args.warmup} warm-up, blocks of {args.block}")
         print(f"{'runner':38s} {'median':>8s} {'q25':>8s} {'q75':>8s} {'min':>8s} "
-              f"{'npflow/torch':>12s} {'NFE f+b':>8s} {'ops/it':>7s} {'peak RSS(+growth) MiB':>21s} "
+              f"{'npflow/torch':>12s} {'NFE f+b':>8s} {'ops/it':>7s} {'faults/it':>9s} "
+              f"{'peak RSS(+growth) MiB':>21s} "
               f"{'tracemalloc MiB':>15s}")
         for name, e in entry.items():
             ratio = f"{e['ratio_to_torch']:12.3f}" if "ratio_to_torch" in e else f"{'':12s}"
@@ -468,7 +498,8 @@ def _run(args):
             mem = e.get("memory", {})
             print(f"{name:38s} {fmt_ms(e['median'])} {fmt_ms(e['q25'])} {fmt_ms(e['q75'])} "
                   f"{fmt_ms(e['min'])} {ratio} {e['nfe_forward']:>4}+{e['nfe_backward']:<3} "
-                  f"{ops!s:>7s} {mem.get('peak_rss_mib', float('nan')):11.1f} "
+                  f"{ops!s:>7s} {e['page_faults_per_iter']:9.0f} "
+                  f"{mem.get('peak_rss_mib', float('nan')):11.1f} "
                   f"(+{mem.get('rss_growth_mib', float('nan')):6.1f}) "
                   f"{mem.get('tracemalloc_peak_mib', float('nan')):15.2f}")
         del runners
