@@ -103,7 +103,9 @@ class TorchMultiscaleCNF(nn.Module):
         self.T, self.steps, self.alpha = T, steps, alpha
         self.D = int(math.prod(image_shape))
 
-    def bits_per_dim(self, y, logdet_pre, generator):
+    def bits_per_dim(self, y, logdet_pre, generator, probes=None):
+        """Bits/dim per image (B,); probes: optional list of one ε per block (else drawn
+        from generator, Rademacher)."""
         B = y.shape[0]
         z, ell = y, torch.zeros(B, dtype=y.dtype)
         parts, b = [], 0
@@ -111,7 +113,11 @@ class TorchMultiscaleCNF(nn.Module):
         for op, s in self.plan:
             if op == "block":
                 fn = self.funcs[b]
-                fn.eps = (torch.randint(0, 2, z.shape, generator=generator) * 2 - 1).to(z.dtype)
+                if probes is not None:
+                    fn.eps = probes[b].to(z.dtype)
+                else:
+                    fn.eps = (torch.randint(0, 2, z.shape, generator=generator) * 2 - 1).to(
+                        z.dtype)
                 zs, ls = odeint(fn, (z, ell), ts, method="rk4",
                                 options=dict(step_size=self.T / self.steps))
                 z, ell = zs[-1], ls[-1]

@@ -134,3 +134,37 @@ def test_bad_images_are_rejected():
         m.loss_and_grad(np.full((2, 1, 4, 4), 300), np.random.default_rng(0))
     with pytest.raises(ValueError, match="trace"):
         MultiscaleCNF((1, 4, 4), trace="exact")
+
+
+def test_loss_and_gradient_equal_pytorch_torchdiffeq_reference():
+    """Cross-check with the incumbent (bench/torch_mnist.py, autograd through torchdiffeq's
+    3/8-rule RK4): same weights, dequantization noise and probes give the same bits/dim and
+    the same weight gradients to rounding."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchdiffeq")
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    from torch_mnist import TorchMultiscaleCNF
+    shape, hidden = (1, 8, 8), (6, 5)
+    m = MultiscaleCNF(shape, hidden=hidden, scales=2, blocks=2, solver="rk38", steps=2,
+                      dtype="float64", seed=3)
+    tm = TorchMultiscaleCNF(shape, hidden=hidden, scales=2, blocks=2, steps=2).double()
+    for b in range(len(m.nets)):
+        for i, layer in enumerate(tm.funcs[b].net.layers):
+            layer.conv.weight.data = torch.tensor(m.params[f"b{b}.{i}.weight"])
+            layer.conv.bias.data = torch.tensor(m.params[f"b{b}.{i}.bias"])
+    x = _images(np.random.default_rng(0), 3, shape)
+    loss, grads, _ = m.loss_and_grad(x, np.random.default_rng(5))
+    rng = np.random.default_rng(5)       # replay: dequantization, then one probe per block
+    y, ld = logit_transform(dequantize(x, rng, dtype="float64"))
+    probes = [torch.tensor(2.0 * rng.integers(0, 2, size=(1, 3) + s)[0] - 1.0)
+              for op, s in m.plan if op == "block"]
+    tl = tm.bits_per_dim(torch.tensor(y), torch.tensor(ld), None, probes=probes).mean()
+    tl.backward()
+    assert loss == pytest.approx(float(tl.detach()), rel=1e-12)
+    for b in range(len(m.nets)):
+        for i, layer in enumerate(tm.funcs[b].net.layers):
+            for name, p in (("weight", layer.conv.weight), ("bias", layer.conv.bias)):
+                np.testing.assert_allclose(grads[f"b{b}.{i}.{name}"], p.grad.numpy(),
+                                           rtol=1e-9, atol=1e-12)
