@@ -32,6 +32,7 @@ from .backend import get_array_module, to_host
 from .checkpoint import CheckpointError, load_training_state, read_header, read_params
 from .model import params_mismatch
 from .optim import Adam, clip_grad_norm
+from .solvers import SolverError
 
 __all__ = ["train", "TrainResult", "TrainHook", "SteerHook", "TimeOptimizer", "append_json",
            "format_seconds", "HISTORY_KEYS"]
@@ -350,6 +351,8 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
                     failure = f"the gradient norm is {gnorm} (loss {loss:.6g})"
         except FloatingPointError as exc:
             failure = f"a non-finite value appeared ({exc})"
+        except SolverError as exc:
+            failure = f"the ODE solver failed ({exc})"
         if failure is None:
             before = model.params
             model.params = optimizer.step(model.params, grads)
@@ -357,9 +360,9 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
                 logged = {}
                 for h in hooks:
                     logged.update(h.after_step(model, x, rng, it, stats) or {})
-            except FloatingPointError as exc:
+            except (FloatingPointError, SolverError) as exc:
                 model.params = before
-                failure = f"a training hook met a non-finite value ({exc})"
+                failure = f"a training hook met a non-finite value or a solver failure ({exc})"
         if failure is not None:
             where = (f"the last good checkpoint {last_good} (iteration {last_good_it}) is kept"
                      if last_good else "no checkpoint had been written yet")

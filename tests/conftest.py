@@ -2,10 +2,16 @@
 for the CuPy coverage check (tests/test_zz_cupy_coverage.py)."""
 import os
 
-import pytest
-from hypothesis import HealthCheck, settings
+# Small matrix products are many times slower with a multi-threaded BLAS on a busy 2-core
+# machine; the tests run single-threaded unless the environment says otherwise. (Effective
+# only if numpy is not imported yet, which is the case when pytest loads this file first.)
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from npflow import backend
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from npflow import backend  # noqa: E402
 
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True,

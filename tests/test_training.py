@@ -14,6 +14,7 @@ from npflow.checkpoint import load_training_state
 from npflow.model import FlowModel
 from npflow.optim import Adam
 from npflow.training import SteerHook, TimeOptimizer, TrainHook, format_seconds, train
+from npflow.solvers import SolverError
 
 
 class FakeFlow(FlowModel):
@@ -283,3 +284,22 @@ def test_figures_are_written_as_png(tmp_path):
         toy_figure(np.zeros((5, 3)), log_prob, data, tmp_path / "x.png")
     with pytest.raises(ValueError, match="labels"):
         image_grid(np.zeros((3, 4, 4)), tmp_path / "y.png", labels=["a"])
+
+
+class SolverFailureFlow(FakeFlow):
+    def loss_and_grad(self, x, rng, T=None):
+        out = super().loss_and_grad(x, rng, T)
+        if self.calls == 7:
+            raise SolverError("step size underflow at t=0.25, h=1e-17, error ratio 3.2")
+        return out
+
+
+def test_solver_failure_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = SolverFailureFlow()
+    opt = Adam({k: v for k, v in model.params.items()}, lr=0.05)
+    res = train(model, opt, batches, 20, np.random.default_rng(0), log_every=5,
+                save_dir=tmp_path, print_fn=lambda s: None)
+    assert res.status == "nonfinite" and res.iteration == 6
+    assert "the ODE solver failed" in res.message and "underflow" in res.message
+    assert "iteration 5) is kept" in res.message
+    assert load_training_state(tmp_path / "checkpoint.h5")["iteration"] == 5
