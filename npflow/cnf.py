@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np  # host-side only: the seed generator and validation messages
 
-from .backend import check_finite, get_array_module, to_device, to_host
+from .backend import get_array_module, to_host
 from .model import FlowModel
 from .odenet import ODENet
 from .solvers import odeint, terminal_time_gradient
@@ -189,14 +189,8 @@ class CNF(FlowModel):
         return {k[len(pre):]: v for k, v in params.items() if k.startswith(pre)}
 
     def _prepare(self, x):
-        """Validate data and move it to the model's device and dtype (one host check)."""
-        shape = getattr(x, "shape", None)
-        if shape is None or len(shape) != 2 or shape[1] != self.dim:
-            raise ValueError(f"data must have shape (B, {self.dim}), got {shape}")
-        if shape[0] < 1:
-            raise ValueError("data batch is empty")
-        x = to_device(x, self.xp, self.dtype)
-        return check_finite(x, "data x")
+        """Validate data (B, D) and move it to the model's device and dtype (one host check)."""
+        return self.prepare_data(x, (self.dim,))
 
     def _probes(self, kind, rng, B):
         """Probes (K, B, D) and their trace weight (eq. 3.3-3.4)."""

@@ -13,7 +13,7 @@ replacing ``params`` is all an optimiser step or a checkpoint load needs to do.
 """
 from __future__ import annotations
 
-from .backend import array_module, get_array_module, resolve_dtype
+from .backend import array_module, check_finite, get_array_module, resolve_dtype, to_device
 
 __all__ = ["FlowModel", "register_model", "model_class", "registered_models"]
 
@@ -92,6 +92,18 @@ class FlowModel:
         xp = self.xp
         self.params = {k: (a if get_array_module(a) is xp else xp.asarray(a))
                        for k, a in params.items()}
+
+    def prepare_data(self, x, event_shape):
+        """Check a batch x of shape (B, *event_shape) and move it to this model's device and
+        dtype; ValueError naming the shapes, or the count of NaN/Inf (one host check)."""
+        shape = getattr(x, "shape", None)
+        expected = tuple(int(s) for s in event_shape)
+        if shape is None or tuple(shape[1:]) != expected or len(shape) != len(expected) + 1:
+            dims = ", ".join(str(s) for s in expected)
+            raise ValueError(f"data must have shape (B, {dims}), got {shape}")
+        if shape[0] < 1:
+            raise ValueError("data batch is empty")
+        return check_finite(to_device(x, self.xp, self.dtype), "data x")
 
     def num_params(self) -> int:
         """Number of scalar parameters."""

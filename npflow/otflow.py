@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np  # host side only: the seed generator and the sampling noise
 
-from .backend import check_finite, get_array_module, to_device, to_host
+from .backend import get_array_module, to_host
 from .model import FlowModel
 from .otflow_net import init_potential, param_names, potential_backward, potential_forward
 from .solvers import SolverError, odeint, terminal_time_gradient
@@ -161,13 +161,8 @@ class OTFlow(FlowModel):
         return {k: params[k] for k in param_names(self.config["depth"])}
 
     def _prepare(self, x):
-        shape = getattr(x, "shape", None)
-        if shape is None or len(shape) != 2 or shape[1] != self.dim:
-            raise ValueError(f"data must have shape (B, {self.dim}), got {shape}")
-        if shape[0] < 1:
-            raise ValueError("data batch is empty")
-        x = to_device(x, self.xp, self.dtype)
-        return check_finite(x, "data x")
+        """Validate data (B, d) and move it to the model's device and dtype (one host check)."""
+        return self.prepare_data(x, (self.dim,))
 
     def _dynamics(self, params, augmented=True):
         return OTFlowDynamics(self.potential_params(params), self.dim, self.config["alpha"][0],
