@@ -322,3 +322,11 @@ def test_hepmass_csv_cache_is_used_and_refreshed(tmp_path):
     fresh = load_tabular("hepmass", str(tmp_path), download=False)
     n_pos = int((tr[:300, 0] == 1).sum())
     assert fresh["train"].shape[0] + fresh["val"].shape[0] == n_pos
+
+
+def test_nan_in_raw_data_is_reported_before_standardisation():
+    from npflow.data.tabular import _standardise
+    ref = np.arange(20.0).reshape(10, 2)
+    ref[3, 1] = np.nan
+    with pytest.raises(DataError, match=r"1 NaN/Inf value\(s\) in 1 row\(s\) \(first: row 3\)"):
+        _standardise(ref, (ref,), ddof=0)

@@ -62,6 +62,13 @@ def _split_tail(data, fraction, what):
 
 def _standardise(ref, arrays, ddof):
     """Eq. 2.2: (x − mean(ref)) / std(ref) column-wise, for each array."""
+    bad = ~np.isfinite(ref)
+    if bad.any():  # before the statistics, which would spread one NaN to every row
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise DataError(f"the raw data holds {int(bad.sum())} NaN/Inf value(s) in "
+                        f"{rows.size} row(s) (first: row {int(rows[0])}) before "
+                        "standardisation: the file is damaged or not the expected one; "
+                        "delete it and fetch it again")
     mu = ref.mean(axis=0)
     s = ref.std(axis=0, ddof=ddof)
     if np.any(s == 0):
