@@ -19,6 +19,7 @@ _EXPORTS = {
     "DataError": "npflow.data.download",
     "CNF": "npflow.cnf",
     "OTFlow": "npflow.otflow",
+    "MultiscaleCNF": "npflow.multiscale",
     "load": "npflow.checkpoint",
     "CheckpointError": "npflow.checkpoint",
     "Adam": "npflow.optim",

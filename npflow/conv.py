@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 
 from .backend import get_array_module
-from .layers import Layer
+from .layers import Layer, Softplus
 
 __all__ = ["Conv2d", "ConcatConv2d", "ConcatSquashConv2d", "Softplus", "ConvNet",
            "conv_output_size"]
@@ -287,33 +287,6 @@ class ConcatSquashConv2d(Conv2d):
         grads["hyper_bias"] = ysum * t
         tbar = (abar * Wg).sum() + (ysum * Wb).sum()
         return xbar, xdotbar, grads, tbar
-
-
-class Softplus(Layer):
-    """Elementwise σ(x) = log(1 + eˣ), σ' = sigmoid(x), σ'' = σ'(1 − σ') (eq. 1.11).
-
-    Forward ydot_k = σ'(x) ⊙ xdot_k; backward xbar = σ' ⊙ ybar + σ'' ⊙ Σ_k xdot_k ⊙ ydotbar_k,
-    xdotbar_k = σ' ⊙ ydotbar_k (docs/layers.md eq. 1.6-1.7). Kept here so the image network
-    does not depend on which activations npflow/layers.py offers.
-    """
-
-    def forward(self, params, x, xdot, t):
-        xp = get_array_module(x)
-        y = xp.logaddexp(0, x)
-        d1 = _sigmoid(x, xp)
-        ydot = None if xdot is None else d1 * xdot
-        return y, ydot, (d1, xdot)
-
-    def backward(self, ybar, ydotbar, cache):
-        d1, xdot = cache
-        xbar = None if ybar is None else d1 * ybar
-        xdotbar = None
-        if ydotbar is not None:
-            xdotbar = d1 * ydotbar
-            if xdot is not None:
-                second = (d1 * (1 - d1)) * (xdot * ydotbar).sum(axis=0)
-                xbar = second if xbar is None else xbar + second
-        return xbar, xdotbar, {}, 0.0
 
 
 _LAYER_TYPES = {"concat": ConcatConv2d, "concatsquash": ConcatSquashConv2d, "ignore": Conv2d}

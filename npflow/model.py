@@ -36,7 +36,8 @@ def model_class(name: str):
     "CNF" and "OTFlow" are imported on demand, so a checkpoint loads without the caller having
     imported their modules."""
     if name not in _REGISTRY:
-        lazy = {"CNF": "npflow.cnf", "OTFlow": "npflow.otflow"}
+        lazy = {"CNF": "npflow.cnf", "OTFlow": "npflow.otflow",
+                "MultiscaleCNF": "npflow.multiscale"}
         if name in lazy:
             from importlib import import_module
             import_module(lazy[name])
