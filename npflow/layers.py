@@ -336,6 +336,32 @@ class ConcatSquashLinear(_Affine):
         tbar = params["gate.weight"] @ abar + params["hyper_bias.weight"] @ s
         return (hb @ Wg).reshape(h.shape), grads, tbar
 
+    # -- the gated form, for networks that compute the gates of all layers at once ----------
+
+    def forward_gated(self, W, h, g, shift):
+        """eq. 1.12-1.13 with the gate g = sigmoid(t w_g + b_g) (n_out,) and the shift
+        c = b ⊙ g + t w_b (n_out,) given (npflow.odenet.ODENet computes them for all its
+        layers with one set of array operations, eq. 2.4): out = h (diag(g) W)ᵀ, out[0] += c.
+        W (n_out, n_in), h (K+1, B, n_in) -> (out (K+1, B, n_out), cache)."""
+        Wg = W * g[:, None]
+        out = (_rows(h) @ Wg.T).reshape(h.shape[:-1] + (self.n_out,))
+        out[0] += shift
+        return out, (W, Wg, g, h)
+
+    def backward_gated(self, hbar, cache, s_out, gbar_out):
+        """The per-layer part of eq. 1.14 for ``forward_gated``, with G = hbarᵀ h: writes
+        s = Σ_b ybar into ``s_out`` and rowsum(W ⊙ G) into ``gbar_out`` (both (n_out,), views
+        of the network's buffers, where the gate terms b ⊙ s, ā, b̄, w̄_g, b̄_g, w̄_b and tbar
+        of eq. 1.14 follow for all layers at once, eq. 2.5).
+        hbar (K+1, B, n_out) -> (hbar_in = hbar W_g (K+1, B, n_in), W̄ = diag(g) G)."""
+        W, Wg, g, h = cache
+        hb = _rows(hbar)
+        G = hb.T @ _rows(h)
+        hbar[0].sum(axis=0, out=s_out)
+        (W * G).sum(axis=1, out=gbar_out)
+        G *= g[:, None]
+        return (hb @ Wg).reshape(h.shape), G
+
 
 # ---------------------------------------------------------------------------------------------
 # Elementwise activations (eq. 1.6-1.8, 1.15-1.18)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 
 from .backend import check_finite, get_array_module, resolve_dtype
-from .layers import (ConcatLinear, ConcatSquashLinear, Layer, Linear, get_activation,
-                     stack_cotangents, stack_tangents, unstack_tangents)
+from .layers import (ConcatLinear, ConcatSquashLinear, Layer, Linear, _as_time, _sigmoid,
+                     get_activation, stack_cotangents, stack_tangents, unstack_tangents)
 
 __all__ = ["ODENet", "LAYER_TYPES"]
 
@@ -55,6 +55,17 @@ class ODENet(Layer):
         self._keys = [tuple((n, f"{i}.{n}") for n in lay.param_names())
                       for i, lay in enumerate(self.layers)]
         self._flat = [dict(keys) for keys in self._keys]    # local name -> flat name
+        # ConcatSquash layers: the gates and shifts of all layers in one pass (eq. 2.4-2.5)
+        self._gated = layer == "concatsquash" and all(lay.bias for lay in self.layers)
+        if self._gated:
+            n = len(self.layers)
+            self._gate_keys = tuple(tuple(f"{i}.{name}" for i in range(n)) for name in (
+                "gate.weight", "gate.bias", "hyper_bias.weight", "bias"))
+            self._weight_keys = tuple(f"{i}.weight" for i in range(n))
+            offs = [0]
+            for lay in self.layers:
+                offs.append(offs[-1] + lay.n_out)
+            self._slices = tuple(slice(offs[i], offs[i + 1]) for i in range(n))
 
     @property
     def config(self) -> dict:
@@ -134,6 +145,8 @@ class ODENet(Layer):
             t = get_array_module(x).asarray(t, dtype=x.dtype)
         h = stack_tangents(x, xdot, "ODENet")
         K = h.shape[0] - 1
+        if self._gated:
+            return self._forward_gated(params, h, K, x, t)
         caches = []
         act = self.activation
         last = len(self.layers) - 1
@@ -144,19 +157,55 @@ class ODENet(Layer):
                 h, c = act.forward_stacked(None, h, t)
                 caches.append(c)
         y, ydot = unstack_tangents(h, K)
-        return y, ydot, (tuple(caches), K, x)
+        return y, ydot, (tuple(caches), K, x, None)
+
+    def _gate_params(self, params):
+        try:
+            return ([params[k] for k in self._weight_keys],
+                    [[params[k] for k in keys] for keys in self._gate_keys])
+        except KeyError as exc:
+            raise ValueError(f"ODENet: params has no entry {exc.args[0]!r}; expected the keys "
+                             f"{self.param_names()}") from None
+
+    def _forward_gated(self, params, h, K, x, t):
+        """eq. 2.1-2.2 for ConcatSquash layers with the gates of all L layers at once (eq. 2.4):
+        with w_g, b_g, w_b, b the layers' vectors concatenated (Σ n_out,),
+        g = sigmoid(t w_g + b_g), c = t w_b + b ⊙ g; layer i uses the slices g_i, c_i."""
+        Ws, (gw, gb, hw, bb) = self._gate_params(params)
+        xp = get_array_module(h)
+        GW, GB, HW, BB = (xp.concatenate(v) for v in (gw, gb, hw, bb))
+        t = _as_time(t, GW.dtype, xp)
+        a = GW * t
+        a += GB
+        g = _sigmoid(a, xp)
+        c = HW * t
+        c += BB * g
+        caches = []
+        act = self.activation
+        last = len(self.layers) - 1
+        for i, lay in enumerate(self.layers):
+            sl = self._slices[i]
+            h, cc = lay.forward_gated(Ws[i], h, g[sl], c[sl])
+            caches.append(cc)
+            if i < last:
+                h, cc = act.forward_stacked(None, h, t)
+                caches.append(cc)
+        y, ydot = unstack_tangents(h, K)
+        return y, ydot, (tuple(caches), K, x, (g, t, GW, HW, BB))
 
     def backward(self, ybar, ydotbar, cache):
         """eq. 2.3: reverse of forward. ybar (B, n_out) or None, ydotbar (K, B, n_out) or None
         -> (xbar (B, n_in), xdotbar (K, B, n_in) or None, params_bar {"i.name": array},
         tbar 0-d array)."""
-        caches, K, x = cache
+        caches, K, x, gated = cache
         xp, dtype = get_array_module(x), x.dtype
         y_shape = (x.shape[0], self.n_out)
         if ybar is not None and tuple(ybar.shape) != y_shape:
             raise ValueError(f"ODENet: cotangent ybar must have shape {y_shape}, "
                              f"got {tuple(ybar.shape)}")
         hbar = stack_cotangents(ybar, ydotbar, y_shape, K, dtype, xp)
+        if gated is not None:
+            return self._backward_gated(hbar, caches, K, gated, xp)
         grads = {}
         tbar = xp.zeros((), dtype=dtype)
         ci = len(caches) - 1
@@ -171,6 +220,40 @@ class ODENet(Layer):
             if i > 0:
                 hbar, _, _ = act.backward_stacked(hbar, caches[ci])
                 ci -= 1
+        xbar, xdotbar = unstack_tangents(hbar, K)
+        return xbar, xdotbar, grads, tbar
+
+    def _backward_gated(self, hbar, caches, K, gated, xp):
+        """eq. 2.3 for ConcatSquash layers with the gate terms of eq. 1.14 for all layers at
+        once (eq. 2.5): the layers write s_i = Σ_b ybar_i and rowsum(W_i ⊙ G_i) into slices of
+        s and ḡ (Σ n_out,), then ḡ += b ⊙ s, ā = ḡ ⊙ g(1 − g), b̄ = g ⊙ s, w̄_g = t ā, b̄_g = ā,
+        w̄_b = t s and tbar = w_gᵀ ā + w_bᵀ s (the sum of the layers' terms)."""
+        g, t, GW, HW, BB = gated
+        S = xp.empty(GW.shape, dtype=GW.dtype)
+        Gbar = xp.empty(GW.shape, dtype=GW.dtype)
+        grads = {}
+        ci = len(caches) - 1
+        act = self.activation
+        for i in range(len(self.layers) - 1, -1, -1):
+            sl = self._slices[i]
+            hbar, Wbar = self.layers[i].backward_gated(hbar, caches[ci], S[sl], Gbar[sl])
+            ci -= 1
+            grads[self._weight_keys[i]] = Wbar
+            if i > 0:
+                hbar, _, _ = act.backward_stacked(hbar, caches[ci])
+                ci -= 1
+        Gbar += BB * S
+        abar = Gbar * (g * (1.0 - g))
+        bias_bar = g * S
+        gw_bar = t * abar
+        hw_bar = t * S
+        tbar = GW @ abar + HW @ S
+        kgw, kgb, khw, kb = self._gate_keys
+        for i, sl in enumerate(self._slices):
+            grads[kb[i]] = bias_bar[sl]
+            grads[kgw[i]] = gw_bar[sl]
+            grads[kgb[i]] = abar[sl]
+            grads[khw[i]] = hw_bar[sl]
         xbar, xdotbar = unstack_tangents(hbar, K)
         return xbar, xdotbar, grads, tbar
 
