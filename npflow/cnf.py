@@ -72,6 +72,7 @@ class CNFDynamics:
         self.eps = eps
         self.weight = weight
         self.regularized = regularized
+        self._no_xdotbar = isinstance(net, ODENet)
 
     def forward(self, t, y):
         """F(y, t) -> (dydt, cache); y a CNFState / RegularizedCNFState, or z alone if eps is None."""
@@ -81,7 +82,10 @@ class CNFDynamics:
         z = y.z
         f, Jeps, cache = self.net.forward(self.params, z, self.eps, t)
         D = z[0].size
-        dlogdet = self.weight * _sum_features((self.eps * Jeps).sum(axis=0))       # eq. 3.3
+        p = self.eps * Jeps
+        dlogdet = p.reshape(p.shape[0], p.shape[1], -1).sum(axis=(0, 2))          # eq. 3.3
+        if self.weight != 1.0:
+            dlogdet *= self.weight
         if not self.regularized:
             return CNFState(f, dlogdet), (cache, f, Jeps)
         dkin = _sum_features(f * f) / D                                            # eq. 3.6
@@ -89,24 +93,30 @@ class CNFDynamics:
         return RegularizedCNFState(f, dlogdet, dkin, djac), (cache, f, Jeps)
 
     def backward(self, cache, ybar):
-        """Adjoint of forward (eq. 3.9): cotangents of dydt -> (y_bar, params_bar, t_bar)."""
+        """Adjoint of forward (eq. 3.9): cotangents of dydt -> (y_bar, params_bar, t_bar).
+
+        y_bar's ℓ (and E, n) parts are None: F does not depend on them (zero cotangent)."""
         ncache, f, Jeps = cache
         if self.eps is None:
             zbar, _, pbar, tbar = self.net.backward(ybar, None, ncache)
             return zbar, pbar, tbar
         bshape = (1, -1) + (1,) * (f.ndim - 1)            # (B,) -> broadcast over (K, B, ...)
         fbar = ybar.z
-        Jeps_bar = (self.weight * ybar.logdet).reshape(bshape) * self.eps
+        lbar = ybar.logdet if self.weight == 1.0 else self.weight * ybar.logdet
+        Jeps_bar = lbar.reshape(bshape) * self.eps
         if self.regularized:
             D = f[0].size
             fbar = fbar + (2.0 / D) * ybar.kinetic.reshape(bshape[1:]) * f
             Jeps_bar = Jeps_bar + (2.0 * self.weight / D) * ybar.jacobian.reshape(bshape) * Jeps
-        zbar, _, pbar, tbar = self.net.backward(fbar, Jeps_bar, ncache)
-        xp = get_array_module(zbar)
-        zero = xp.zeros_like(ybar.logdet)
+        if self._no_xdotbar:    # the probes are constants: their cotangent is not needed
+            zbar, _, pbar, tbar = self.net.backward(fbar, Jeps_bar, ncache, need_xdotbar=False)
+        else:
+            zbar, _, pbar, tbar = self.net.backward(fbar, Jeps_bar, ncache)
+        # F does not depend on ℓ, E, n: their cotangents are zero, given as None (the solver's
+        # convention for a zero part)
         if self.regularized:
-            return RegularizedCNFState(zbar, zero, zero, zero), pbar, tbar
-        return CNFState(zbar, zero), pbar, tbar
+            return RegularizedCNFState(zbar, None, None, None), pbar, tbar
+        return CNFState(zbar, None), pbar, tbar
 
 
 def _block_prefix(b):

@@ -348,18 +348,21 @@ class ConcatSquashLinear(_Affine):
         out[0] += shift
         return out, (W, Wg, g, h)
 
-    def backward_gated(self, hbar, cache, s_out, gbar_out):
+    def backward_gated(self, hbar, cache, s_out, gbar_out, need_tangents=True):
         """The per-layer part of eq. 1.14 for ``forward_gated``, with G = hbarᵀ h: writes
         s = Σ_b ybar into ``s_out`` and rowsum(W ⊙ G) into ``gbar_out`` (both (n_out,), views
         of the network's buffers, where the gate terms b ⊙ s, ā, b̄, w̄_g, b̄_g, w̄_b and tbar
         of eq. 1.14 follow for all layers at once, eq. 2.5).
-        hbar (K+1, B, n_out) -> (hbar_in = hbar W_g (K+1, B, n_in), W̄ = diag(g) G)."""
+        hbar (K+1, B, n_out) -> (hbar_in = hbar W_g (K+1, B, n_in), W̄ = diag(g) G);
+        need_tangents=False: hbar_in is (1, B, n_in), the primal block ybar W_g only."""
         W, Wg, g, h = cache
         hb = _rows(hbar)
         G = hb.T @ _rows(h)
         hbar[0].sum(axis=0, out=s_out)
         (W * G).sum(axis=1, out=gbar_out)
         G *= g[:, None]
+        if not need_tangents:
+            return (hbar[0] @ Wg)[None], G
         return (hb @ Wg).reshape(h.shape), G
 
 

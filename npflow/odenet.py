@@ -193,10 +193,12 @@ class ODENet(Layer):
         y, ydot = unstack_tangents(h, K)
         return y, ydot, (tuple(caches), K, x, (g, t, GW, HW, BB))
 
-    def backward(self, ybar, ydotbar, cache):
+    def backward(self, ybar, ydotbar, cache, need_xdotbar=True):
         """eq. 2.3: reverse of forward. ybar (B, n_out) or None, ydotbar (K, B, n_out) or None
         -> (xbar (B, n_in), xdotbar (K, B, n_in) or None, params_bar {"i.name": array},
-        tbar 0-d array)."""
+        tbar 0-d array). need_xdotbar=False: xdotbar is returned as None and not computed
+        (the first layer's input cotangent is formed for the primal block only), for callers
+        whose input tangents are constants (CNF probes)."""
         caches, K, x, gated = cache
         xp, dtype = get_array_module(x), x.dtype
         y_shape = (x.shape[0], self.n_out)
@@ -205,7 +207,7 @@ class ODENet(Layer):
                              f"got {tuple(ybar.shape)}")
         hbar = stack_cotangents(ybar, ydotbar, y_shape, K, dtype, xp)
         if gated is not None:
-            return self._backward_gated(hbar, caches, K, gated, xp)
+            return self._backward_gated(hbar, caches, K, gated, xp, need_xdotbar)
         grads = {}
         tbar = xp.zeros((), dtype=dtype)
         ci = len(caches) - 1
@@ -221,9 +223,9 @@ class ODENet(Layer):
                 hbar, _, _ = act.backward_stacked(hbar, caches[ci])
                 ci -= 1
         xbar, xdotbar = unstack_tangents(hbar, K)
-        return xbar, xdotbar, grads, tbar
+        return xbar, (xdotbar if need_xdotbar else None), grads, tbar
 
-    def _backward_gated(self, hbar, caches, K, gated, xp):
+    def _backward_gated(self, hbar, caches, K, gated, xp, need_xdotbar=True):
         """eq. 2.3 for ConcatSquash layers with the gate terms of eq. 1.14 for all layers at
         once (eq. 2.5): the layers write s_i = Σ_b ybar_i and rowsum(W_i ⊙ G_i) into slices of
         s and ḡ (Σ n_out,), then ḡ += b ⊙ s, ā = ḡ ⊙ g(1 − g), b̄ = g ⊙ s, w̄_g = t ā, b̄_g = ā,
@@ -236,7 +238,8 @@ class ODENet(Layer):
         act = self.activation
         for i in range(len(self.layers) - 1, -1, -1):
             sl = self._slices[i]
-            hbar, Wbar = self.layers[i].backward_gated(hbar, caches[ci], S[sl], Gbar[sl])
+            hbar, Wbar = self.layers[i].backward_gated(hbar, caches[ci], S[sl], Gbar[sl],
+                                                       need_xdotbar or i > 0)
             ci -= 1
             grads[self._weight_keys[i]] = Wbar
             if i > 0:
@@ -254,6 +257,8 @@ class ODENet(Layer):
             grads[kgw[i]] = gw_bar[sl]
             grads[kgb[i]] = abar[sl]
             grads[khw[i]] = hw_bar[sl]
+        if not need_xdotbar:
+            return hbar[0], None, grads, tbar
         xbar, xdotbar = unstack_tangents(hbar, K)
         return xbar, xdotbar, grads, tbar
 
