@@ -109,6 +109,9 @@ def build_parser():
     a("--threads", type=int, default=1,
       help="BLAS threads (set before numpy loads; an OPENBLAS/OMP/MKL_NUM_THREADS already in "
            "the environment wins)")
+    a("--no-tune-malloc", action="store_true",
+      help="keep glibc's default malloc settings (by default npflow.backend.tune_malloc() "
+           "keeps freed memory for reuse: no per-iteration page faults)")
     a("--save", default="runs/toy", help="folder for checkpoint, figures")
     a("--resume", action="store_true", help="continue from SAVE/checkpoint.h5")
     a("--log-every", type=int, default=100)
@@ -224,6 +227,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     import npflow
+    if not args.no_tune_malloc:
+        npflow.backend.tune_malloc()
     from npflow.optim import Adam, Warmup
     from npflow.training import SteerHook, TimeOptimizer, append_json, train
 

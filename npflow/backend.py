@@ -17,7 +17,7 @@ import numpy
 
 __all__ = [
     "DeviceError", "get_array_module", "array_module", "resolve_dtype", "to_host",
-    "to_device", "check_finite", "record_array_functions",
+    "to_device", "check_finite", "record_array_functions", "tune_malloc",
 ]
 
 _RECORDER: set | None = None
@@ -57,7 +57,7 @@ def _is_cupy(a) -> bool:
 def get_array_module(*arrays):
     """The array module (numpy or cupy) of the given arrays; numpy for host scalars."""
     for a in arrays:
-        if _is_cupy(a):
+        if type(a) is not numpy.ndarray and _is_cupy(a):
             import cupy
             return _wrap(cupy)
     return _wrap(numpy)
@@ -135,6 +135,38 @@ def check_finite(x, name: str = "input"):
             f"{name} contains {bad} non-finite value(s) (NaN or Inf) out of {x.size}; "
             "clean or filter the data before passing it to npflow")
     return x
+
+
+def tune_malloc(mmap_threshold: int = 32 * 1024 * 1024, trim_threshold: int = 2**31 - 1) -> bool:
+    """Opt-in: ask glibc's malloc to keep freed memory for reuse (whole process, irreversible).
+
+    A training iteration allocates and frees many large temporaries and stage caches. With
+    glibc's defaults each block above the (dynamic) mmap threshold is a fresh mmap and freed
+    heap tops are trimmed, so the next iteration touches fresh, kernel-zeroed pages: tens of
+    thousands of minor page faults per iteration at batch 1000 (bench/README.md). This sets
+    M_MMAP_THRESHOLD (blocks up to ``mmap_threshold`` bytes come from the heap) and
+    M_TRIM_THRESHOLD (the heap is not trimmed below ``trim_threshold`` bytes of free top) with
+    ``mallopt`` through ctypes. The cost: the process keeps its peak heap resident.
+
+    Returns True when both settings were applied; False (and changes nothing) when the C
+    library is not glibc (macOS, Windows, musl) or mallopt is unavailable or refuses.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))
+                and mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
 
 
 @contextlib.contextmanager
