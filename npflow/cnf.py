@@ -73,17 +73,21 @@ class CNFDynamics:
         self.weight = weight
         self.regularized = regularized
         self._no_xdotbar = isinstance(net, ODENet)
+        # the parameters are fixed for the solve: let the network precompute what it can
+        self._net_params = net.prepare(params) if hasattr(net, "prepare") else params
 
     def forward(self, t, y):
         """F(y, t) -> (dydt, cache); y a CNFState / RegularizedCNFState, or z alone if eps is None."""
         if self.eps is None:
-            f, _, cache = self.net.forward(self.params, y, None, t)
+            f, _, cache = self.net.forward(self._net_params, y, None, t)
             return f, (cache, None, None)
         z = y.z
-        f, Jeps, cache = self.net.forward(self.params, z, self.eps, t)
+        f, Jeps, cache = self.net.forward(self._net_params, z, self.eps, t)
         D = z[0].size
-        p = self.eps * Jeps
-        dlogdet = p.reshape(p.shape[0], p.shape[1], -1).sum(axis=(0, 2))          # eq. 3.3
+        K, B = Jeps.shape[0], Jeps.shape[1]
+        xp = get_array_module(Jeps)
+        dlogdet = xp.einsum("kbd,kbd->b", self.eps.reshape(K, B, -1),
+                            Jeps.reshape(K, B, -1))                                 # eq. 3.3
         if self.weight != 1.0:
             dlogdet *= self.weight
         if not self.regularized:

@@ -348,17 +348,22 @@ class ConcatSquashLinear(_Affine):
         out[0] += shift
         return out, (W, Wg, g, h)
 
-    def backward_gated(self, hbar, cache, s_out, gbar_out, need_tangents=True):
+    def backward_gated(self, hbar, cache, s_out, gbar_out, need_tangents=True, ones=None):
         """The per-layer part of eq. 1.14 for ``forward_gated``, with G = hbarᵀ h: writes
         s = Σ_b ybar into ``s_out`` and rowsum(W ⊙ G) into ``gbar_out`` (both (n_out,), views
         of the network's buffers, where the gate terms b ⊙ s, ā, b̄, w̄_g, b̄_g, w̄_b and tbar
         of eq. 1.14 follow for all layers at once, eq. 2.5).
         hbar (K+1, B, n_out) -> (hbar_in = hbar W_g (K+1, B, n_in), W̄ = diag(g) G);
-        need_tangents=False: hbar_in is (1, B, n_in), the primal block ybar W_g only."""
+        need_tangents=False: hbar_in is (1, B, n_in), the primal block ybar W_g only.
+        ones: optional (B,) ones, so that s = onesᵀ ybar is a matrix-vector product (faster
+        than a reduction over the batch axis)."""
         W, Wg, g, h = cache
         hb = _rows(hbar)
         G = hb.T @ _rows(h)
-        hbar[0].sum(axis=0, out=s_out)
+        if ones is None:
+            hbar[0].sum(axis=0, out=s_out)
+        else:
+            get_array_module(W).matmul(ones, hbar[0], out=s_out)
         (W * G).sum(axis=1, out=gbar_out)
         G *= g[:, None]
         if not need_tangents:
@@ -446,11 +451,19 @@ class Tanh(Activation):
         """eq. 1.7 on the stack with σ'' = −2σσ' (eq. 1.8) folded in (eq. 1.7a):
         hbar_in = σ' ⊙ hbar, so hbar_in[k] = xdotbar_k, then
         hbar_in[0] += −2σ ⊙ Σ_k xdot_k ⊙ xdotbar_k   (= σ'' ⊙ Σ_k xdot_k ⊙ ydotbar_k).
-        No σ'' array is formed: 6 array operations, 2 temporaries of one block."""
+        No σ'' array is formed; the sum over k runs block by block (no (K, B, n) temporary):
+        2K + 3 array operations, two block-sized temporaries."""
         x, y, d1, aux, h = cache
         hin = d1 * hbar
-        if h.shape[0] > 1:
-            s = (h[1:] * hin[1:]).sum(axis=0)
+        K = h.shape[0] - 1
+        if K > 0:
+            s = h[1] * hin[1]
+            if K > 1:
+                xp = get_array_module(s)
+                tmp = xp.empty_like(s)
+                for k in range(2, K + 1):
+                    xp.multiply(h[k], hin[k], out=tmp)
+                    s += tmp
             s *= y
             s *= -2.0
             hin[0] += s

@@ -24,6 +24,12 @@ __all__ = ["ODENet", "LAYER_TYPES"]
 LAYER_TYPES = {"concatsquash": ConcatSquashLinear, "concat": ConcatLinear, "linear": Linear}
 
 
+class _PreparedParams(dict):
+    """A parameter dict plus ODENet's concatenated gate vectors (ODENet.prepare)."""
+
+    __slots__ = ("gated",)
+
+
 class ODENet(Layer):
     """MLP dynamics f: (B, n_in) × t -> (B, n_out) (eq. 2.1), FFJORD's ODEnet for vectors.
 
@@ -159,6 +165,19 @@ class ODENet(Layer):
         y, ydot = unstack_tangents(h, K)
         return y, ydot, (tuple(caches), K, x, None)
 
+    def prepare(self, params):
+        """``params`` for many calls with the same parameters (one ODE solve): a dict equal to
+        ``params`` that also carries the concatenated gate vectors of eq. 2.4, so forward does
+        not concatenate them on every call. The arrays must not be changed while it is in use.
+        Without ConcatSquash layers, ``params`` itself."""
+        if not self._gated:
+            return params
+        prepared = _PreparedParams(params)
+        Ws, gates = self._gate_params(params)
+        xp = get_array_module(Ws[0])
+        prepared.gated = (Ws, tuple(xp.concatenate(v) for v in gates))
+        return prepared
+
     def _gate_params(self, params):
         try:
             return ([params[k] for k in self._weight_keys],
@@ -171,9 +190,12 @@ class ODENet(Layer):
         """eq. 2.1-2.2 for ConcatSquash layers with the gates of all L layers at once (eq. 2.4):
         with w_g, b_g, w_b, b the layers' vectors concatenated (Σ n_out,),
         g = sigmoid(t w_g + b_g), c = t w_b + b ⊙ g; layer i uses the slices g_i, c_i."""
-        Ws, (gw, gb, hw, bb) = self._gate_params(params)
         xp = get_array_module(h)
-        GW, GB, HW, BB = (xp.concatenate(v) for v in (gw, gb, hw, bb))
+        if type(params) is _PreparedParams:
+            Ws, (GW, GB, HW, BB) = params.gated
+        else:
+            Ws, (gw, gb, hw, bb) = self._gate_params(params)
+            GW, GB, HW, BB = (xp.concatenate(v) for v in (gw, gb, hw, bb))
         t = _as_time(t, GW.dtype, xp)
         a = GW * t
         a += GB
@@ -233,13 +255,14 @@ class ODENet(Layer):
         g, t, GW, HW, BB = gated
         S = xp.empty(GW.shape, dtype=GW.dtype)
         Gbar = xp.empty(GW.shape, dtype=GW.dtype)
+        ones = xp.ones(hbar.shape[1], dtype=hbar.dtype)     # s_i = onesᵀ ybar_i (a GEMV)
         grads = {}
         ci = len(caches) - 1
         act = self.activation
         for i in range(len(self.layers) - 1, -1, -1):
             sl = self._slices[i]
             hbar, Wbar = self.layers[i].backward_gated(hbar, caches[ci], S[sl], Gbar[sl],
-                                                       need_xdotbar or i > 0)
+                                                       need_xdotbar or i > 0, ones)
             ci -= 1
             grads[self._weight_keys[i]] = Wbar
             if i > 0:
