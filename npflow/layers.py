@@ -447,14 +447,15 @@ class Tanh(Activation):
             return (d2,)
         return d2, -2.0 * d1 * (1.0 - 3.0 * y * y)
 
-    def backward_stacked(self, hbar, cache):
+    def backward_stacked(self, hbar, cache, out=None):
         """eq. 1.7 on the stack with σ'' = −2σσ' (eq. 1.8) folded in (eq. 1.7a):
         hbar_in = σ' ⊙ hbar, so hbar_in[k] = xdotbar_k, then
         hbar_in[0] += −2σ ⊙ Σ_k xdot_k ⊙ xdotbar_k   (= σ'' ⊙ Σ_k xdot_k ⊙ ydotbar_k).
         No σ'' array is formed; the sum over k runs block by block (no (K, B, n) temporary):
-        2K + 3 array operations, two block-sized temporaries."""
+        2K + 3 array operations, two block-sized temporaries. ``out``: an array of hbar's shape
+        to write hbar_in into; it may be hbar itself when the caller owns hbar (ODENet's chain)."""
         x, y, d1, aux, h = cache
-        hin = d1 * hbar
+        hin = d1 * hbar if out is None else get_array_module(hbar).multiply(d1, hbar, out=out)
         K = h.shape[0] - 1
         if K > 0:
             s = h[1] * hin[1]

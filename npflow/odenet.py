@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 from .backend import check_finite, get_array_module, resolve_dtype
-from .layers import (ConcatLinear, ConcatSquashLinear, Layer, Linear, _as_time, _sigmoid,
+from .layers import (ConcatLinear, ConcatSquashLinear, Layer, Linear, Tanh, _as_time, _sigmoid,
                      get_activation, stack_cotangents, stack_tangents, unstack_tangents)
 
 __all__ = ["ODENet", "LAYER_TYPES"]
@@ -63,6 +63,7 @@ class ODENet(Layer):
         self._flat = [dict(keys) for keys in self._keys]    # local name -> flat name
         # ConcatSquash layers: the gates and shifts of all layers in one pass (eq. 2.4-2.5)
         self._gated = layer == "concatsquash" and all(lay.bias for lay in self.layers)
+        self._act_in_place = isinstance(self.activation, Tanh)
         if self._gated:
             n = len(self.layers)
             self._gate_keys = tuple(tuple(f"{i}.{name}" for i in range(n)) for name in (
@@ -266,7 +267,10 @@ class ODENet(Layer):
             ci -= 1
             grads[self._weight_keys[i]] = Wbar
             if i > 0:
-                hbar, _, _ = act.backward_stacked(hbar, caches[ci])
+                if self._act_in_place:    # hbar is the fresh hbar_in of layer i: reuse it
+                    hbar, _, _ = act.backward_stacked(hbar, caches[ci], out=hbar)
+                else:
+                    hbar, _, _ = act.backward_stacked(hbar, caches[ci])
                 ci -= 1
         Gbar += BB * S
         abar = Gbar * (g * (1.0 - g))
