@@ -31,6 +31,7 @@ _EXPORTS = {
     "ODENet": "npflow.odenet",
     "get_activation": "npflow.layers",
     "get_array_module": "npflow.backend",
+    "tune_malloc": "npflow.backend",
 }
 _SUBMODULES = {"backend", "layers", "data", "trace", "tableau", "solvers", "cnf", "otflow",
                "optim", "checkpoint", "conv", "plotting", "training", "multiscale",
