@@ -12,7 +12,8 @@ prints the test NLL on --test-n fresh samples (dopri5, atol = rtol = 1e-5, exact
 "test_nll". --resume continues an interrupted run exactly from DIR/checkpoint.h5.
 
 Methods (docs/training.md §6):
-  ffjord  maximum likelihood; --train-T trains T jointly with the weights (FFJORD's option)
+  ffjord  maximum likelihood; T is trained jointly with the weights as in FFJORD's toy
+          set-up (--no-train-T keeps it fixed)
   rnode   adds λ_K ∫‖f‖² and λ_J ∫‖∂f/∂z‖²_F (defaults 0.01 each)
   toflow  end time T trained by its own Adam (lr --lr-T) after each weight step, with the
           analytic ∂L/∂T at the updated weights, temporal regularization α|T| and clipping
@@ -72,8 +73,9 @@ def build_parser():
       choices=["tanh", "softplus", "sigmoid", "swish", "logcosh"])
     a("--blocks", type=int, default=1, help="number of stacked CNF blocks")
     a("--T", type=float, default=0.5, help="(initial) end time T0; t0 = 0")
-    a("--train-T", action="store_true",
-      help="train T jointly with the weights by the same Adam (FFJORD's train_T)")
+    a("--train-T", action=argparse.BooleanOptionalAction, default=None,
+      help="train T jointly with the weights by the same Adam (FFJORD's train_T; default: on "
+           "for plain --method ffjord, as in FFJORD's toy set-up, off otherwise)")
     a("--solver", default="dopri5", choices=["rk4", "rk38", "dopri5", "euler", "midpoint"],
       help="training solver. dopri5 is FFJORD's toy set-up. A coarse fixed grid without "
            "RNODE's regularizers can be exploited: on checkerboard, rk4 with 8 steps trained "
@@ -208,6 +210,8 @@ def prepare(args):
     kinetic = args.kinetic if args.kinetic is not None else (0.01 if rnode else 0.0)
     jacobian = args.jacobian if args.jacobian is not None else (0.01 if rnode else 0.0)
     toflow, steer = "toflow" in methods, "steer" in methods
+    if args.train_T is None:           # FFJORD's toy default: T trained jointly
+        args.train_T = methods == {"ffjord"}
     if toflow and args.train_T:
         raise ValueError("--train-T (joint T training) and --method toflow (T by its own "
                          "optimizer) exclude each other; choose one")
