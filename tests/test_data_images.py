@@ -1,14 +1,11 @@
 """MNIST / Fashion-MNIST IDX files and CIFAR-10 python batches (docs/data.md, section 3),
 on tiny files written here; the download path against a loopback HTTP server."""
-import contextlib
 import gzip
 import hashlib
-import http.server
 import os
 import pickle
 import struct
 import tarfile
-import threading
 
 import numpy as np
 import pytest
@@ -16,26 +13,9 @@ import pytest
 from npflow.data import DataError, load_cifar10, load_mnist
 from npflow.data import images as images_mod
 from npflow.data.images import MNIST_FILES, read_idx
+from loopback import serve  # tests/loopback.py
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@contextlib.contextmanager
-def serve(directory):
-    """Serve ``directory`` on 127.0.0.1 at a free port in a thread; yields the base URL."""
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), lambda *a, **k: _QuietHandler(*a, directory=str(directory), **k))
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def idx_bytes(arr, magic_code=0x08):

@@ -1,12 +1,9 @@
 """MAF tabular loaders (docs/data.md, section 2) on tiny files of the right formats."""
-import contextlib
-import http.server
 import io
 import os
 import pickle
 import sys
 import tarfile
-import threading
 import types
 
 import h5py
@@ -15,6 +12,7 @@ import pytest
 
 from npflow.data import DataError, load_tabular
 from npflow.data import tabular as tab
+from loopback import serve  # tests/loopback.py
 
 
 def _standardised(a, ddof):
@@ -223,23 +221,6 @@ def test_unknown_name():
         load_tabular("higgs")
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@contextlib.contextmanager
-def serve(directory):
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), lambda *a, **k: _QuietHandler(*a, directory=str(directory), **k))
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def test_maf_archive_download_and_extract_from_loopback(tmp_path, monkeypatch):

@@ -1,5 +1,4 @@
 """Downloads with SHA-256 checks against a loopback HTTP server (docs/data.md, section 4)."""
-import contextlib
 import hashlib
 import http.server
 import io
@@ -7,33 +6,13 @@ import os
 import pickle
 import socket
 import tarfile
-import threading
 import warnings
 
 import pytest
 
 from npflow.data import DataError
 from npflow.data.download import download, ensure_files, extract_tar, safe_unpickle
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@contextlib.contextmanager
-def serve(directory, handler=None):
-    """Serve ``directory`` on 127.0.0.1 at a free port in a thread; yields the base URL."""
-    cls = handler or (lambda *a, **k: _QuietHandler(*a, directory=str(directory), **k))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), cls)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+from loopback import serve  # tests/loopback.py
 
 
 def _free_port_url():
