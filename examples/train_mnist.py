@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 
-METHODS = ("ffjord", "rnode", "toflow", "steer")
+from npflow.training import METHODS, parse_methods  # noqa: E402
 DATASETS = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
@@ -110,15 +110,6 @@ def build_parser():
       help="solver of the test evaluation (default: the training solver)")
     a("--no-figures", action="store_true", help="skip the sample grids")
     return p
-
-
-def parse_methods(text):
-    parts = [m.strip().lower() for m in text.split("+") if m.strip()]
-    bad = [m for m in parts if m not in METHODS]
-    if not parts or bad:
-        raise ValueError(f"unknown method {text!r}: use one of {', '.join(METHODS)} or a "
-                         "'+' combination such as toflow+rnode")
-    return set(parts)
 
 
 def parse_dims(text):

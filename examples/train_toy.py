@@ -53,7 +53,7 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402  (after the thread limit)
 
-METHODS = ("ffjord", "rnode", "toflow", "steer")
+from npflow.training import METHODS, parse_methods  # noqa: E402
 
 
 def build_parser():
@@ -126,15 +126,6 @@ def build_parser():
     a("--viz-every", type=int, default=1000)
     a("--viz-n", type=int, default=5000, help="samples in the toy figure")
     return p
-
-
-def parse_methods(text):
-    parts = [m.strip().lower() for m in text.split("+") if m.strip()]
-    bad = [m for m in parts if m not in METHODS]
-    if not parts or bad:
-        raise ValueError(f"unknown method {text!r}: use one of {', '.join(METHODS)} or a "
-                         "'+' combination such as toflow+rnode")
-    return set(parts)
 
 
 def load_data_file(path):

@@ -163,6 +163,23 @@ class TimeOptimizer(TrainHook):
 
 
 # --------------------------------------------------------------------------------------------
+# methods
+
+METHODS = ("ffjord", "rnode", "toflow", "steer")
+
+
+def parse_methods(text: str) -> set:
+    """The set of training methods named by ``text``: one of METHODS or a '+' combination
+    such as "toflow+rnode"; ValueError listing the valid names otherwise."""
+    parts = [m.strip().lower() for m in str(text).split("+") if m.strip()]
+    bad = [m for m in parts if m not in METHODS]
+    if not parts or bad:
+        raise ValueError(f"unknown method {text!r}: use one of {', '.join(METHODS)} or a "
+                         "'+' combination such as toflow+rnode")
+    return set(parts)
+
+
+# --------------------------------------------------------------------------------------------
 # logging helpers
 
 def append_json(path, record: dict) -> None:
