@@ -58,7 +58,8 @@ class CNFDynamics:
     Built once per solve with its probes ε fixed (drawn before the solve, reused by every stage
     and by the backward pass); never mutated.
 
-    net     network with the layer interface (ODENet, ConvNet): f = net(z, t)
+    net     network with the layer interface (ODENet, ConvNet): f = net(z, t); its backward
+            takes need_xdotbar=False (the probes' cotangent is not needed)
     params  dict of the network's parameters
     eps     probes (K, B, ...) with the shape of z behind the K axis, or None (no trace:
             the state is z alone, used for sampling)
@@ -72,7 +73,6 @@ class CNFDynamics:
         self.eps = eps
         self.weight = weight
         self.regularized = regularized
-        self._no_xdotbar = isinstance(net, ODENet)
         # the parameters are fixed for the solve: let the network precompute what it can
         self._net_params = net.prepare(params) if hasattr(net, "prepare") else params
 
@@ -112,10 +112,8 @@ class CNFDynamics:
             D = f[0].size
             fbar = fbar + (2.0 / D) * ybar.kinetic.reshape(bshape[1:]) * f
             Jeps_bar = Jeps_bar + (2.0 * self.weight / D) * ybar.jacobian.reshape(bshape) * Jeps
-        if self._no_xdotbar:    # the probes are constants: their cotangent is not needed
-            zbar, _, pbar, tbar = self.net.backward(fbar, Jeps_bar, ncache, need_xdotbar=False)
-        else:
-            zbar, _, pbar, tbar = self.net.backward(fbar, Jeps_bar, ncache)
+        # the probes are constants: their cotangent is not needed
+        zbar, _, pbar, tbar = self.net.backward(fbar, Jeps_bar, ncache, need_xdotbar=False)
         # F does not depend on ℓ, E, n: their cotangents are zero, given as None (the solver's
         # convention for a zero part)
         if self.regularized:

@@ -376,8 +376,11 @@ class ConvNet(Layer):
                 caches.append(c)
         return h, hdot, tuple(caches)
 
-    def backward(self, ybar, ydotbar, cache):
-        """Reverse of eq. 1.12 layer by layer; tbar summed over layers."""
+    def backward(self, ybar, ydotbar, cache, need_xdotbar=True):
+        """Reverse of eq. 1.12 layer by layer; tbar summed over layers.
+
+        need_xdotbar=False: the tangents' cotangent is returned as None (the CNF's probes are
+        constants); the first layer still forms it, as the conv layers have no such option."""
         grads = {}
         tbar = 0.0
         hbar, hdotbar = ybar, ydotbar
@@ -391,4 +394,4 @@ class ConvNet(Layer):
             if i > 0:
                 hbar, hdotbar, _, _ = self.act.backward(hbar, hdotbar, cache[ci])
                 ci -= 1
-        return hbar, hdotbar, grads, tbar
+        return hbar, (hdotbar if need_xdotbar else None), grads, tbar
