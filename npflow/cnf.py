@@ -224,6 +224,21 @@ class CNF(FlowModel):
             return RegularizedCNFState(x, zero, zero, zero)
         return CNFState(x, zero)
 
+    def _flow(self, x, rng, params, Ts, regularized, trace, kw):
+        """Solve every block forward from x (B, D) with fresh probes per block (eq. 3.1).
+
+        Returns (y(T) of the last block, the solutions, the dynamics), one per block."""
+        y = self._initial_state(x, regularized)
+        sols, dyns = [], []
+        for b, net in enumerate(self.nets):
+            eps, weight = self._probes(trace, rng, x.shape[0])
+            dyn = CNFDynamics(net, self.block_params(b, params), eps, weight, regularized)
+            sol = odeint(dyn, y, 0.0, Ts[b], **kw)
+            sols.append(sol)
+            dyns.append(dyn)
+            y = sol.y1
+        return y, sols, dyns
+
     def _nll(self, z, logdet):
         """Per-sample −log p(x) = ½‖z‖² + (D/2) log 2π − ℓ (eq. 3.2)."""
         return 0.5 * _sum_features(z * z) + 0.5 * self.dim * math.log(2 * math.pi) - logdet
@@ -247,17 +262,8 @@ class CNF(FlowModel):
         regularized = cfg["kinetic"] > 0 or cfg["jacobian"] > 0
         Ts = self.end_times(params, T)
         kw = self._solver_kwargs(cfg["solver"], cfg["steps"], cfg["rtol"], cfg["atol"])
-        store = "caches" if cfg["solver"] in _FIXED_GRID else "states"
-
-        y = self._initial_state(x, regularized)
-        sols, dyns = [], []
-        for b, net in enumerate(self.nets):
-            eps, weight = self._probes(cfg["trace"], rng, B)
-            dyn = CNFDynamics(net, self.block_params(b, params), eps, weight, regularized)
-            sol = odeint(dyn, y, 0.0, Ts[b], store=store, **kw)
-            sols.append(sol)
-            dyns.append(dyn)
-            y = sol.y1
+        kw["store"] = "caches" if cfg["solver"] in _FIXED_GRID else "states"
+        y, sols, dyns = self._flow(x, rng, params, Ts, regularized, cfg["trace"], kw)
 
         nll_b = self._nll(y.z, y.logdet)
         loss = nll_b.mean()
@@ -318,16 +324,11 @@ class CNF(FlowModel):
         params = self.params if params is None else params
         cfg = self.config
         x = self._prepare(x)
-        B = x.shape[0]
-        xp = self.xp
-        regularized = cfg["kinetic"] > 0 or cfg["jacobian"] > 0
         Ts = self.end_times(params)
         kw = self._solver_kwargs(cfg["solver"], cfg["steps"], cfg["rtol"], cfg["atol"])
-        y = self._initial_state(x, regularized)
-        eps, weight = self._probes(cfg["trace"], rng, B)
-        dyn = CNFDynamics(self.nets[0], self.block_params(0, params), eps, weight, regularized)
-        y1 = odeint(dyn, y, 0.0, Ts[0], **kw).y1
-        ybar = self._final_cotangent(y1, B)
+        y1, _, (dyn,) = self._flow(x, rng, params, Ts, cfg["kinetic"] > 0 or cfg["jacobian"] > 0,
+                                   cfg["trace"], kw)
+        ybar = self._final_cotangent(y1, x.shape[0])
         return [float(to_host(terminal_time_gradient(dyn, y1, Ts[0], ybar)))]
 
     def _final_cotangent(self, y, B):
@@ -360,16 +361,9 @@ class CNF(FlowModel):
                                  rtol, atol)
         out, nfes = [], []
         for start in range(0, x.shape[0], batch_size):
-            y = self._initial_state(x[start:start + batch_size], False)
-            nfe = 0
-            for b, net in enumerate(self.nets):
-                eps, weight = self._probes(trace, rng, y.z.shape[0])
-                dyn = CNFDynamics(net, self.block_params(b, params), eps, weight, False)
-                sol = odeint(dyn, y, 0.0, Ts[b], **kw)
-                nfe += sol.nfe
-                y = sol.y1
+            y, sols, _ = self._flow(x[start:start + batch_size], rng, params, Ts, False, trace, kw)
             out.append(-self._nll(y.z, y.logdet))
-            nfes.append(nfe)
+            nfes.append(sum(sol.nfe for sol in sols))
         lp = self.xp.concatenate(out)
         if return_nfe:
             return lp, float(np.mean(nfes))
