@@ -27,7 +27,7 @@ from .odenet import ODENet
 from .solvers import odeint, terminal_time_gradient
 from . import trace as trace_mod
 
-__all__ = ["CNF", "CNFState", "RegularizedCNFState", "CNFDynamics", "TRACE_KINDS"]
+__all__ = ["CNF", "BlockStack", "CNFState", "RegularizedCNFState", "CNFDynamics", "TRACE_KINDS"]
 
 TRACE_KINDS = ("exact", "hutchinson", "gaussian", "rademacher")
 _FIXED_GRID = ("euler", "midpoint", "rk4", "rk38")
@@ -125,7 +125,43 @@ def _block_prefix(b):
     return f"b{b}."
 
 
-class CNF(FlowModel):
+class BlockStack:
+    """What every stack of CNF blocks shares (CNF, MultiscaleCNF): ``self.nets`` (one network
+    per block), block parameters named "b{block}.{name}", and one end time per block, trained
+    under the names ``self.time_names`` when config["train_T"]."""
+
+    def _init_block_params(self, rng, **init_kw):
+        """Fresh params of every block (drawn in block order from rng) plus the trained T's."""
+        params = {}
+        for b, net in enumerate(self.nets):
+            p = net.init_params(rng, self.dtype, self.xp, **init_kw)
+            params.update({_block_prefix(b) + k: v for k, v in p.items()})
+        if self.config["train_T"]:
+            for name in self.time_names:
+                params[name] = self.xp.asarray(float(self.config["T"]), dtype=self.dtype)
+        return params
+
+    def end_times(self, params=None, T=None):
+        """End time of every block: the override T (STEER), the trained T, or config T."""
+        params = self.params if params is None else params
+        n = len(self.nets)
+        if T is not None:
+            Ts = list(T) if isinstance(T, (list, tuple)) else [T] * n
+            if len(Ts) != n:
+                raise ValueError(f"T override has {len(Ts)} entries for {n} blocks")
+            return Ts
+        if self.config["train_T"]:
+            return [params[name] for name in self.time_names]
+        return [self.config["T"]] * n
+
+    def block_params(self, b, params=None):
+        """The parameters of block b, without their "b{b}." prefix."""
+        params = self.params if params is None else params
+        pre = _block_prefix(b)
+        return {k[len(pre):]: v for k, v in params.items() if k.startswith(pre)}
+
+
+class CNF(BlockStack, FlowModel):
     """A stack of CNF blocks (FFJORD), each an ODE with its own end time T_b (docs/cnf.md).
 
     dim         D, the data dimension; data x has shape (B, D)
@@ -167,14 +203,7 @@ class CNF(FlowModel):
         self.nets = [ODENet(dim, config["hidden"], dim, layer=layer, activation=activation)
                      for _ in range(blocks)]
         rng = np.random.default_rng(seed)
-        params = {}
-        for b, net in enumerate(self.nets):
-            p = net.init_params(rng, self.dtype, self.xp, zero_last=zero_last)
-            params.update({_block_prefix(b) + k: v for k, v in p.items()})
-        if train_T:
-            for name in self.time_names:
-                params[name] = self.xp.asarray(float(T), dtype=self.dtype)
-        self.params = params
+        self.params = self._init_block_params(rng, zero_last=zero_last)
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -182,23 +211,6 @@ class CNF(FlowModel):
         """Names of the trained end times in params: "T" for one block, else "T0", "T1", ..."""
         n = len(self.nets)
         return ["T"] if n == 1 else [f"T{b}" for b in range(n)]
-
-    def end_times(self, params=None, T=None):
-        """End time of every block: the override T (STEER), the trained T, or config T."""
-        params = self.params if params is None else params
-        if T is not None:
-            Ts = list(T) if isinstance(T, (list, tuple)) else [T] * len(self.nets)
-            if len(Ts) != len(self.nets):
-                raise ValueError(f"T override has {len(Ts)} entries for {len(self.nets)} blocks")
-            return Ts
-        if self.config["train_T"]:
-            return [params[name] for name in self.time_names]
-        return [self.config["T"]] * len(self.nets)
-
-    def block_params(self, b, params=None):
-        params = self.params if params is None else params
-        pre = _block_prefix(b)
-        return {k[len(pre):]: v for k, v in params.items() if k.startswith(pre)}
 
     def _prepare(self, x):
         """Validate data (B, D) and move it to the model's device and dtype (one host check)."""

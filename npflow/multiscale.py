@@ -28,7 +28,7 @@ import math
 import numpy as np  # host-side only: seed generator, host statistics
 
 from .backend import to_device, to_host
-from .cnf import CNFDynamics, CNFState, RegularizedCNFState, TRACE_KINDS
+from .cnf import BlockStack, CNFDynamics, CNFState, RegularizedCNFState, TRACE_KINDS
 from .conv import ConvNet
 from .images import (ALPHA, LOG2_256, dequantize, factor_in, factor_out, logit_inverse,
                      logit_transform, squeeze, unsqueeze)
@@ -78,7 +78,7 @@ def multiscale_plan(image_shape, scales=None, blocks=2):
     return plan
 
 
-class MultiscaleCNF(FlowModel):
+class MultiscaleCNF(BlockStack, FlowModel):
     """FFJORD's multiscale CNF over 8-bit images (docs/images.md section 3).
 
     image_shape  (C, H, W) of the data, e.g. (1, 28, 28)
@@ -131,38 +131,13 @@ class MultiscaleCNF(FlowModel):
         self.nets = [ConvNet(shape, config["hidden"], layer_type=layer, zero_last=zero_last)
                      for op, shape in plan if op == "block"]
         rng = np.random.default_rng(seed)
-        params = {}
-        for b, net in enumerate(self.nets):
-            for k, v in net.init_params(rng, self.dtype, self.xp).items():
-                params[f"b{b}.{k}"] = v
-        if train_T:
-            for name in self.time_names:
-                params[name] = self.xp.asarray(float(T), dtype=self.dtype)
-        self.params = params
+        self.params = self._init_block_params(rng)
 
     # ---------------------------------------------------------------- helpers
     @property
     def time_names(self):
         """Names of the trained end times: "T0", "T1", ... one per block."""
         return [f"T{b}" for b in range(len(self.nets))]
-
-    def end_times(self, params=None, T=None):
-        """End time of every block: the override T (STEER), the trained T, or config T."""
-        params = self.params if params is None else params
-        n = len(self.nets)
-        if T is not None:
-            Ts = list(T) if isinstance(T, (list, tuple)) else [T] * n
-            if len(Ts) != n:
-                raise ValueError(f"T override has {len(Ts)} entries for {n} blocks")
-            return Ts
-        if self.config["train_T"]:
-            return [params[name] for name in self.time_names]
-        return [self.config["T"]] * n
-
-    def block_params(self, b, params=None):
-        params = self.params if params is None else params
-        pre = f"b{b}."
-        return {k[len(pre):]: v for k, v in params.items() if k.startswith(pre)}
 
     def _solver_kwargs(self, solver=None, steps=None, step_size=None, rtol=None, atol=None):
         cfg = self.config
