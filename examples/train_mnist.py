@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 
-from npflow.training import METHODS, parse_methods  # noqa: E402
+from npflow.training import add_method_arguments, parse_methods  # noqa: E402
 DATASETS = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
@@ -74,19 +74,9 @@ def build_parser():
       help="backward memory: recompute each step's stages (states) or keep every stage's "
            "layer caches (caches: faster, memory ∝ steps × activations; fixed grid only)")
     a("--alpha-logit", type=float, default=1e-6, help="logit margin α (RNODE: 1e-5)")
-    a("--method", default="ffjord",
-      help="ffjord | rnode | toflow | steer, or a '+' combination such as toflow+rnode")
-    a("--kinetic", type=float, default=None, help="λ_K (default 0.01 with rnode, else 0)")
-    a("--jacobian", type=float, default=None, help="λ_J (default 0.01 with rnode, else 0)")
     a("--zero-last", action="store_true",
       help="zero-initialise every block's last layer (the default with rnode)")
-    a("--alpha", type=float, default=0.1, help="TO-FLOW temporal regularization α·|T|")
-    a("--eps-T", type=float, default=0.1, help="TO-FLOW clipping ε: T in [t0+ε, 2T0−t0−ε]")
-    a("--lr-T", type=float, default=1e-2, help="TO-FLOW learning rate of the T optimizer")
-    a("--T-grad", default="stale", choices=["analytic", "discrete", "stale"],
-      help="TO-FLOW ∂L/∂T: 'stale' = the analytic value of the weight step (no extra solve);"
-           " 'analytic'/'discrete' rerun forward and backward at the updated weights")
-    a("--steer-b", type=float, default=None, help="STEER half-width b (default T0/2)")
+    add_method_arguments(p, t_grad_default="stale")
     a("--max-iters", type=int, default=10000)
     a("--batch-size", type=int, default=200)
     a("--lr", type=float, default=1e-3)

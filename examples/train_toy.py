@@ -53,7 +53,7 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402  (after the thread limit)
 
-from npflow.training import METHODS, parse_methods  # noqa: E402
+from npflow.training import add_method_arguments, parse_methods  # noqa: E402
 
 
 def build_parser():
@@ -94,17 +94,7 @@ def build_parser():
       help="l2: added to the gradient (torch.optim.Adam, FFJORD); adamw: decoupled")
     a("--warmup", type=int, default=0, help="linear learning-rate warm-up iterations")
     a("--grad-clip", type=float, default=None, help="max global gradient norm (default off)")
-    a("--method", default="ffjord",
-      help="ffjord | rnode | toflow | steer, or a '+' combination such as toflow+rnode")
-    a("--kinetic", type=float, default=None, help="λ_K (default 0.01 with rnode, else 0)")
-    a("--jacobian", type=float, default=None, help="λ_J (default 0.01 with rnode, else 0)")
-    a("--alpha", type=float, default=0.1, help="TO-FLOW temporal regularization α·|T|")
-    a("--eps-T", type=float, default=0.1, help="TO-FLOW clipping ε: T in [t0+ε, 2T0−t0−ε]")
-    a("--lr-T", type=float, default=1e-2, help="TO-FLOW learning rate of the T optimizer")
-    a("--T-grad", default="analytic", choices=["analytic", "discrete", "stale"],
-      help="TO-FLOW ∂L/∂T: analytic terminal formula or discrete adjoint at the updated "
-           "weights, or 'stale' = the analytic value from the weight step (no extra solve)")
-    a("--steer-b", type=float, default=None, help="STEER half-width b (default T0/2)")
+    add_method_arguments(p, t_grad_default="analytic")
     a("--device", default="cpu", choices=["cpu", "gpu"])
     a("--dtype", default="float32", choices=["float32", "float64"])
     a("--seed", type=int, default=0)

@@ -168,6 +168,25 @@ class TimeOptimizer(TrainHook):
 METHODS = ("ffjord", "rnode", "toflow", "steer")
 
 
+def add_method_arguments(parser, t_grad_default="analytic"):
+    """The flags every example shares for choosing and tuning the training method:
+    --method, --kinetic, --jacobian (RNODE), --alpha, --eps-T, --lr-T, --T-grad (TO-FLOW),
+    --steer-b (STEER). ``t_grad_default``: the default of --T-grad."""
+    a = parser.add_argument
+    a("--method", default="ffjord",
+      help="ffjord | rnode | toflow | steer, or a '+' combination such as toflow+rnode")
+    a("--kinetic", type=float, default=None, help="λ_K (default 0.01 with rnode, else 0)")
+    a("--jacobian", type=float, default=None, help="λ_J (default 0.01 with rnode, else 0)")
+    a("--alpha", type=float, default=0.1, help="TO-FLOW temporal regularization α·|T|")
+    a("--eps-T", type=float, default=0.1, help="TO-FLOW clipping ε: T in [t0+ε, 2T0−t0−ε]")
+    a("--lr-T", type=float, default=1e-2, help="TO-FLOW learning rate of the T optimizer")
+    a("--T-grad", default=t_grad_default, choices=["analytic", "discrete", "stale"],
+      help="TO-FLOW ∂L/∂T at the updated weights: 'analytic' (terminal formula) or "
+           "'discrete' (exact derivative of the discrete loss), or 'stale' = the analytic "
+           "value from the weight step (no extra solve)")
+    a("--steer-b", type=float, default=None, help="STEER half-width b (default T0/2)")
+
+
 def parse_methods(text: str) -> set:
     """The set of training methods named by ``text``: one of METHODS or a '+' combination
     such as "toflow+rnode"; ValueError listing the valid names otherwise."""
