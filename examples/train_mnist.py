@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 
-from npflow.training import add_method_arguments, parse_methods  # noqa: E402
+from npflow.training import add_method_arguments, method_hooks, parse_methods  # noqa: E402
 DATASETS = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     from npflow.backend import to_host
     from npflow.multiscale import MultiscaleCNF
     from npflow.optim import Adam, Warmup
-    from npflow.training import SteerHook, TimeOptimizer, append_json, train
+    from npflow.training import append_json, train
 
     try:
         methods, config, steer_b = prepare(args)
@@ -207,12 +207,7 @@ def main(argv=None) -> int:
     weights = {k: v for k, v in model.params.items() if k not in time_names}
     optimizer = Adam(weights, lr=args.lr, weight_decay=args.weight_decay,
                      schedule=Warmup(args.warmup) if args.warmup else None)
-    hooks = []
-    if "steer" in methods:
-        hooks.append(SteerHook(steer_b))
-    if "toflow" in methods:
-        hooks.append(TimeOptimizer(model, lr=args.lr_T, alpha=args.alpha, eps=args.eps_T,
-                                   kind=args.T_grad))
+    hooks = method_hooks(model, methods, args, steer_b)
 
     os.makedirs(args.save, exist_ok=True)
     with open(os.path.join(args.save, "args.json"), "w") as f:

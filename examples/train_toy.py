@@ -53,7 +53,7 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402  (after the thread limit)
 
-from npflow.training import add_method_arguments, parse_methods  # noqa: E402
+from npflow.training import add_method_arguments, method_hooks, parse_methods  # noqa: E402
 
 
 def build_parser():
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     if not args.no_tune_malloc:
         npflow.backend.tune_malloc()
     from npflow.optim import Adam, Warmup
-    from npflow.training import SteerHook, TimeOptimizer, append_json, train
+    from npflow.training import append_json, train
 
     try:
         run = prepare(args)
@@ -233,12 +233,7 @@ def main(argv=None) -> int:
     optimizer = Adam(weight_keys, lr=args.lr, weight_decay=args.weight_decay,
                      decoupled=args.weight_decay_mode == "adamw",
                      schedule=Warmup(args.warmup) if args.warmup else None)
-    hooks = []
-    if "steer" in methods:
-        hooks.append(SteerHook(run["steer_b"]))
-    if "toflow" in methods:
-        hooks.append(TimeOptimizer(model, lr=args.lr_T, alpha=args.alpha, eps=args.eps_T,
-                                   kind=args.T_grad))
+    hooks = method_hooks(model, methods, args, run["steer_b"])
 
     os.makedirs(args.save, exist_ok=True)
     with open(os.path.join(args.save, "args.json"), "w") as f:

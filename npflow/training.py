@@ -187,6 +187,18 @@ def add_method_arguments(parser, t_grad_default="analytic"):
     a("--steer-b", type=float, default=None, help="STEER half-width b (default T0/2)")
 
 
+def method_hooks(model, methods, args, steer_b=None) -> list:
+    """The training hooks of the chosen methods, from the flags of add_method_arguments:
+    STEER's end-time draw (half-width ``steer_b``) and TO-FLOW's T step."""
+    hooks = []
+    if "steer" in methods:
+        hooks.append(SteerHook(steer_b))
+    if "toflow" in methods:
+        hooks.append(TimeOptimizer(model, lr=args.lr_T, alpha=args.alpha, eps=args.eps_T,
+                                   kind=args.T_grad))
+    return hooks
+
+
 def parse_methods(text: str) -> set:
     """The set of training methods named by ``text``: one of METHODS or a '+' combination
     such as "toflow+rnode"; ValueError listing the valid names otherwise."""
