@@ -165,36 +165,63 @@ class TorchRunner:
 
 
 class NpflowRunner:
-    """npflow.CNF with npflow.Adam(decoupled=False) (FFJORD's coupled weight decay)."""
+    """npflow.CNF with npflow.Adam(decoupled=False) (FFJORD's coupled weight decay).
+
+    threads: npflow's own data-parallel threads (``CNF.threads``: the batch cut into row
+    blocks solved in parallel, eq. 3.12 of docs/cnf.md), with OpenBLAS at one thread during the
+    step so the two kinds of threads do not compete for the cores; batches too small to split
+    (fewer than ``CNF.min_rows_per_thread`` rows per thread) run in one thread. threads=1: one
+    Python thread and OpenBLAS at the process setting (--threads)."""
 
     framework = "npflow"
 
-    def __init__(self, solver, batches, seed=0):
+    def __init__(self, solver, batches, seed=0, threads=1):
         import npflow
 
         self.solver = solver
-        self.name = f"npflow[{solver}]"
+        self.threads = int(threads)
+        self.name = f"npflow[{solver}]" + (f" x{self.threads} threads" if self.threads > 1
+                                           else "")
         self.model = npflow.CNF(layer="concatsquash", activation="tanh", solver=solver,
                                 trace="exact", dtype="float32", seed=seed, **MODEL)
+        self.model.threads = self.threads
         self.params = self.model.params
         self.opt = npflow.Adam(self.params, lr=LR, weight_decay=WEIGHT_DECAY, decoupled=False)
         self.rng = np.random.default_rng(seed + 1)
         self.batches = batches
+        self._blas = _openblas_functions() if self.threads > 1 else (None, None)
 
     def step(self, i):
-        loss, grads, stats = self.model.loss_and_grad(self.batches[i % len(self.batches)],
-                                                      self.rng, params=self.params)
-        self.params = self.opt.step(self.params, grads)
+        get, set_ = self._blas
+        before = get() if get is not None else None
+        if before is not None:
+            set_(1)
+        try:
+            loss, grads, stats = self.model.loss_and_grad(self.batches[i % len(self.batches)],
+                                                          self.rng, params=self.params)
+            self.params = self.opt.step(self.params, grads)
+        finally:
+            if before is not None:
+                set_(before)
         return loss, stats.get("nfe_forward", -1), stats.get("nfe_backward", -1)
 
 
 def make_runner(spec, batches, seed, threads=2):
+    """FRAMEWORK:SOLVER; "npflow-dp:SOLVER" is npflow with ``threads`` data-parallel threads."""
     framework, solver = spec.split(":")
     if framework == "torch":
-        return TorchRunner(solver, batches, seed, threads)
-    if framework == "npflow":
-        return NpflowRunner(solver, batches, seed)
-    raise ValueError(f"unknown runner {spec!r}: expected torch:SOLVER or npflow:SOLVER")
+        runner = TorchRunner(solver, batches, seed, threads)
+    elif framework == "npflow":
+        runner = NpflowRunner(solver, batches, seed)
+    elif framework == "npflow-dp":
+        runner = NpflowRunner(solver, batches, seed, threads=threads)
+    else:
+        runner = None
+    if runner is not None:
+        runner.spec = spec
+        return runner
+    raise ValueError(f"unknown runner {spec!r}: expected torch:SOLVER, npflow:SOLVER or "
+                     f"npflow-dp:SOLVER")
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -459,7 +486,7 @@ def _run(args):
         entry = {}
         for r in runners:
             rec = res[r.name]
-            e = dict(spec=f"{r.framework}:{r.solver}", **summarize(rec["times"]),
+            e = dict(spec=r.spec, **summarize(rec["times"]),
                      nfe_forward=rec["nfe"][0], nfe_backward=rec["nfe"][1],
                      page_faults_per_iter=rec["faults"] / max(1, len(rec["times"])),
                      loss_first=rec["losses"][0], loss_last=rec["losses"][-1])

@@ -236,14 +236,16 @@ class CNF(BlockStack, FlowModel):
             return RegularizedCNFState(x, zero, zero, zero)
         return CNFState(x, zero)
 
-    def _flow(self, x, rng, params, Ts, regularized, trace, kw):
-        """Solve every block forward from x (B, D) with fresh probes per block (eq. 3.1).
+    def _flow(self, x, rng, params, Ts, regularized, trace, kw, probes=None):
+        """Solve every block forward from x (B, D) with fresh probes per block (eq. 3.1), or
+        with the given ``probes`` [(eps (K, B, D), weight) per block].
 
         Returns (y(T) of the last block, the solutions, the dynamics), one per block."""
         y = self._initial_state(x, regularized)
         sols, dyns = [], []
         for b, net in enumerate(self.nets):
-            eps, weight = self._probes(trace, rng, x.shape[0])
+            eps, weight = (self._probes(trace, rng, x.shape[0]) if probes is None
+                           else probes[b])
             dyn = CNFDynamics(net, self.block_params(b, params), eps, weight, regularized)
             sol = odeint(dyn, y, 0.0, Ts[b], **kw)
             sols.append(sol)
@@ -265,6 +267,11 @@ class CNF(BlockStack, FlowModel):
         T       optional end-time override (STEER, a float or one per block)
         Returns (loss: float, grads: dict like params, stats: dict). When T is trained, grads
         holds the discrete ∂L/∂T (eq. 3.10) and stats both it and the analytic one (eq. 3.11).
+
+        With ``self.threads`` > 1, a fixed-grid solver and NumPy arrays, the batch is cut into
+        that many row blocks solved forward and backward in parallel threads (docs/cnf.md,
+        eq. 3.12): the loss and every gradient are sums over samples, so the blocks' parts add
+        up to the same numbers (up to rounding), with the same probes.
         """
         params = self.params if params is None else params
         cfg = self.config
@@ -275,12 +282,62 @@ class CNF(BlockStack, FlowModel):
         Ts = self.end_times(params, T)
         kw = self._solver_kwargs(cfg["solver"], cfg["steps"], cfg["rtol"], cfg["atol"])
         kw["store"] = "caches" if cfg["solver"] in _FIXED_GRID else "states"
-        y, sols, dyns = self._flow(x, rng, params, Ts, regularized, cfg["trace"], kw)
-
-        nll_b = self._nll(y.z, y.logdet)
-        loss = nll_b.mean()
+        n = self._parallel_parts(B)
+        if n == 1:
+            part = self._loss_and_grad_part(x, rng, None, params, Ts, regularized, kw, B)
+        else:
+            # the probes of the whole batch, drawn as a single-thread call draws them
+            probes = [self._probes(cfg["trace"], rng, B) for _ in self.nets]
+            cuts = [B * i // n for i in range(n + 1)]
+            jobs = []
+            for lo, hi in zip(cuts[:-1], cuts[1:]):
+                pr = [(eps[:, lo:hi], w) for eps, w in probes]
+                jobs.append(self._executor().submit(self._loss_and_grad_part, x[lo:hi], None,
+                                                    pr, params, Ts, regularized, kw, B))
+            parts = [j.result() for j in jobs]
+            part = parts[0]
+            for other in parts[1:]:                                              # eq. 3.12
+                for k in part["sums"]:
+                    part["sums"][k] = part["sums"][k] + other["sums"][k]
+                for k, v in other["grads"].items():
+                    part["grads"][k] += v
+                part["dT_discrete"] = [a + b for a, b in zip(part["dT_discrete"],
+                                                             other["dT_discrete"])]
+                part["dT_analytic"] = [a + b for a, b in zip(part["dT_analytic"],
+                                                             other["dT_analytic"])]
+        sums, grads = part["sums"], part["grads"]
+        loss = sums["nll"] / B
         if regularized:
-            loss = loss + cfg["kinetic"] * y.kinetic.mean() + cfg["jacobian"] * y.jacobian.mean()
+            loss = loss + (cfg["kinetic"] * sums["kinetic"] + cfg["jacobian"] * sums["jacobian"]) / B
+        dT_discrete, dT_analytic = part["dT_discrete"], part["dT_analytic"]
+        if cfg["train_T"]:
+            for name, g in zip(self.time_names, dT_discrete):
+                grads[name] = xp.asarray(g, dtype=self.dtype)
+
+        stats = {
+            "nll": float(sums["nll"] / B),
+            "nfe_forward": part["nfe_forward"],
+            "nfe_backward": part["nfe_backward"],
+            "T": [float(t) for t in Ts] if len(Ts) > 1 else float(Ts[0]),
+        }
+        if regularized:
+            stats["kinetic"] = float(sums["kinetic"] / B)
+            stats["jacobian"] = float(sums["jacobian"] / B)
+        if cfg["train_T"]:
+            stats["dL_dT_discrete"] = _scalars(dT_discrete)
+            stats["dL_dT_analytic"] = _scalars(dT_analytic)
+        return float(loss), grads, stats
+
+    def _loss_and_grad_part(self, x, rng, probes, params, Ts, regularized, kw, B):
+        """Forward and backward solves of rows x (b, D) of a batch of B samples: the sums over
+        these rows of the per-sample NLL (and E, n), and their gradients divided by B (eq. 3.9
+        with the cotangent of the whole batch's mean), so the parts of a batch add up."""
+        cfg = self.config
+        y, sols, dyns = self._flow(x, rng, params, Ts, regularized, cfg["trace"], kw, probes)
+        sums = {"nll": self._nll(y.z, y.logdet).sum()}
+        if regularized:
+            sums["kinetic"] = y.kinetic.sum()
+            sums["jacobian"] = y.jacobian.sum()
         ybar = self._final_cotangent(y, B)          # ∂loss/∂y(T), eq. 3.9
 
         grads = {}
@@ -298,23 +355,41 @@ class CNF(BlockStack, FlowModel):
             ybar = g.y0
         dT_discrete.reverse()
         dT_analytic.reverse()
-        if cfg["train_T"]:
-            for name, g in zip(self.time_names, dT_discrete):
-                grads[name] = xp.asarray(g, dtype=self.dtype)
+        return dict(sums=sums, grads=grads, dT_discrete=dT_discrete, dT_analytic=dT_analytic,
+                    nfe_forward=int(sum(s.nfe for s in sols)), nfe_backward=int(nfe_b))
 
-        stats = {
-            "nll": float(nll_b.mean()),
-            "nfe_forward": int(sum(s.nfe for s in sols)),
-            "nfe_backward": int(nfe_b),
-            "T": [float(t) for t in Ts] if len(Ts) > 1 else float(Ts[0]),
-        }
-        if regularized:
-            stats["kinetic"] = float(y.kinetic.mean())
-            stats["jacobian"] = float(y.jacobian.mean())
-        if cfg["train_T"]:
-            stats["dL_dT_discrete"] = _scalars(dT_discrete)
-            stats["dL_dT_analytic"] = _scalars(dT_analytic)
-        return float(loss), grads, stats
+    # ---------------------------------------------------------------- threads
+    @property
+    def threads(self):
+        """Worker threads for loss_and_grad (data parallel over the batch; eq. 3.12)."""
+        return getattr(self, "_threads", 1)
+
+    @threads.setter
+    def threads(self, n):
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"threads must be >= 1, got {n}")
+        if n != self.threads and getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._threads = n
+
+    #: fewest rows a thread gets: below this the Python work of a solve, which holds the GIL,
+    #: outweighs the arithmetic that runs in parallel
+    min_rows_per_thread = 256
+
+    def _parallel_parts(self, B):
+        """How many row blocks loss_and_grad cuts a batch of B into (1 = no threads)."""
+        if (self.threads == 1 or self.config["solver"] not in _FIXED_GRID
+                or self.device != "cpu"):
+            return 1        # adaptive steps couple the rows (one error norm); CuPy: one stream
+        return max(1, min(self.threads, B // self.min_rows_per_thread))
+
+    def _executor(self):
+        if getattr(self, "_pool", None) is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="npflow")
+        return self._pool
 
     def time_gradient(self, x, rng, params=None, kind="analytic"):
         """∂L/∂T_b of every block for the current params (TO-FLOW's T step, Algorithm 1).
@@ -344,15 +419,16 @@ class CNF(BlockStack, FlowModel):
         return [float(to_host(terminal_time_gradient(dyn, y1, Ts[0], ybar)))]
 
     def _final_cotangent(self, y, B):
-        """∂loss/∂y(T) for the final augmented state (eq. 3.9)."""
+        """∂loss/∂y(T) for the final augmented state (eq. 3.9) of b rows of a batch of B."""
         cfg = self.config
         xp = self.xp
         dt = y.z.dtype
+        b = y.z.shape[0]
         zbar = y.z / B
-        lbar = xp.full((B,), -1.0 / B, dtype=dt)
+        lbar = xp.full((b,), -1.0 / B, dtype=dt)
         if isinstance(y, RegularizedCNFState):
-            return RegularizedCNFState(zbar, lbar, xp.full((B,), cfg["kinetic"] / B, dtype=dt),
-                                       xp.full((B,), cfg["jacobian"] / B, dtype=dt))
+            return RegularizedCNFState(zbar, lbar, xp.full((b,), cfg["kinetic"] / B, dtype=dt),
+                                       xp.full((b,), cfg["jacobian"] / B, dtype=dt))
         return CNFState(zbar, lbar)
 
     # ---------------------------------------------------------------- evaluation
