@@ -188,3 +188,45 @@ def test_otflow_checkerboard_bar_with_slower_lr_decay(tmp_path):
                         str(tmp_path / "run"), "--log-json", str(log),
                         "--log-every", "100"]) == 0
     assert _json_lines(log)[-1]["test_nll"] <= 3.70
+
+
+def _npz(path, d=3, drop=None, nan=False):
+    rng = np.random.default_rng(0)
+    arrays = {k: rng.standard_normal((n, d)) for k, n in (("train", 300), ("val", 64),
+                                                            ("test", 64))}
+    if nan:
+        arrays["val"][3, 1] = np.nan
+    if drop:
+        arrays.pop(drop)
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.mark.parametrize("model", ["otflow", "ffjord"])
+def test_npz_data_file_trains_with_the_file_defaults(tmp_path, model, capsys):
+    path = _npz(tmp_path / "data.npz")
+    log = tmp_path / "log.json"
+    extra = [] if model == "otflow" else ["--atol", "1e-4", "--rtol", "1e-4"]
+    assert script.main(["--data", path, "--model", model, "--save", str(tmp_path / "run"),
+                        "--log-json", str(log)] + TINY + extra) == 0
+    final = _json_lines(log)[-1]
+    assert math.isfinite(final["test_nll"]) and "(d = 3)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("nokey", "no array(s) ['val']"),
+    ("nan", "NaN"),
+    ("garbage", "cannot read data file"),
+])
+def test_npz_data_file_errors_name_the_problem(tmp_path, case, message, capsys):
+    path = tmp_path / "data.npz"
+    if case == "nokey":
+        _npz(path, drop="val")
+    elif case == "nan":
+        _npz(path, nan=True)
+    elif case == "garbage":
+        path.write_bytes(b"not a zip file")
+    with pytest.raises(SystemExit):
+        script.main(["--data", str(path), "--save", str(tmp_path / "run")] + TINY)
+    assert message in capsys.readouterr().err
