@@ -168,7 +168,7 @@ class NpflowRunner:
     """npflow.CNF with npflow.Adam(decoupled=False) (FFJORD's coupled weight decay).
 
     threads: npflow's own data-parallel threads (``CNF.threads``: the batch cut into row
-    blocks solved in parallel, eq. 3.12 of docs/cnf.md), with OpenBLAS at one thread during the
+    blocks solved in parallel, eq. 3.13 of docs/cnf.md), with OpenBLAS at one thread during the
     step so the two kinds of threads do not compete for the cores; batches too small to split
     (fewer than ``CNF.min_rows_per_thread`` rows per thread) run in one thread. threads=1: one
     Python thread and OpenBLAS at the process setting (--threads)."""

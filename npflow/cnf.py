@@ -270,7 +270,7 @@ class CNF(BlockStack, FlowModel):
 
         With ``self.threads`` > 1, a fixed-grid solver and NumPy arrays, the batch is cut into
         that many row blocks solved forward and backward in parallel threads (docs/cnf.md,
-        eq. 3.12): the loss and every gradient are sums over samples, so the blocks' parts add
+        eq. 3.13): the loss and every gradient are sums over samples, so the blocks' parts add
         up to the same numbers (up to rounding), with the same probes.
         """
         params = self.params if params is None else params
@@ -296,7 +296,7 @@ class CNF(BlockStack, FlowModel):
                                                     pr, params, Ts, regularized, kw, B))
             parts = [j.result() for j in jobs]
             part = parts[0]
-            for other in parts[1:]:                                              # eq. 3.12
+            for other in parts[1:]:                                              # eq. 3.13
                 for k in part["sums"]:
                     part["sums"][k] = part["sums"][k] + other["sums"][k]
                 for k, v in other["grads"].items():
@@ -361,7 +361,7 @@ class CNF(BlockStack, FlowModel):
     # ---------------------------------------------------------------- threads
     @property
     def threads(self):
-        """Worker threads for loss_and_grad (data parallel over the batch; eq. 3.12)."""
+        """Worker threads for loss_and_grad (data parallel over the batch; eq. 3.13)."""
         return getattr(self, "_threads", 1)
 
     @threads.setter
