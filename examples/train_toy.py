@@ -33,16 +33,12 @@ _THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _limit_blas_threads(argv):
-    """Apply --threads before numpy loads its BLAS (a no-op once numpy is imported, and when
-    the environment already sets a thread count). The toy CNF's matrix products are small
+    """One BLAS thread, set before numpy loads its BLAS (a no-op once numpy is imported, and
+    when the environment already sets a thread count). The toy CNF's matrix products are small
     (K·B × 64 by 64 × 64): on a busy 2-core machine, threaded BLAS made an iteration ~20×
-    slower than one thread (2 s against 0.1 s measured), so the default is 1."""
+    slower than one thread (2 s against 0.1 s measured). More cores are used by --threads
+    instead: npflow's own row-block threads (CNF.threads, docs/cnf.md 3.10)."""
     n = "1"
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            n = argv[i + 1]
-        elif a.startswith("--threads="):
-            n = a.split("=", 1)[1]
     if "numpy" not in sys.modules and not any(v in os.environ for v in _THREAD_VARS):
         for v in _THREAD_VARS:
             os.environ[v] = n
@@ -99,8 +95,9 @@ def build_parser():
     a("--dtype", default="float32", choices=["float32", "float64"])
     a("--seed", type=int, default=0)
     a("--threads", type=int, default=1,
-      help="BLAS threads (set before numpy loads; an OPENBLAS/OMP/MKL_NUM_THREADS already in "
-           "the environment wins)")
+      help="npflow's data-parallel threads (CNF.threads): with a fixed-grid solver, batches of "
+           "at least 256 rows per thread are cut into row blocks solved in parallel; BLAS "
+           "itself stays single-threaded (unless OPENBLAS/OMP/MKL_NUM_THREADS is set)")
     a("--no-tune-malloc", action="store_true",
       help="keep glibc's default malloc settings (by default npflow.backend.tune_malloc() "
            "keeps freed memory for reuse: no per-iteration page faults)")
@@ -223,6 +220,7 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     try:
         model = npflow.CNF(**run["config"])
+        model.threads = args.threads
     except (ValueError, npflow.DeviceError) as exc:
         parser.error(f"cannot build the model: {exc}")
     methods, cfg = run["methods"], run["config"]
