@@ -23,7 +23,7 @@ import numpy as np  # host-side only: the seed generator and validation messages
 
 from .backend import get_array_module, to_host
 from .model import FlowModel
-from .odenet import PACKED, ODENet
+from .odenet import ODENet
 from .solvers import odeint, terminal_time_gradient
 from . import trace as trace_mod
 
@@ -67,15 +67,12 @@ class CNFDynamics:
     regularized  carry E and n (eq. 3.6-3.7)
     """
 
-    def __init__(self, net, params, eps=None, weight=1.0, regularized=False, packed=False):
+    def __init__(self, net, params, eps=None, weight=1.0, regularized=False):
         self.net = net
         self.params = params
         self.eps = eps
         self.weight = weight
         self.regularized = regularized
-        # packed: the parameter cotangent is one flat array {PACKED: ...} (ODENet eq. 2.6);
-        # the solver sums it with one addition per stage, net.unpack_grads names its parts
-        self.packed = bool(packed) and getattr(net, "can_pack", False)
         # the parameters are fixed for the solve: let the network precompute what it can
         self._net_params = net.prepare(params) if hasattr(net, "prepare") else params
 
@@ -99,13 +96,6 @@ class CNFDynamics:
         djac = self.weight * _sum_features((Jeps * Jeps).sum(axis=0)) / D           # eq. 3.7
         return RegularizedCNFState(f, dlogdet, dkin, djac), (cache, f, Jeps)
 
-    def param_cotangents(self):
-        """The solver's zero accumulators for backward's params_bar (see npflow.solvers)."""
-        if self.packed:
-            v = next(iter(self.params.values()))
-            return self.net.packed_zeros(get_array_module(v), v.dtype)
-        return {k: get_array_module(v).zeros_like(v) for k, v in self.params.items()}
-
     def backward(self, cache, ybar):
         """Adjoint of forward (eq. 3.9): cotangents of dydt -> (y_bar, params_bar, t_bar).
 
@@ -123,11 +113,7 @@ class CNFDynamics:
             fbar = fbar + (2.0 / D) * ybar.kinetic.reshape(bshape[1:]) * f
             Jeps_bar = Jeps_bar + (2.0 * self.weight / D) * ybar.jacobian.reshape(bshape) * Jeps
         # the probes are constants: their cotangent is not needed
-        if self.packed:
-            zbar, _, pbar, tbar = self.net.backward(fbar, Jeps_bar, ncache, need_xdotbar=False,
-                                                    packed=True)
-        else:
-            zbar, _, pbar, tbar = self.net.backward(fbar, Jeps_bar, ncache, need_xdotbar=False)
+        zbar, _, pbar, tbar = self.net.backward(fbar, Jeps_bar, ncache, need_xdotbar=False)
         # F does not depend on ℓ, E, n: their cotangents are zero, given as None (the solver's
         # convention for a zero part)
         if self.regularized:
@@ -250,7 +236,7 @@ class CNF(BlockStack, FlowModel):
             return RegularizedCNFState(x, zero, zero, zero)
         return CNFState(x, zero)
 
-    def _flow(self, x, rng, params, Ts, regularized, trace, kw, probes=None, packed=False):
+    def _flow(self, x, rng, params, Ts, regularized, trace, kw, probes=None):
         """Solve every block forward from x (B, D) with fresh probes per block (eq. 3.1), or
         with the given ``probes`` [(eps (K, B, D), weight) per block].
 
@@ -260,8 +246,7 @@ class CNF(BlockStack, FlowModel):
         for b, net in enumerate(self.nets):
             eps, weight = (self._probes(trace, rng, x.shape[0]) if probes is None
                            else probes[b])
-            dyn = CNFDynamics(net, self.block_params(b, params), eps, weight, regularized,
-                              packed)
+            dyn = CNFDynamics(net, self.block_params(b, params), eps, weight, regularized)
             sol = odeint(dyn, y, 0.0, Ts[b], **kw)
             sols.append(sol)
             dyns.append(dyn)
@@ -348,8 +333,7 @@ class CNF(BlockStack, FlowModel):
         these rows of the per-sample NLL (and E, n), and their gradients divided by B (eq. 3.9
         with the cotangent of the whole batch's mean), so the parts of a batch add up."""
         cfg = self.config
-        y, sols, dyns = self._flow(x, rng, params, Ts, regularized, cfg["trace"], kw, probes,
-                                   packed=True)
+        y, sols, dyns = self._flow(x, rng, params, Ts, regularized, cfg["trace"], kw, probes)
         sums = {"nll": self._nll(y.z, y.logdet).sum()}
         if regularized:
             sums["kinetic"] = y.kinetic.sum()
@@ -365,8 +349,7 @@ class CNF(BlockStack, FlowModel):
             g = sols[b].backward(ybar)
             nfe_b += g.nfe
             pre = _block_prefix(b)
-            gp = self.nets[b].unpack_grads(g.params[PACKED]) if dyns[b].packed else g.params
-            for k, v in gp.items():
+            for k, v in g.params.items():
                 grads[pre + k] = v
             dT_discrete.append(g.t1)
             ybar = g.y0

@@ -348,8 +348,7 @@ class ConcatSquashLinear(_Affine):
         out[0] += shift
         return out, (W, Wg, g, h)
 
-    def backward_gated(self, hbar, cache, s_out, gbar_out, need_tangents=True, ones=None,
-                       wbar_out=None):
+    def backward_gated(self, hbar, cache, s_out, gbar_out, need_tangents=True, ones=None):
         """The per-layer part of eq. 1.14 for ``forward_gated``, with G = hbarᵀ h: writes
         s = Σ_b ybar into ``s_out`` and rowsum(W ⊙ G) into ``gbar_out`` (both (n_out,), views
         of the network's buffers, where the gate terms b ⊙ s, ā, b̄, w̄_g, b̄_g, w̄_b and tbar
@@ -357,8 +356,7 @@ class ConcatSquashLinear(_Affine):
         hbar (K+1, B, n_out) -> (hbar_in = hbar W_g (K+1, B, n_in), W̄ = diag(g) G);
         need_tangents=False: hbar_in is (1, B, n_in), the primal block ybar W_g only.
         ones: optional (B,) ones, so that s = onesᵀ ybar is a matrix-vector product (faster
-        than a reduction over the batch axis). wbar_out: optional (n_out, n_in) array that
-        receives W̄ (a view of a flat cotangent buffer)."""
+        than a reduction over the batch axis)."""
         W, Wg, g, h = cache
         hb = _rows(hbar)
         G = hb.T @ _rows(h)
@@ -367,10 +365,7 @@ class ConcatSquashLinear(_Affine):
         else:
             get_array_module(W).matmul(ones, hbar[0], out=s_out)
         (W * G).sum(axis=1, out=gbar_out)
-        if wbar_out is None:
-            G *= g[:, None]
-        else:
-            G = get_array_module(G).multiply(G, g[:, None], out=wbar_out)
+        G *= g[:, None]
         if not need_tangents:
             return (hbar[0] @ Wg)[None], G
         return (hb @ Wg).reshape(h.shape), G

@@ -19,10 +19,7 @@ from .backend import check_finite, get_array_module, resolve_dtype
 from .layers import (ConcatLinear, ConcatSquashLinear, Layer, Linear, Tanh, _as_time, _sigmoid,
                      get_activation, stack_cotangents, stack_tangents, unstack_tangents)
 
-__all__ = ["ODENet", "LAYER_TYPES", "PACKED"]
-
-#: the key of the flat cotangent of ODENet.backward(..., packed=True)
-PACKED = "packed"
+__all__ = ["ODENet", "LAYER_TYPES"]
 
 LAYER_TYPES = {"concatsquash": ConcatSquashLinear, "concat": ConcatLinear, "linear": Linear}
 
@@ -76,15 +73,6 @@ class ODENet(Layer):
             for lay in self.layers:
                 offs.append(offs[-1] + lay.n_out)
             self._slices = tuple(slice(offs[i], offs[i + 1]) for i in range(n))
-            # the flat cotangent layout of backward(..., packed=True) (eq. 2.6): every W̄_i,
-            # then the four gate vectors of all layers, each (Σ n_out,)
-            self._weight_slices, off = [], 0
-            for lay in self.layers:
-                size = lay.n_out * lay.n_in
-                self._weight_slices.append((slice(off, off + size), (lay.n_out, lay.n_in)))
-                off += size
-            self._gates_offset = off
-            self.packed_size = off + 4 * offs[-1]
 
     @property
     def config(self) -> dict:
@@ -228,15 +216,12 @@ class ODENet(Layer):
         y, ydot = unstack_tangents(h, K)
         return y, ydot, (tuple(caches), K, x, (g, t, GW, HW, BB))
 
-    def backward(self, ybar, ydotbar, cache, need_xdotbar=True, packed=False):
+    def backward(self, ybar, ydotbar, cache, need_xdotbar=True):
         """eq. 2.3: reverse of forward. ybar (B, n_out) or None, ydotbar (K, B, n_out) or None
         -> (xbar (B, n_in), xdotbar (K, B, n_in) or None, params_bar {"i.name": array},
         tbar 0-d array). need_xdotbar=False: xdotbar is returned as None and not computed
         (the first layer's input cotangent is formed for the primal block only), for callers
-        whose input tangents are constants (CNF probes). packed=True (ConcatSquash networks,
-        ``self.packed_size`` set): params_bar is {PACKED: one flat (packed_size,) array} in the
-        layout of eq. 2.6, for callers that sum many cotangents (the solver's adjoint: one
-        addition per stage instead of one per array); ``unpack_grads`` names its parts."""
+        whose input tangents are constants (CNF probes)."""
         caches, K, x, gated = cache
         xp, dtype = get_array_module(x), x.dtype
         y_shape = (x.shape[0], self.n_out)
@@ -245,7 +230,7 @@ class ODENet(Layer):
                              f"got {tuple(ybar.shape)}")
         hbar = stack_cotangents(ybar, ydotbar, y_shape, K, dtype, xp)
         if gated is not None:
-            return self._backward_gated(hbar, caches, K, gated, xp, need_xdotbar, packed)
+            return self._backward_gated(hbar, caches, K, gated, xp, need_xdotbar)
         grads = {}
         tbar = xp.zeros((), dtype=dtype)
         ci = len(caches) - 1
@@ -263,31 +248,24 @@ class ODENet(Layer):
         xbar, xdotbar = unstack_tangents(hbar, K)
         return xbar, (xdotbar if need_xdotbar else None), grads, tbar
 
-    def _backward_gated(self, hbar, caches, K, gated, xp, need_xdotbar=True, packed=False):
+    def _backward_gated(self, hbar, caches, K, gated, xp, need_xdotbar=True):
         """eq. 2.3 for ConcatSquash layers with the gate terms of eq. 1.14 for all layers at
         once (eq. 2.5): the layers write s_i = Σ_b ybar_i and rowsum(W_i ⊙ G_i) into slices of
         s and ḡ (Σ n_out,), then ḡ += b ⊙ s, ā = ḡ ⊙ g(1 − g), b̄ = g ⊙ s, w̄_g = t ā, b̄_g = ā,
-        w̄_b = t s and tbar = w_gᵀ ā + w_bᵀ s (the sum of the layers' terms).
-        packed: every cotangent is written into one flat array (eq. 2.6)."""
+        w̄_b = t s and tbar = w_gᵀ ā + w_bᵀ s (the sum of the layers' terms)."""
         g, t, GW, HW, BB = gated
         S = xp.empty(GW.shape, dtype=GW.dtype)
         Gbar = xp.empty(GW.shape, dtype=GW.dtype)
         ones = xp.ones(hbar.shape[1], dtype=hbar.dtype)     # s_i = onesᵀ ybar_i (a GEMV)
-        flat = xp.empty((self.packed_size,), dtype=GW.dtype) if packed else None
         grads = {}
         ci = len(caches) - 1
         act = self.activation
         for i in range(len(self.layers) - 1, -1, -1):
             sl = self._slices[i]
-            out = None
-            if packed:
-                wsl, shape = self._weight_slices[i]
-                out = flat[wsl].reshape(shape)
             hbar, Wbar = self.layers[i].backward_gated(hbar, caches[ci], S[sl], Gbar[sl],
-                                                       need_xdotbar or i > 0, ones, out)
+                                                       need_xdotbar or i > 0, ones)
             ci -= 1
-            if not packed:
-                grads[self._weight_keys[i]] = Wbar
+            grads[self._weight_keys[i]] = Wbar
             if i > 0:
                 if self._act_in_place:    # hbar is the fresh hbar_in of layer i: reuse it
                     hbar, _, _ = act.backward_stacked(hbar, caches[ci], out=hbar)
@@ -296,49 +274,20 @@ class ODENet(Layer):
                 ci -= 1
         Gbar += BB * S
         abar = Gbar * (g * (1.0 - g))
+        bias_bar = g * S
+        gw_bar = t * abar
+        hw_bar = t * S
         tbar = GW @ abar + HW @ S
-        if packed:
-            # rows: w̄_g = t ā, b̄_g = ā, w̄_b = t s, b̄ = g ⊙ s (eq. 2.6)
-            gates = flat[self._gates_offset:].reshape(4, -1)
-            xp.multiply(t, abar, out=gates[0])
-            gates[1] = abar
-            xp.multiply(t, S, out=gates[2])
-            xp.multiply(g, S, out=gates[3])
-            grads[PACKED] = flat
-        else:
-            bias_bar = g * S
-            gw_bar = t * abar
-            hw_bar = t * S
-            kgw, kgb, khw, kb = self._gate_keys
-            for i, sl in enumerate(self._slices):
-                grads[kb[i]] = bias_bar[sl]
-                grads[kgw[i]] = gw_bar[sl]
-                grads[kgb[i]] = abar[sl]
-                grads[khw[i]] = hw_bar[sl]
+        kgw, kgb, khw, kb = self._gate_keys
+        for i, sl in enumerate(self._slices):
+            grads[kb[i]] = bias_bar[sl]
+            grads[kgw[i]] = gw_bar[sl]
+            grads[kgb[i]] = abar[sl]
+            grads[khw[i]] = hw_bar[sl]
         if not need_xdotbar:
             return hbar[0], None, grads, tbar
         xbar, xdotbar = unstack_tangents(hbar, K)
         return xbar, xdotbar, grads, tbar
-
-    @property
-    def can_pack(self):
-        """Whether backward(..., packed=True) is available (ConcatSquash layers)."""
-        return self._gated
-
-    def unpack_grads(self, flat):
-        """The named cotangents {"i.name": view} of a flat array of backward(packed=True)."""
-        grads = {}
-        for key, (wsl, shape) in zip(self._weight_keys, self._weight_slices):
-            grads[key] = flat[wsl].reshape(shape)
-        gates = flat[self._gates_offset:].reshape(4, -1)
-        for row, keys in enumerate(self._gate_keys):
-            for i, sl in enumerate(self._slices):
-                grads[keys[i]] = gates[row, sl]
-        return grads
-
-    def packed_zeros(self, xp, dtype):
-        """A zero flat cotangent {PACKED: (packed_size,)} (the solver's accumulator)."""
-        return {PACKED: xp.zeros((self.packed_size,), dtype=dtype)}
 
     def __call__(self, params, x, t):
         """f(x, t) without tangents: (B, n_in) -> (B, n_out)."""

@@ -10,9 +10,6 @@ The dynamics is any object with
     backward(cache, dydt_bar) -> (y_bar, params_bar: dict, t_bar)
 
 (t a Python float; y_bar may hold None for parts that do not influence dydt; t_bar a scalar).
-Optionally ``param_cotangents()`` -> dict of zero arrays: the accumulators the adjoint sums
-params_bar into, when params_bar is not keyed like params (e.g. one flat array for all of them);
-without it the accumulators are zeros like ``params``.
 
 The gradient is the exact derivative of the discrete computation (discretize-then-optimize,
 docs/solvers.md section 2): every step y_{n+1} = Ψ(t_n, h_n, y_n) (eq. 2.1) is reversed by
@@ -394,8 +391,7 @@ def _backward(tape, y1_bar):
                              f"shape {tuple(r.shape)}")
     params = dyn.params
     xp = get_array_module(*[r for r in ref])
-    pacc = (dyn.param_cotangents() if hasattr(dyn, "param_cotangents")
-            else {k: xp.zeros_like(v) for k, v in params.items()})
+    pacc = {k: xp.zeros_like(v) for k, v in params.items()}
     ts, grid = tape.ts, tape.grid
     N = len(ts) - 1
     times = _TimeCotangents()

@@ -221,31 +221,3 @@ def test_toy_network_forward_backward_timing():
           f"(median {np.median(cpu) * 1e3:.3f}), wall min {min(wall) * 1e3:.3f} ms "
           f"(median {np.median(wall) * 1e3:.3f})")
     assert min(cpu) < 1.5e-3
-
-
-@pytest.mark.parametrize("K", [0, 2])
-def test_packed_cotangent_unpacks_to_the_named_cotangents(K):
-    """backward(packed=True) writes the same numbers as the named cotangents, in the flat
-    layout of eq. 2.6 that unpack_grads names (views into one array)."""
-    import numpy as np
-    from npflow.odenet import PACKED, ODENet
-    rng = np.random.default_rng(3)
-    net = ODENet(3, (5, 4), layer="concatsquash")
-    params = net.init_params(rng, "float64")
-    x = rng.standard_normal((6, 3))
-    xdot = rng.standard_normal((K, 6, 3)) if K else None
-    y, ydot, cache = net.forward(params, x, xdot, 0.3)
-    ybar = rng.standard_normal(y.shape)
-    ydotbar = rng.standard_normal(ydot.shape) if K else None
-    named = net.backward(ybar, ydotbar, cache)
-    packed = net.backward(ybar, ydotbar, cache, packed=True)
-    flat = packed[2][PACKED]
-    assert flat.shape == (net.packed_size,) and net.packed_size == sum(
-        v.size for v in params.values())
-    unpacked = net.unpack_grads(flat)
-    assert unpacked.keys() == named[2].keys() == params.keys()
-    for k, v in named[2].items():
-        np.testing.assert_array_equal(unpacked[k], v, err_msg=k)
-        assert unpacked[k].shape == params[k].shape
-    np.testing.assert_array_equal(packed[0], named[0])
-    assert float(packed[3]) == float(named[3])
