@@ -9,10 +9,12 @@ with x (B, C, H, W), xdot (K, B, C, H, W) or None, t a scalar.
 
 A convolution is linear in x, so the tangents go through the same map without the bias
 (eq. 1.3). The primal and the K tangents are therefore stacked into one batch of R = (K+1)·B
-images, padded once, unfolded once (im2col, eq. 1.2: a Python loop over the k² kernel offsets,
-never over pixels) and multiplied by the weight matrix in one matrix product. The
-backward reuses the stacked layout: one tensordot for the weight gradient and one matrix
-product plus a k²-offset fold (col2im, eq. 1.5) for the input gradients.
+images (NCHW), padded once, and unfolded (im2col, eq. 1.2: a Python loop over the k² kernel
+offsets, never over pixels) block by block of images, each block's columns multiplied by the
+weight matrix while they are still in the CPU caches (eq. 1.2a; one block on a GPU). The
+backward unfolds the same blocks again for the weight gradient (eq. 1.6), and gets the input
+gradient as a correlation of the zero-padded cotangent with the flipped kernel (eq. 1.5a, stride
+1), or by the transposed product and a k²-offset fold (col2im, eq. 1.5) for other strides.
 
 ConcatConv2d appends t as a constant input channel (FFJORD's ConcatConv2d: channel 0 is t, zero
 in the padding); its tangent channel is zero, and tbar is the sum of the gradient that reaches
@@ -37,36 +39,56 @@ def conv_output_size(n: int, kernel: int, stride: int, padding: int) -> int:
     return (n + 2 * padding - kernel) // stride + 1
 
 
-def _im2col(P, k, s, Ho, Wo, xp):
-    """Unfold channel-first padded images P (C, R, Hp, Wp) into columns (k·k·C, R·Ho·Wo)
-    (eq. 1.2): cols[(i, j, c), (r, h, w)] = P[c, r, s·h + i, s·w + j].
+#: Bytes of unfolded columns per block of images on the host (eq. 1.2a): small enough that a
+#: block's columns stay in the CPU caches between the copies that make them and the matrix
+#: product that reads them. On a GPU the whole batch is one block.
+CHUNK_BYTES = 2 << 20
 
-    One strided-slice copy per kernel offset (i, j), k² in all; the channel-first layout makes
-    each copy a few large blocks and the product with the weight a single matrix product.
+
+def _block_rows(R, row_bytes, like):
+    """Images per block (eq. 1.2a): all R on a device, else as many as fit CHUNK_BYTES."""
+    import numpy
+    if not isinstance(like, numpy.ndarray):
+        return R
+    return max(1, min(R, CHUNK_BYTES // max(1, row_bytes)))
+
+
+def _unfold(P, k, s, Ho, Wo, out):
+    """Unfold padded images P (n, C, Hp, Wp) into out (n, k·k·C, Ho, Wo) (eq. 1.2):
+    out[r, (i, j, c), h, w] = P[r, c, s·h + i, s·w + j].
+
+    One strided-slice copy per kernel offset (i, j), k² in all; never a loop over pixels.
     """
-    C, R = P.shape[:2]
-    cols = xp.empty((k, k, C, R, Ho, Wo), dtype=P.dtype)
+    C = P.shape[1]
     he, we = s * (Ho - 1) + 1, s * (Wo - 1) + 1
     for i in range(k):
         for j in range(k):
-            cols[i, j] = P[:, :, i:i + he:s, j:j + we:s]
-    return cols.reshape(k * k * C, R * Ho * Wo)
+            q = (i * k + j) * C
+            out[:, q:q + C] = P[:, :, i:i + he:s, j:j + we:s]
+    return out
 
 
-def _col2im(dcols, C, R, Hp, Wp, k, s, Ho, Wo, xp):
-    """Adjoint of _im2col (eq. 1.5): fold dcols (k·k·C, R·Ho·Wo) back into (C, R, Hp, Wp)."""
-    d = dcols.reshape(k, k, C, R, Ho, Wo)
-    dP = xp.zeros((C, R, Hp, Wp), dtype=dcols.dtype)
+def _fold_add(dcols, dP, k, s, Ho, Wo):
+    """Adjoint of _unfold (eq. 1.5): dP (n, C, Hp, Wp) += fold(dcols (n, k·k·C, Ho, Wo))."""
+    C = dP.shape[1]
     he, we = s * (Ho - 1) + 1, s * (Wo - 1) + 1
     for i in range(k):
         for j in range(k):
-            dP[:, :, i:i + he:s, j:j + we:s] += d[i, j]
+            q = (i * k + j) * C
+            dP[:, :, i:i + he:s, j:j + we:s] += dcols[:, q:q + C]
     return dP
 
 
 def _weight_matrix(W):
-    """W (C_out, C, k, k) -> (C_out, k·k·C), columns ordered (i, j, c) as in _im2col."""
+    """W (C_out, C, k, k) -> (C_out, k·k·C), columns ordered (i, j, c) as in _unfold."""
     return W.transpose(0, 2, 3, 1).reshape(W.shape[0], -1)
+
+
+def _flipped_weight_matrix(W):
+    """The weight matrix of the adjoint correlation (eq. 1.5a): W̃[c, o, i, j] =
+    W[o, c, k−1−i, k−1−j] as (C, k·k·C_out), columns ordered (i, j, o)."""
+    Wf = W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+    return Wf.transpose(0, 2, 3, 1).reshape(Wf.shape[0], -1)
 
 
 class Conv2d(Layer):
@@ -132,19 +154,26 @@ class Conv2d(Layer):
         K = 0 if xdot is None else xdot.shape[0]
         p, k, s, nt = self.padding, self.kernel, self.stride, self.time_channels
         _, Ho, Wo = self.output_shape((C, H, Wd))
-        R = (K + 1) * B
-        # one channel-first padded buffer (C + nt, R, Hp, Wp) for the primal and all tangents
-        # (eq. 1.2); the time channel is t on the interior of the primal rows, 0 in the padding
-        # and in the tangent rows (eq. 1.7)
-        P = xp.zeros((C + nt, R, H + 2 * p, Wd + 2 * p), dtype=x.dtype)
-        P[nt:, :B, p:p + H, p:p + Wd] = x.transpose(1, 0, 2, 3)
+        R, Cp, O = (K + 1) * B, C + nt, self.c_out
+        # one padded buffer (R, C + nt, Hp, Wp) for the primal and all tangents (eq. 1.2); the
+        # time channel is t on the interior of the primal rows, 0 in the padding and in the
+        # tangent rows (eq. 1.7)
+        P = xp.zeros((R, Cp, H + 2 * p, Wd + 2 * p), dtype=x.dtype)
+        P[:B, nt:, p:p + H, p:p + Wd] = x
         if K:
-            P[nt:, B:, p:p + H, p:p + Wd] = xdot.reshape(K * B, C, H, Wd).transpose(1, 0, 2, 3)
+            P[B:, nt:, p:p + H, p:p + Wd] = xdot.reshape(K * B, C, H, Wd)
         if nt:
-            P[:nt, :B, p:p + H, p:p + Wd] = t
-        cols = _im2col(P, k, s, Ho, Wo, xp)
-        Y = (_weight_matrix(W) @ cols).reshape(self.c_out, R, Ho, Wo)              # eq. 1.3
-        Y = Y.transpose(1, 0, 2, 3)
+            P[:B, :nt, p:p + H, p:p + Wd] = t
+        Wm = _weight_matrix(W)
+        KC = k * k * Cp
+        Y = xp.empty((R, O, Ho, Wo), dtype=x.dtype)
+        n = _block_rows(R, KC * Ho * Wo * x.dtype.itemsize, x)
+        buf = xp.empty((n, KC, Ho, Wo), dtype=x.dtype)
+        for r0 in range(0, R, n):                                               # eq. 1.2a
+            r1 = min(R, r0 + n)
+            cols = _unfold(P[r0:r1], k, s, Ho, Wo, buf[:r1 - r0])
+            xp.matmul(Wm, cols.reshape(r1 - r0, KC, Ho * Wo),                   # eq. 1.3
+                      out=Y[r0:r1].reshape(r1 - r0, O, Ho * Wo))
         return Y, (W, P, B, K, (C, H, Wd, Ho, Wo))
 
     def forward(self, params, x, xdot, t):
@@ -159,7 +188,7 @@ class Conv2d(Layer):
 
     # -- backward --------------------------------------------------------------------------------
     def _linear_backward(self, ybar, ydotbar, cache):
-        """Adjoint of the stacked linear map (eq. 1.5-1.7).
+        """Adjoint of the stacked linear map (eq. 1.5-1.7), block by block (eq. 1.2a).
 
         Returns (xbar, xdotbar, Wbar, tbar); rows whose cotangent is None are skipped.
         """
@@ -167,41 +196,67 @@ class Conv2d(Layer):
         xp = get_array_module(P)
         p, k, s, nt = self.padding, self.kernel, self.stride, self.time_channels
         use_t = ydotbar is not None and K > 0
+        dtype = P.dtype
         if ybar is None and not use_t:
-            zero = xp.zeros((), dtype=P.dtype)
+            zero = xp.zeros((), dtype=dtype)
             return None, None, xp.zeros_like(W), zero
-        O = self.c_out
-        if ybar is not None and use_t:
-            G = xp.empty((O, (K + 1) * B, Ho, Wo), dtype=P.dtype)
-            G[:, :B] = ybar.transpose(1, 0, 2, 3)
-            G[:, B:] = ydotbar.reshape(K * B, O, Ho, Wo).transpose(1, 0, 2, 3)
-            Ps = P
-        elif ybar is not None:
-            G, Ps = xp.ascontiguousarray(ybar.transpose(1, 0, 2, 3)), P[:, :B]
+        O, Cp = self.c_out, C + nt
+        KC, KO = k * k * Cp, k * k * O
+        # stride 1 with k − 1 − p >= 0: the input gradient is a correlation of the zero-padded
+        # cotangent with the flipped kernel (eq. 1.5a), a product like the forward's; otherwise
+        # the transposed product and the fold of eq. 1.5
+        q = k - 1 - p
+        flip = s == 1 and q >= 0
+        Wm = _weight_matrix(W)
+        Wf = _flipped_weight_matrix(W) if flip else xp.ascontiguousarray(Wm.T)
+        Wbar_m = xp.zeros((O, KC), dtype=dtype)
+        row_bytes = max(KC * Ho * Wo, KO * H * Wd if flip else 0) * dtype.itemsize
+        n = _block_rows((K + 1) * B, row_bytes, P)
+        cols_buf = xp.empty((n, KC, Ho, Wo), dtype=dtype)
+        if flip:
+            Gpad = xp.zeros((n, O, Ho + 2 * q, Wo + 2 * q), dtype=dtype)
+            gcols_buf = xp.empty((n, KO, H, Wd), dtype=dtype)
         else:
-            G = xp.ascontiguousarray(ydotbar.reshape(K * B, O, Ho, Wo).transpose(1, 0, 2, 3))
-            Ps = P[:, B:]
-        R = G.shape[1]
-        G = G.reshape(O, R * Ho * Wo)
-        cols = _im2col(Ps, k, s, Ho, Wo, xp)
-        # eq. 1.6: Wbar = Σ_r G_r cols_rᵀ (primal and tangent rows alike), back to (O, C, k, k)
-        # (OpenBLAS is much faster for these long reductions with the larger side as rows)
-        Wm_bar = G @ cols.T if O >= cols.shape[0] else (cols @ G.T).T
-        Wbar = xp.ascontiguousarray(Wm_bar.reshape(O, k, k, C + nt).transpose(0, 3, 1, 2))
-        # eq. 1.5: input gradient = fold(Wᵀ G)
-        dcols = xp.ascontiguousarray(_weight_matrix(W).T) @ G
-        dP = _col2im(dcols, C + nt, R, H + 2 * p, Wd + 2 * p, k, s, Ho, Wo, xp)
-        dX = dP[nt:, :, p:p + H, p:p + Wd].transpose(1, 0, 2, 3)
-        xbar = xdotbar = None
-        tbar = xp.zeros((), dtype=P.dtype)
+            dP = xp.empty((n, Cp, H + 2 * p, Wd + 2 * p), dtype=dtype)
+        outs = []
+        parts = []
         if ybar is not None:
-            xbar = dX[:B]
+            parts.append((0, ybar))
+        if use_t:
+            parts.append((B, ydotbar.reshape(K * B, O, Ho, Wo)))
+        for off, Gs in parts:
+            R = Gs.shape[0]
+            dX = xp.empty((R, Cp, H, Wd), dtype=dtype)
+            for r0 in range(0, R, n):
+                r1 = min(R, r0 + n)
+                m = r1 - r0
+                G3 = Gs[r0:r1].reshape(m, O, Ho * Wo)
+                cols = _unfold(P[off + r0:off + r1], k, s, Ho, Wo, cols_buf[:m])
+                # eq. 1.6: Wbar = Σ_r G_r cols_rᵀ (primal and tangent rows alike)
+                Wbar_m += xp.matmul(G3, cols.reshape(m, KC, Ho * Wo).transpose(0, 2, 1)).sum(
+                    axis=0)
+                if flip:                                                        # eq. 1.5a
+                    Gpad[:m, :, q:q + Ho, q:q + Wo] = Gs[r0:r1]
+                    gcols = _unfold(Gpad[:m], k, 1, H, Wd, gcols_buf[:m])
+                    xp.matmul(Wf, gcols.reshape(m, KO, H * Wd),
+                              out=dX[r0:r1].reshape(m, Cp, H * Wd))
+                else:                                                           # eq. 1.5
+                    dcols = xp.matmul(Wf, G3).reshape(m, KC, Ho, Wo)
+                    dPm = dP[:m]
+                    dPm[...] = 0
+                    _fold_add(dcols, dPm, k, s, Ho, Wo)
+                    dX[r0:r1] = dPm[:, :, p:p + H, p:p + Wd]
+            outs.append(dX)
+        Wbar = xp.ascontiguousarray(Wbar_m.reshape(O, k, k, Cp).transpose(0, 3, 1, 2))
+        xbar = xdotbar = None
+        tbar = xp.zeros((), dtype=dtype)
+        if ybar is not None:
+            dX = outs.pop(0)
+            xbar = dX[:, nt:]
             if nt:
-                tbar = dP[:nt, :B, p:p + H, p:p + Wd].sum()                       # eq. 1.7
-            if use_t:
-                xdotbar = dX[B:].reshape(K, B, C, H, Wd)
-        else:
-            xdotbar = dX.reshape(K, B, C, H, Wd)
+                tbar = dX[:, :nt].sum()                                         # eq. 1.7
+        if use_t:
+            xdotbar = outs.pop(0)[:, nt:].reshape(K, B, C, H, Wd)
         return xbar, xdotbar, Wbar, tbar
 
     def backward(self, ybar, ydotbar, cache):

@@ -164,3 +164,32 @@ def test_convnet_rejects_wrong_shapes():
         net.forward(params, np.zeros((2, 1, 6, 6)), np.zeros((1, 2, 1, 6, 5)), 0.0)
     with pytest.raises(ValueError, match="strides"):
         ConvNet((1, 6, 6), hidden_dims=(4,), strides=(2, 1))
+
+
+@pytest.mark.parametrize("cls", [Conv2d, ConcatConv2d, ConcatSquashConv2d])
+@pytest.mark.parametrize("ksp", [(3, 1, 1), (3, 1, 0), (1, 1, 0), (4, 2, 1), (3, 2, 0)])
+def test_image_blocks_give_the_same_forward_and_backward_as_one_block(cls, ksp, monkeypatch):
+    """eq. 1.2a: unfolding and multiplying block by block of images (one image per block here)
+    changes nothing but the order of the weight gradient's sum."""
+    import npflow.conv as conv
+    k, s, p = ksp
+    rng = np.random.default_rng(7)
+    layer = cls(3, 4, kernel=k, stride=s, padding=p)
+    params = layer.init_params(rng, np.float64, np)
+    x = rng.standard_normal((3, 3, 7, 6))
+    xdot = rng.standard_normal((2, 3, 3, 7, 6))
+    results = []
+    for chunk in (1 << 40, 1):
+        monkeypatch.setattr(conv, "CHUNK_BYTES", chunk)
+        y, ydot, cache = layer.forward(params, x, xdot, 0.4)
+        ybar = np.random.default_rng(1).standard_normal(y.shape)
+        ydotbar = np.random.default_rng(2).standard_normal(ydot.shape)
+        results.append((y, ydot) + layer.backward(ybar, ydotbar, cache))
+    (y0, yd0, xb0, xdb0, g0, t0), (y1, yd1, xb1, xdb1, g1, t1) = results
+    np.testing.assert_array_equal(y1, y0)
+    np.testing.assert_array_equal(yd1, yd0)
+    np.testing.assert_allclose(xb1, xb0, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(xdb1, xdb0, rtol=1e-13, atol=1e-13)
+    for key in g0:
+        np.testing.assert_allclose(g1[key], g0[key], rtol=1e-12, atol=1e-12, err_msg=key)
+    assert float(t1) == pytest.approx(float(t0), rel=1e-12, abs=1e-12)
