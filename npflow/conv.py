@@ -187,10 +187,12 @@ class Conv2d(Layer):
         return y, ydot, cache
 
     # -- backward --------------------------------------------------------------------------------
-    def _linear_backward(self, ybar, ydotbar, cache):
+    def _linear_backward(self, ybar, ydotbar, cache, need_xdotbar=True):
         """Adjoint of the stacked linear map (eq. 1.5-1.7), block by block (eq. 1.2a).
 
         Returns (xbar, xdotbar, Wbar, tbar); rows whose cotangent is None are skipped.
+        need_xdotbar=False: the tangent rows still give their part of Wbar, but their input
+        cotangent is not formed (xdotbar None).
         """
         W, P, B, K, (C, H, Wd, Ho, Wo) = cache
         xp = get_array_module(P)
@@ -209,7 +211,7 @@ class Conv2d(Layer):
         flip = s == 1 and q >= 0
         Wm = _weight_matrix(W)
         Wf = _flipped_weight_matrix(W) if flip else xp.ascontiguousarray(Wm.T)
-        Wbar_m = xp.zeros((O, KC), dtype=dtype)
+        Wbar_t = xp.zeros((KC, O), dtype=dtype)       # W̄ as (k·k·C, C_out): colsᵀ-side GEMMs
         row_bytes = max(KC * Ho * Wo, KO * H * Wd if flip else 0) * dtype.itemsize
         n = _block_rows((K + 1) * B, row_bytes, P)
         cols_buf = xp.empty((n, KC, Ho, Wo), dtype=dtype)
@@ -226,15 +228,19 @@ class Conv2d(Layer):
             parts.append((B, ydotbar.reshape(K * B, O, Ho, Wo)))
         for off, Gs in parts:
             R = Gs.shape[0]
-            dX = xp.empty((R, Cp, H, Wd), dtype=dtype)
+            want_dx = off == 0 or need_xdotbar
+            dX = xp.empty((R, Cp, H, Wd), dtype=dtype) if want_dx else None
             for r0 in range(0, R, n):
                 r1 = min(R, r0 + n)
                 m = r1 - r0
                 G3 = Gs[r0:r1].reshape(m, O, Ho * Wo)
                 cols = _unfold(P[off + r0:off + r1], k, s, Ho, Wo, cols_buf[:m])
-                # eq. 1.6: Wbar = Σ_r G_r cols_rᵀ (primal and tangent rows alike)
-                Wbar_m += xp.matmul(G3, cols.reshape(m, KC, Ho * Wo).transpose(0, 2, 1)).sum(
+                # eq. 1.6: Wbarᵀ = Σ_r cols_r G_rᵀ (primal and tangent rows alike; this
+                # orientation of the product ran 1.5× faster than G_r cols_rᵀ here)
+                Wbar_t += xp.matmul(cols.reshape(m, KC, Ho * Wo), G3.transpose(0, 2, 1)).sum(
                     axis=0)
+                if not want_dx:
+                    continue
                 if flip:                                                        # eq. 1.5a
                     Gpad[:m, :, q:q + Ho, q:q + Wo] = Gs[r0:r1]
                     gcols = _unfold(Gpad[:m], k, 1, H, Wd, gcols_buf[:m])
@@ -247,7 +253,7 @@ class Conv2d(Layer):
                     _fold_add(dcols, dPm, k, s, Ho, Wo)
                     dX[r0:r1] = dPm[:, :, p:p + H, p:p + Wd]
             outs.append(dX)
-        Wbar = xp.ascontiguousarray(Wbar_m.reshape(O, k, k, Cp).transpose(0, 3, 1, 2))
+        Wbar = xp.ascontiguousarray(Wbar_t.T.reshape(O, k, k, Cp).transpose(0, 3, 1, 2))
         xbar = xdotbar = None
         tbar = xp.zeros((), dtype=dtype)
         if ybar is not None:
@@ -255,15 +261,15 @@ class Conv2d(Layer):
             xbar = dX[:, nt:]
             if nt:
                 tbar = dX[:, :nt].sum()                                         # eq. 1.7
-        if use_t:
+        if use_t and need_xdotbar:
             xdotbar = outs.pop(0)[:, nt:].reshape(K, B, C, H, Wd)
         return xbar, xdotbar, Wbar, tbar
 
-    def backward(self, ybar, ydotbar, cache):
+    def backward(self, ybar, ydotbar, cache, need_xdotbar=True):
         """eq. 1.5: xbar = Wᵀ ⋆ ybar, xdotbar_k = Wᵀ ⋆ ydotbar_k;
         eq. 1.6: Wbar = ybar ⋆ x + Σ_k ydotbar_k ⋆ xdot_k, bbar = Σ_{b,h,w} ybar;
         eq. 1.7: tbar = Σ (gradient reaching the time channel) (ConcatConv2d only)."""
-        xbar, xdotbar, Wbar, tbar = self._linear_backward(ybar, ydotbar, cache)
+        xbar, xdotbar, Wbar, tbar = self._linear_backward(ybar, ydotbar, cache, need_xdotbar)
         grads = {"weight": Wbar}
         if self.bias:
             xp = get_array_module(Wbar)
@@ -318,7 +324,7 @@ class ConcatSquashConv2d(Conv2d):
         ydot = None if cdot is None else cdot * g[:, None, None]
         return y, ydot, (lin_cache, c, cdot, g, t, params["gate_weight"], params["hyper_bias"])
 
-    def backward(self, ybar, ydotbar, cache):
+    def backward(self, ybar, ydotbar, cache, need_xdotbar=True):
         """eq. 1.9: cbar = ybar ⊙ g, ċbar_k = ydotbar_k ⊙ g;
         eq. 1.10: ḡ = Σ ybar ⊙ c + Σ_k ydotbar_k ⊙ ċ_k (per channel), ā = ḡ g(1−g),
         W̄_g = ā t, b̄_g = ā, W̄_b = t Σ ybar, tbar = Σ ā W_g + Σ W_b Σ ybar (+ conv's eq. 1.7,
@@ -328,7 +334,7 @@ class ConcatSquashConv2d(Conv2d):
         gb = g[:, None, None]
         cbar = None if ybar is None else ybar * gb
         cdotbar = None if (ydotbar is None or cdot is None) else ydotbar * gb
-        xbar, xdotbar, grads, _ = super().backward(cbar, cdotbar, lin_cache)
+        xbar, xdotbar, grads, _ = super().backward(cbar, cdotbar, lin_cache, need_xdotbar)
         gbar = xp.zeros_like(g)
         ysum = xp.zeros_like(g)
         if ybar is not None:
@@ -435,13 +441,14 @@ class ConvNet(Layer):
         """Reverse of eq. 1.12 layer by layer; tbar summed over layers.
 
         need_xdotbar=False: the tangents' cotangent is returned as None (the CNF's probes are
-        constants); the first layer still forms it, as the conv layers have no such option."""
+        constants), and the first layer does not form it."""
         grads = {}
         tbar = 0.0
         hbar, hdotbar = ybar, ydotbar
         ci = len(cache) - 1
         for i in range(len(self.convs) - 1, -1, -1):
-            hbar, hdotbar, g, tb = self.convs[i].backward(hbar, hdotbar, cache[ci])
+            hbar, hdotbar, g, tb = self.convs[i].backward(hbar, hdotbar, cache[ci],
+                                                          need_xdotbar or i > 0)
             ci -= 1
             tbar = tbar + tb
             for name, v in g.items():

@@ -193,3 +193,22 @@ def test_image_blocks_give_the_same_forward_and_backward_as_one_block(cls, ksp, 
     for key in g0:
         np.testing.assert_allclose(g1[key], g0[key], rtol=1e-12, atol=1e-12, err_msg=key)
     assert float(t1) == pytest.approx(float(t0), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("ksp", [(3, 1, 1), (4, 2, 1)])
+def test_backward_without_tangent_cotangent_keeps_xbar_and_weight_gradient(ksp):
+    k, s, p = ksp
+    rng = np.random.default_rng(5)
+    layer = ConcatConv2d(2, 3, kernel=k, stride=s, padding=p)
+    params = layer.init_params(rng, np.float64, np)
+    x = rng.standard_normal((2, 2, 6, 6))
+    xdot = rng.standard_normal((1, 2, 2, 6, 6))
+    y, ydot, cache = layer.forward(params, x, xdot, 0.2)
+    ybar, ydotbar = rng.standard_normal(y.shape), rng.standard_normal(ydot.shape)
+    full = layer.backward(ybar, ydotbar, cache)
+    part = layer.backward(ybar, ydotbar, cache, need_xdotbar=False)
+    assert part[1] is None and full[1] is not None
+    np.testing.assert_array_equal(part[0], full[0])
+    for key in full[2]:
+        np.testing.assert_array_equal(part[2][key], full[2][key])
+    assert float(part[3]) == float(full[3])
