@@ -178,13 +178,17 @@ class Conv2d(Layer):
 
     def forward(self, params, x, xdot, t):
         """eq. 1.3: y = W ⋆ x + b;  eq. 1.4: ydot_k = W ⋆ xdot_k.  Shapes in the class doc."""
+        H, cache = self.forward_stacked(params, x, xdot, t)
+        return H[0], (H[1:] if H.shape[0] > 1 else None), cache
+
+    def forward_stacked(self, params, x, xdot, t):
+        """forward with the output stacked: H (K+1, B, C_out, Ho, Wo), H[0] = y, H[1:] = ydot
+        (one array, as the activations' stacked rules take it: no copy between layers)."""
         Y, cache = self._linear_forward(params["weight"], x, xdot, t)
         B, K = cache[2], cache[3]
-        y = Y[:B]
         if self.bias:
-            y = y + params["bias"][:, None, None]
-        ydot = Y[B:].reshape((K,) + y.shape) if K else None
-        return y, ydot, cache
+            Y[:B] += params["bias"][:, None, None]        # Y is this call's own array
+        return Y.reshape((K + 1, B) + Y.shape[1:]), cache
 
     # -- backward --------------------------------------------------------------------------------
     def _linear_backward(self, ybar, ydotbar, cache, need_xdotbar=True):
@@ -226,10 +230,17 @@ class Conv2d(Layer):
             parts.append((0, ybar))
         if use_t:
             parts.append((B, ydotbar.reshape(K * B, O, Ho, Wo)))
+        # both input cotangents in one array (K+1)·B rows, so that xbar and xdotbar are views
+        # of it and the activation below can take them stacked without a copy
+        both = ybar is not None and use_t and need_xdotbar
+        dX_all = xp.empty(((K + 1) * B, Cp, H, Wd), dtype=dtype) if both else None
         for off, Gs in parts:
             R = Gs.shape[0]
             want_dx = off == 0 or need_xdotbar
-            dX = xp.empty((R, Cp, H, Wd), dtype=dtype) if want_dx else None
+            if both:
+                dX = dX_all[off:off + R]
+            else:
+                dX = xp.empty((R, Cp, H, Wd), dtype=dtype) if want_dx else None
             for r0 in range(0, R, n):
                 r1 = min(R, r0 + n)
                 m = r1 - r0
@@ -312,17 +323,25 @@ class ConcatSquashConv2d(Conv2d):
 
     def forward(self, params, x, xdot, t):
         """eq. 1.8."""
+        H, cache = self.forward_stacked(params, x, xdot, t)
+        return H[0], (H[1:] if H.shape[0] > 1 else None), cache
+
+    def forward_stacked(self, params, x, xdot, t):
+        """eq. 1.8 with the output stacked: H (K+1, B, C_out, Ho, Wo), H[0] = y, H[1:] = ydot."""
         Y, lin_cache = self._linear_forward(params["weight"], x, xdot, t)
         xp = get_array_module(Y)
         B, K = lin_cache[2], lin_cache[3]
         c = Y[:B]
         if self.bias:
-            c = c + params["bias"][:, None, None]
+            c += params["bias"][:, None, None]             # Y is this call's own array
         g = _sigmoid(params["gate_weight"] * t + params["gate_bias"], xp)
-        y = c * g[:, None, None] + (params["hyper_bias"] * t)[:, None, None]
+        H = xp.empty((K + 1,) + c.shape, dtype=c.dtype)
+        xp.multiply(c, g[:, None, None], out=H[0])
+        H[0] += (params["hyper_bias"] * t)[:, None, None]
         cdot = Y[B:].reshape((K,) + c.shape) if K else None
-        ydot = None if cdot is None else cdot * g[:, None, None]
-        return y, ydot, (lin_cache, c, cdot, g, t, params["gate_weight"], params["hyper_bias"])
+        if K:
+            xp.multiply(cdot, g[:, None, None], out=H[1:])
+        return H, (lin_cache, c, cdot, g, t, params["gate_weight"], params["hyper_bias"])
 
     def backward(self, ybar, ydotbar, cache, need_xdotbar=True):
         """eq. 1.9: cbar = ybar ⊙ g, ċbar_k = ydotbar_k ⊙ g;
@@ -424,17 +443,19 @@ class ConvNet(Layer):
         return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
 
     def forward(self, params, x, xdot, t):
-        """eq. 1.12: h_0 = x, h_{i+1} = softplus(conv_i(h_i, t)), f = conv_L(h_L, t)."""
+        """eq. 1.12: h_0 = x, h_{i+1} = softplus(conv_i(h_i, t)), f = conv_L(h_L, t).
+        Each conv layer hands its output to the activation stacked (K+1, B, ...), as one array."""
         self.validate(x, xdot)
         caches = []
         h, hdot = x, xdot
         last = len(self.convs) - 1
         for i, conv in enumerate(self.convs):
-            h, hdot, c = conv.forward(self._sub(params, i), h, hdot, t)
+            H, c = conv.forward_stacked(self._sub(params, i), h, hdot, t)
             caches.append(c)
             if i < last:
-                h, hdot, c = self.act.forward({}, h, hdot, t)
+                H, c = self.act.forward_stacked({}, H, t)
                 caches.append(c)
+            h, hdot = H[0], (H[1:] if H.shape[0] > 1 else None)
         return h, hdot, tuple(caches)
 
     def backward(self, ybar, ydotbar, cache, need_xdotbar=True):
@@ -454,6 +475,32 @@ class ConvNet(Layer):
             for name, v in g.items():
                 grads[f"{i}.{name}"] = v
             if i > 0:
-                hbar, hdotbar, _, _ = self.act.backward(hbar, hdotbar, cache[ci])
+                Hbar = _stacked(hbar, hdotbar, get_array_module(hbar))
+                Hin, _, _ = self.act.backward_stacked(Hbar, cache[ci])
+                hbar, hdotbar = Hin[0], (Hin[1:] if Hin.shape[0] > 1 else None)
                 ci -= 1
         return hbar, (hdotbar if need_xdotbar else None), grads, tbar
+
+
+def _address(a):
+    """Address of a's first element (CuPy: a.data.ptr; NumPy: the array interface)."""
+    ptr = getattr(getattr(a, "data", None), "ptr", None)
+    return ptr if ptr is not None else a.__array_interface__["data"][0]
+
+
+def _stacked(ybar, ydotbar, xp):
+    """(K+1, B, ...) with [0] = ybar and [1:] = ydotbar: a view when the conv backward wrote
+    both into one array A as A[:B, nt:] and A[B:, nt:] (the usual case), else a copy."""
+    if ydotbar is None:
+        return ybar[None]
+    base = getattr(ybar, "base", None)
+    if base is not None and getattr(ydotbar, "base", None) is base and base.ndim == ybar.ndim:
+        K, B = ydotbar.shape[0], ybar.shape[0]
+        v = base[:, base.shape[1] - ybar.shape[1]:]
+        if v.shape[0] == (K + 1) * B and v.shape[1:] == ybar.shape[1:]:
+            v = v.reshape((K + 1,) + ybar.shape)
+            if (v[0].strides == ybar.strides and v[1:].strides == ydotbar.strides
+                    and _address(v[0]) == _address(ybar)
+                    and _address(v[1:]) == _address(ydotbar)):
+                return v
+    return xp.concatenate((ybar[None], ydotbar), axis=0)

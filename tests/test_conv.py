@@ -212,3 +212,20 @@ def test_backward_without_tangent_cotangent_keeps_xbar_and_weight_gradient(ksp):
     for key in full[2]:
         np.testing.assert_array_equal(part[2][key], full[2][key])
     assert float(part[3]) == float(full[3])
+
+
+def test_stacked_cotangents_are_a_view_only_of_the_same_memory():
+    from npflow.conv import _stacked
+    A = np.arange(2 * 3 * 4 * 2 * 2, dtype=float).reshape(2 * 3, 4, 2, 2).copy()
+    ybar, ydotbar = A[:3, 1:], A[3:, 1:].reshape(1, 3, 3, 2, 2)
+    v = _stacked(ybar, ydotbar, np)
+    assert np.shares_memory(v, A)
+    np.testing.assert_array_equal(v[0], ybar)
+    np.testing.assert_array_equal(v[1:], ydotbar)
+    # same base, other rows: copied, with the right values
+    ybar2 = A[3:, 1:]
+    ydot2 = A[:3, 1:].reshape(1, 3, 3, 2, 2)
+    w = _stacked(ybar2, ydot2, np)
+    assert not np.shares_memory(w, A)
+    np.testing.assert_array_equal(w[0], ybar2)
+    np.testing.assert_array_equal(w[1:], ydot2)
