@@ -166,18 +166,22 @@ def test_convnet_rejects_wrong_shapes():
         ConvNet((1, 6, 6), hidden_dims=(4,), strides=(2, 1))
 
 
+def _case(cls, ksp, seed, x_shape, K):
+    """A float64 layer with its params, an input x of x_shape and K tangents."""
+    k, s, p = ksp
+    rng = np.random.default_rng(seed)
+    layer = cls(x_shape[1], x_shape[1] + 1, kernel=k, stride=s, padding=p)
+    params = layer.init_params(rng, np.float64, np)
+    return layer, params, rng.standard_normal(x_shape), rng.standard_normal((K,) + x_shape), rng
+
+
 @pytest.mark.parametrize("cls", [Conv2d, ConcatConv2d, ConcatSquashConv2d])
 @pytest.mark.parametrize("ksp", [(3, 1, 1), (3, 1, 0), (1, 1, 0), (4, 2, 1), (3, 2, 0)])
 def test_image_blocks_give_the_same_forward_and_backward_as_one_block(cls, ksp, monkeypatch):
     """eq. 1.2a: unfolding and multiplying block by block of images (one image per block here)
     changes nothing but the order of the weight gradient's sum."""
     import npflow.conv as conv
-    k, s, p = ksp
-    rng = np.random.default_rng(7)
-    layer = cls(3, 4, kernel=k, stride=s, padding=p)
-    params = layer.init_params(rng, np.float64, np)
-    x = rng.standard_normal((3, 3, 7, 6))
-    xdot = rng.standard_normal((2, 3, 3, 7, 6))
+    layer, params, x, xdot, _ = _case(cls, ksp, 7, (3, 3, 7, 6), 2)
     results = []
     for chunk in (1 << 40, 1):
         monkeypatch.setattr(conv, "CHUNK_BYTES", chunk)
@@ -197,12 +201,7 @@ def test_image_blocks_give_the_same_forward_and_backward_as_one_block(cls, ksp, 
 
 @pytest.mark.parametrize("ksp", [(3, 1, 1), (4, 2, 1)])
 def test_backward_without_tangent_cotangent_keeps_xbar_and_weight_gradient(ksp):
-    k, s, p = ksp
-    rng = np.random.default_rng(5)
-    layer = ConcatConv2d(2, 3, kernel=k, stride=s, padding=p)
-    params = layer.init_params(rng, np.float64, np)
-    x = rng.standard_normal((2, 2, 6, 6))
-    xdot = rng.standard_normal((1, 2, 2, 6, 6))
+    layer, params, x, xdot, rng = _case(ConcatConv2d, ksp, 5, (2, 2, 6, 6), 1)
     y, ydot, cache = layer.forward(params, x, xdot, 0.2)
     ybar, ydotbar = rng.standard_normal(y.shape), rng.standard_normal(ydot.shape)
     full = layer.backward(ybar, ydotbar, cache)
