@@ -210,3 +210,19 @@ def test_default_flags_reach_the_quality_target(tmp_path, data, bound):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert _records(log)[-1]["test_nll"] <= bound
+
+
+@needs_cnf
+def test_threads_flag_gives_the_losses_of_one_thread(tmp_path):
+    """--threads 2 cuts batches of 512 into two row blocks (CNF.threads, docs/cnf.md 3.10);
+    the training losses equal those of one thread up to float32 rounding."""
+    base = [a if a != "16" else "512" for a in TINY] + ["--niters", "3", "--no-figures",
+                                                        "--log-every", "1"]
+    losses = []
+    for threads in ("1", "2"):
+        log = tmp_path / f"log{threads}.jsonl"
+        assert _run(base + ["--threads", threads, "--save", str(tmp_path / threads),
+                            "--log-json", str(log)]) == 0
+        losses.append([r["loss"] for r in _records(log) if "loss" in r])
+    assert len(losses[0]) == 3
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
