@@ -215,14 +215,21 @@ class Conv2d(Layer):
         flip = s == 1 and q >= 0
         Wm = _weight_matrix(W)
         Wf = _flipped_weight_matrix(W) if flip else xp.ascontiguousarray(Wm.T)
-        Wbar_t = xp.zeros((KC, O), dtype=dtype)       # W̄ as (k·k·C, C_out): colsᵀ-side GEMMs
-        row_bytes = max(KC * Ho * Wo, KO * H * Wd if flip else 0) * dtype.itemsize
+        if flip:
+            # eq. 1.6b: W̄ from the cotangent's unfolding (made for eq. 1.5a anyway) and the
+            # interior of P, as (k·k·C_out, C): no second unfolding of P
+            Wbar_f = xp.zeros((KO, Cp), dtype=dtype)
+            row_bytes = (KO * H * Wd + Cp * H * Wd) * dtype.itemsize
+        else:
+            Wbar_t = xp.zeros((KC, O), dtype=dtype)   # W̄ as (k·k·C, C_out): colsᵀ-side GEMMs
+            row_bytes = KC * Ho * Wo * dtype.itemsize
         n = _block_rows((K + 1) * B, row_bytes, P)
-        cols_buf = xp.empty((n, KC, Ho, Wo), dtype=dtype)
         if flip:
             Gpad = xp.zeros((n, O, Ho + 2 * q, Wo + 2 * q), dtype=dtype)
             gcols_buf = xp.empty((n, KO, H, Wd), dtype=dtype)
+            X_buf = xp.empty((n, Cp, H, Wd), dtype=dtype)
         else:
+            cols_buf = xp.empty((n, KC, Ho, Wo), dtype=dtype)
             dP = xp.empty((n, Cp, H + 2 * p, Wd + 2 * p), dtype=dtype)
         outs = []
         parts = []
@@ -244,27 +251,37 @@ class Conv2d(Layer):
             for r0 in range(0, R, n):
                 r1 = min(R, r0 + n)
                 m = r1 - r0
+                if flip:
+                    Gpad[:m, :, q:q + Ho, q:q + Wo] = Gs[r0:r1]
+                    gcols = _unfold(Gpad[:m], k, 1, H, Wd, gcols_buf[:m]).reshape(m, KO,
+                                                                                   H * Wd)
+                    X = X_buf[:m]
+                    X[...] = P[off + r0:off + r1, :, p:p + H, p:p + Wd]
+                    # eq. 1.6b: W̄_f = Σ_r gcols_r X_rᵀ (primal and tangent rows alike)
+                    Wbar_f += xp.matmul(gcols, X.reshape(m, Cp, H * Wd).transpose(0, 2, 1)).sum(
+                        axis=0)
+                    if want_dx:                                                 # eq. 1.5a
+                        xp.matmul(Wf, gcols, out=dX[r0:r1].reshape(m, Cp, H * Wd))
+                    continue
                 G3 = Gs[r0:r1].reshape(m, O, Ho * Wo)
                 cols = _unfold(P[off + r0:off + r1], k, s, Ho, Wo, cols_buf[:m])
                 # eq. 1.6: Wbarᵀ = Σ_r cols_r G_rᵀ (primal and tangent rows alike; this
                 # orientation of the product ran 1.5× faster than G_r cols_rᵀ here)
                 Wbar_t += xp.matmul(cols.reshape(m, KC, Ho * Wo), G3.transpose(0, 2, 1)).sum(
                     axis=0)
-                if not want_dx:
-                    continue
-                if flip:                                                        # eq. 1.5a
-                    Gpad[:m, :, q:q + Ho, q:q + Wo] = Gs[r0:r1]
-                    gcols = _unfold(Gpad[:m], k, 1, H, Wd, gcols_buf[:m])
-                    xp.matmul(Wf, gcols.reshape(m, KO, H * Wd),
-                              out=dX[r0:r1].reshape(m, Cp, H * Wd))
-                else:                                                           # eq. 1.5
+                if want_dx:                                                     # eq. 1.5
                     dcols = xp.matmul(Wf, G3).reshape(m, KC, Ho, Wo)
                     dPm = dP[:m]
                     dPm[...] = 0
                     _fold_add(dcols, dPm, k, s, Ho, Wo)
                     dX[r0:r1] = dPm[:, :, p:p + H, p:p + Wd]
             outs.append(dX)
-        Wbar = xp.ascontiguousarray(Wbar_t.T.reshape(O, k, k, Cp).transpose(0, 3, 1, 2))
+        if flip:
+            # rows (i', j', o) with i' = k−1−i, j' = k−1−j (eq. 1.6b) -> W̄ (O, C, k, k)
+            Wbar = xp.ascontiguousarray(
+                Wbar_f.reshape(k, k, O, Cp)[::-1, ::-1].transpose(2, 3, 0, 1))
+        else:
+            Wbar = xp.ascontiguousarray(Wbar_t.T.reshape(O, k, k, Cp).transpose(0, 3, 1, 2))
         xbar = xdotbar = None
         tbar = xp.zeros((), dtype=dtype)
         if ybar is not None:
