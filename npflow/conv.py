@@ -213,8 +213,8 @@ class Conv2d(Layer):
         # the transposed product and the fold of eq. 1.5
         q = k - 1 - p
         flip = s == 1 and q >= 0
-        Wm = _weight_matrix(W)
-        Wf = _flipped_weight_matrix(W) if flip else xp.ascontiguousarray(Wm.T)
+        Wf = (_flipped_weight_matrix(W) if flip
+              else xp.ascontiguousarray(_weight_matrix(W).T))
         if flip:
             # eq. 1.6b: W̄ from the cotangent's unfolding (made for eq. 1.5a anyway) and the
             # interior of P, as (k·k·C_out, C): no second unfolding of P
