@@ -252,19 +252,21 @@ def load_npz(path):
     if not os.path.isfile(path):
         raise ValueError(f"data file {path!r} does not exist; give a .npz file with arrays "
                          f"'train', 'val' and 'test' of shape (N, D)")
+    wanted = ("train", "val", "test")
     try:
         with np.load(path, allow_pickle=False) as f:
             if not hasattr(f, "files"):
                 raise ValueError("a single array, not an archive of arrays")
-            arrays = {k: np.asarray(f[k], dtype=np.float64) for k in f.files}
+            files = list(f.files)
+            arrays = {k: np.asarray(f[k], dtype=np.float64) for k in wanted if k in files}
     except Exception as exc:  # noqa: BLE001 - zip/format errors: report them as bad data
         raise ValueError(f"cannot read data file {path!r} as .npz: {type(exc).__name__}: "
                          f"{exc}") from None
-    missing = [k for k in ("train", "val", "test") if k not in arrays]
+    missing = [k for k in wanted if k not in arrays]
     if missing:
         raise ValueError(f"data file {path!r} has no array(s) {missing}; it holds "
-                         f"{sorted(arrays)} (expected 'train', 'val', 'test')")
-    return {k: arrays[k] for k in ("train", "val", "test")}
+                         f"{sorted(files)} (expected 'train', 'val', 'test')")
+    return arrays
 
 
 def load_data(args, settings):

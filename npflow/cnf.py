@@ -199,6 +199,7 @@ class CNF(BlockStack, FlowModel):
                       blocks=blocks, zero_last=bool(zero_last), dtype=str(dtype),
                       device=device, seed=int(seed))
         super().__init__(config, device=device, dtype=dtype)
+        self._threads, self._pool = 1, None          # row-block threads (eq. 3.13), pool lazy
         self.dim = dim
         self.nets = [ODENet(dim, config["hidden"], dim, layer=layer, activation=activation)
                      for _ in range(blocks)]
@@ -362,14 +363,14 @@ class CNF(BlockStack, FlowModel):
     @property
     def threads(self):
         """Worker threads for loss_and_grad (data parallel over the batch; eq. 3.13)."""
-        return getattr(self, "_threads", 1)
+        return self._threads
 
     @threads.setter
     def threads(self, n):
         n = int(n)
         if n < 1:
             raise ValueError(f"threads must be >= 1, got {n}")
-        if n != self.threads and getattr(self, "_pool", None) is not None:
+        if n != self._threads and self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._threads = n
@@ -386,7 +387,7 @@ class CNF(BlockStack, FlowModel):
         return max(1, min(self.threads, B // self.min_rows_per_thread))
 
     def _executor(self):
-        if getattr(self, "_pool", None) is None:
+        if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="npflow")
         return self._pool

@@ -87,8 +87,7 @@ def _weight_matrix(W):
 def _flipped_weight_matrix(W):
     """The weight matrix of the adjoint correlation (eq. 1.5a): W̃[c, o, i, j] =
     W[o, c, k−1−i, k−1−j] as (C, k·k·C_out), columns ordered (i, j, o)."""
-    Wf = W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
-    return Wf.transpose(0, 2, 3, 1).reshape(Wf.shape[0], -1)
+    return W[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(W.shape[1], -1)
 
 
 class Conv2d(Layer):
@@ -337,11 +336,6 @@ class ConcatSquashConv2d(Conv2d):
         p["gate_bias"] = xp.asarray(rng.uniform(-1, 1, (self.c_out,)), dtype=dtype)
         p["hyper_bias"] = xp.asarray(rng.uniform(-1, 1, (self.c_out,)), dtype=dtype)
         return p
-
-    def forward(self, params, x, xdot, t):
-        """eq. 1.8."""
-        H, cache = self.forward_stacked(params, x, xdot, t)
-        return H[0], (H[1:] if H.shape[0] > 1 else None), cache
 
     def forward_stacked(self, params, x, xdot, t):
         """eq. 1.8 with the output stacked: H (K+1, B, C_out, Ho, Wo), H[0] = y, H[1:] = ydot."""

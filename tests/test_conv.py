@@ -98,7 +98,7 @@ def test_concat_conv2d_equals_conv_over_time_channel():
 
 
 @pytest.mark.parametrize("cls", [Conv2d, ConcatConv2d, ConcatSquashConv2d])
-@given(shapes, st.sampled_from([(3, 1, 1), (4, 2, 1)]))
+@given(shapes, st.sampled_from([(3, 1, 1), (3, 1, 0), (1, 1, 0), (4, 2, 1), (3, 2, 0)]))
 def test_vjp_is_adjoint_of_forward_map(cls, shape, ksp):
     B, C, H, W, K, seed = shape
     k, s, p = ksp
