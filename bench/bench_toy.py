@@ -57,63 +57,10 @@ LR, WEIGHT_DECAY = 1e-3, 1e-5
 
 
 # ------------------------------------------------------------------------------------ threads
-def _openblas_functions():
-    """(get, set) of the OpenBLAS that numpy loaded, through ctypes; (None, None) if not found."""
-    import ctypes
-
-    try:
-        with open("/proc/self/maps") as fh:
-            paths = sorted({ln.split()[-1] for ln in fh if "openblas" in ln.lower()
-                            and ln.split()[-1].startswith("/")})
-    except OSError:
-        return None, None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for pre, suf in (("scipy_openblas_", "64_"), ("openblas_", ""), ("openblas_", "64_"),
-                         ("scipy_openblas_", "")):
-            get = getattr(lib, f"{pre}get_num_threads{suf}", None)
-            set_ = getattr(lib, f"{pre}set_num_threads{suf}", None)
-            if get is not None and set_ is not None:
-                get.restype = ctypes.c_int
-                return get, set_
-    return None, None
-
-
-def get_blas_threads():
-    """numpy's OpenBLAS thread count, or None if OpenBLAS was not found."""
-    get, _ = _openblas_functions()
-    return None if get is None else int(get())
-
-
-def set_blas_threads(n):
-    """Set numpy's OpenBLAS thread count to n (if found); return the count now in force or None."""
-    get, set_ = _openblas_functions()
-    if get is None:
-        return None
-    import ctypes
-
-    set_(ctypes.c_int(int(n)))
-    return int(get())
-
-
-def tune_malloc():
-    """Keep freed memory in glibc's heap instead of returning it to the kernel: blocks up to
-    32 MiB come from the heap (M_MMAP_THRESHOLD) and the heap is never trimmed (M_TRIM_THRESHOLD),
-    so the arrays of the next iteration reuse pages already mapped instead of page-faulting fresh,
-    zeroed ones. Applies to the whole process (both frameworks). Returns True on success."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-                    and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
+# numpy's OpenBLAS thread count at run time: npflow.backend's ctypes helpers
+# and glibc's malloc tuning (--mallopt: no mmap below 32 MiB, no trimming, whole process)
+from npflow.backend import (_openblas_functions, get_blas_threads,  # noqa: E402,F401
+                            set_blas_threads, tune_malloc)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -170,21 +117,25 @@ class NpflowRunner:
     threads: npflow's own data-parallel threads (``CNF.threads``: the batch cut into row
     blocks solved in parallel, eq. 3.13 of docs/cnf.md), with OpenBLAS at one thread during the
     step so the two kinds of threads do not compete for the cores; batches too small to split
-    (fewer than ``CNF.min_rows_per_thread`` rows per thread) run in one thread. threads=1: one
-    Python thread and OpenBLAS at the process setting (--threads)."""
+    (fewer than ``CNF.min_rows_per_thread`` rows per thread) run in one thread.
+    processes: npflow's data-parallel worker processes (``CNF.processes``, the same eq. 3.13;
+    this process solves one block, OpenBLAS at one thread in every process during the step).
+    threads = processes = 1: one Python thread and OpenBLAS at the process setting (--threads)."""
 
     framework = "npflow"
 
-    def __init__(self, solver, batches, seed=0, threads=1):
+    def __init__(self, solver, batches, seed=0, threads=1, processes=1):
         import npflow
 
         self.solver = solver
-        self.threads = int(threads)
-        self.name = f"npflow[{solver}]" + (f" x{self.threads} threads" if self.threads > 1
-                                           else "")
+        self.threads = max(int(threads), int(processes))
+        self.name = f"npflow[{solver}]" + (
+            f" x{processes} processes" if processes > 1 else
+            f" x{threads} threads" if threads > 1 else "")
         self.model = npflow.CNF(layer="concatsquash", activation="tanh", solver=solver,
                                 trace="exact", dtype="float32", seed=seed, **MODEL)
-        self.model.threads = self.threads
+        self.model.threads = int(threads)
+        self.model.processes = int(processes)
         self.params = self.model.params
         self.opt = npflow.Adam(self.params, lr=LR, weight_decay=WEIGHT_DECAY, decoupled=False)
         self.rng = np.random.default_rng(seed + 1)
@@ -207,7 +158,8 @@ class NpflowRunner:
 
 
 def make_runner(spec, batches, seed, threads=2):
-    """FRAMEWORK:SOLVER; "npflow-dp:SOLVER" is npflow with ``threads`` data-parallel threads."""
+    """FRAMEWORK:SOLVER; "npflow-dp:SOLVER" is npflow with ``threads`` data-parallel threads
+    (CNF.threads), "npflow-mp:SOLVER" with ``threads`` data-parallel processes (CNF.processes)."""
     framework, solver = spec.split(":")
     if framework == "torch":
         runner = TorchRunner(solver, batches, seed, threads)
@@ -215,13 +167,15 @@ def make_runner(spec, batches, seed, threads=2):
         runner = NpflowRunner(solver, batches, seed)
     elif framework == "npflow-dp":
         runner = NpflowRunner(solver, batches, seed, threads=threads)
+    elif framework == "npflow-mp":
+        runner = NpflowRunner(solver, batches, seed, processes=threads)
     else:
         runner = None
     if runner is not None:
         runner.spec = spec
         return runner
-    raise ValueError(f"unknown runner {spec!r}: expected torch:SOLVER, npflow:SOLVER or "
-                     f"npflow-dp:SOLVER")
+    raise ValueError(f"unknown runner {spec!r}: expected torch:SOLVER, npflow:SOLVER, "
+                     f"npflow-dp:SOLVER or npflow-mp:SOLVER")
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -507,6 +461,9 @@ def _run(args):
                 e["memory"] = measure_memory(e["spec"], batch, args.seed, args.threads,
                                              mallopt=args.mallopt)
             entry[r.name] = e
+        for r in runners:             # stop npflow's worker processes/threads of this batch
+            if isinstance(r, NpflowRunner):
+                r.model.close()
         torch_med = [e["median"] for e in entry.values() if e["spec"].startswith("torch:rk38")]
         for e in entry.values():
             if torch_med and e["spec"].startswith("npflow"):

@@ -36,8 +36,8 @@ def _limit_blas_threads(argv):
     """One BLAS thread, set before numpy loads its BLAS (a no-op once numpy is imported, and
     when the environment already sets a thread count). The toy CNF's matrix products are small
     (K·B × 64 by 64 × 64): on a busy 2-core machine, threaded BLAS made an iteration ~20×
-    slower than one thread (2 s against 0.1 s measured). More cores are used by --threads
-    instead: npflow's own row-block threads (CNF.threads, docs/cnf.md 3.10)."""
+    slower than one thread (2 s against 0.1 s measured). More cores are used by --processes
+    (or --threads) instead: npflow's own row blocks (CNF.processes, docs/cnf.md 3.10)."""
     n = "1"
     if "numpy" not in sys.modules and not any(v in os.environ for v in _THREAD_VARS):
         for v in _THREAD_VARS:
@@ -98,6 +98,11 @@ def build_parser():
       help="npflow's data-parallel threads (CNF.threads): with a fixed-grid solver, batches of "
            "at least 256 rows per thread are cut into row blocks solved in parallel; BLAS "
            "itself stays single-threaded (unless OPENBLAS/OMP/MKL_NUM_THREADS is set)")
+    a("--processes", type=int, default=1,
+      help="npflow's data-parallel processes (CNF.processes): with a fixed-grid solver, "
+           "batches of at least 32 rows per process are cut into row blocks solved by this "
+           "process and N-1 worker processes (one BLAS thread each); faster than --threads "
+           "(no shared interpreter lock): e.g. 2 on a 2-core machine")
     a("--no-tune-malloc", action="store_true",
       help="keep glibc's default malloc settings (by default npflow.backend.tune_malloc() "
            "keeps freed memory for reuse: no per-iteration page faults)")
@@ -221,6 +226,7 @@ def main(argv=None) -> int:
     try:
         model = npflow.CNF(**run["config"])
         model.threads = args.threads
+        model.processes = args.processes
     except (ValueError, npflow.DeviceError) as exc:
         parser.error(f"cannot build the model: {exc}")
     methods, cfg = run["methods"], run["config"]

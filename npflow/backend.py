@@ -18,6 +18,7 @@ import numpy
 __all__ = [
     "DeviceError", "get_array_module", "array_module", "resolve_dtype", "to_host",
     "to_device", "check_finite", "record_array_functions", "tune_malloc",
+    "get_blas_threads", "set_blas_threads",
 ]
 
 _RECORDER: set | None = None
@@ -135,6 +136,49 @@ def check_finite(x, name: str = "input"):
             f"{name} contains {bad} non-finite value(s) (NaN or Inf) out of {x.size}; "
             "clean or filter the data before passing it to npflow")
     return x
+
+
+# ---------------------------------------------------------------- host-side tuning
+def _openblas_functions():
+    """(get, set) of the OpenBLAS that numpy loaded, through ctypes; (None, None) if not found."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = sorted({ln.split()[-1] for ln in fh if "openblas" in ln.lower()
+                            and ln.split()[-1].startswith("/")})
+    except OSError:
+        return None, None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for pre, suf in (("scipy_openblas_", "64_"), ("openblas_", ""), ("openblas_", "64_"),
+                         ("scipy_openblas_", "")):
+            get = getattr(lib, f"{pre}get_num_threads{suf}", None)
+            set_ = getattr(lib, f"{pre}set_num_threads{suf}", None)
+            if get is not None and set_ is not None:
+                get.restype = ctypes.c_int
+                return get, set_
+    return None, None
+
+
+def get_blas_threads():
+    """numpy's OpenBLAS thread count, or None if OpenBLAS was not found (another BLAS)."""
+    get, _ = _openblas_functions()
+    return None if get is None else int(get())
+
+
+def set_blas_threads(n):
+    """Set numpy's OpenBLAS thread count to n (if found); return the count now in force or None."""
+    get, set_ = _openblas_functions()
+    if get is None:
+        return None
+    import ctypes
+
+    set_(ctypes.c_int(int(n)))
+    return int(get())
 
 
 def tune_malloc(mmap_threshold: int = 32 * 1024 * 1024, trim_threshold: int = 2**31 - 1) -> bool:

@@ -200,6 +200,7 @@ class CNF(BlockStack, FlowModel):
                       device=device, seed=int(seed))
         super().__init__(config, device=device, dtype=dtype)
         self._threads, self._pool = 1, None          # row-block threads (eq. 3.13), pool lazy
+        self._processes, self._workers = 1, None     # row-block processes (eq. 3.13), lazy
         self.dim = dim
         self.nets = [ODENet(dim, config["hidden"], dim, layer=layer, activation=activation)
                      for _ in range(blocks)]
@@ -290,12 +291,15 @@ class CNF(BlockStack, FlowModel):
             # the probes of the whole batch, drawn as a single-thread call draws them
             probes = [self._probes(cfg["trace"], rng, B) for _ in self.nets]
             cuts = [B * i // n for i in range(n + 1)]
-            jobs = []
+            args = []
             for lo, hi in zip(cuts[:-1], cuts[1:]):
                 pr = [(eps[:, lo:hi], w) for eps, w in probes]
-                jobs.append(self._executor().submit(self._loss_and_grad_part, x[lo:hi], None,
-                                                    pr, params, Ts, regularized, kw, B))
-            parts = [j.result() for j in jobs]
+                args.append((x[lo:hi], None, pr, params, Ts, regularized, kw, B))
+            if self._processes > 1:
+                parts = self._process_parts(args)
+            else:
+                jobs = [self._executor().submit(self._loss_and_grad_part, *a) for a in args]
+                parts = [j.result() for j in jobs]
             part = parts[0]
             for other in parts[1:]:                                              # eq. 3.13
                 for k in part["sums"]:
@@ -359,7 +363,7 @@ class CNF(BlockStack, FlowModel):
         return dict(sums=sums, grads=grads, dT_discrete=dT_discrete, dT_analytic=dT_analytic,
                     nfe_forward=int(sum(s.nfe for s in sols)), nfe_backward=int(nfe_b))
 
-    # ---------------------------------------------------------------- threads
+    # ---------------------------------------------------------------- threads, processes
     @property
     def threads(self):
         """Worker threads for loss_and_grad (data parallel over the batch; eq. 3.13)."""
@@ -370,27 +374,85 @@ class CNF(BlockStack, FlowModel):
         n = int(n)
         if n < 1:
             raise ValueError(f"threads must be >= 1, got {n}")
+        if n > 1 and self._processes > 1:
+            raise ValueError("threads and processes cannot both be > 1: set processes = 1 first")
         if n != self._threads and self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._threads = n
 
+    @property
+    def processes(self):
+        """Processes for loss_and_grad (data parallel over the batch; eq. 3.13, docs/cnf.md
+        3.10): this process solves the first row block, ``processes - 1`` worker processes the
+        others (npflow.workers: fresh interpreters, one BLAS thread each). They start at the
+        first call that splits a batch, each with a model built from ``config``; the
+        parameters, rows and probes travel with every call. ``close()`` stops them."""
+        return self._processes
+
+    @processes.setter
+    def processes(self, n):
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"processes must be >= 1, got {n}")
+        if n > 1 and self._threads > 1:
+            raise ValueError("threads and processes cannot both be > 1: set threads = 1 first")
+        if n != self._processes:
+            self._close_workers()
+        self._processes = n
+
     #: fewest rows a thread gets: below this the Python work of a solve, which holds the GIL,
     #: outweighs the arithmetic that runs in parallel
     min_rows_per_thread = 256
+    #: fewest rows a process gets (processes share no GIL; a call's transfer costs ~0.2 ms)
+    min_rows_per_process = 32
 
     def _parallel_parts(self, B):
-        """How many row blocks loss_and_grad cuts a batch of B into (1 = no threads)."""
-        if (self.threads == 1 or self.config["solver"] not in _FIXED_GRID
-                or self.device != "cpu"):
+        """How many row blocks loss_and_grad cuts a batch of B into (1 = one block)."""
+        if self.config["solver"] not in _FIXED_GRID or self.device != "cpu":
             return 1        # adaptive steps couple the rows (one error norm); CuPy: one stream
-        return max(1, min(self.threads, B // self.min_rows_per_thread))
+        if self._processes > 1:
+            return max(1, min(self._processes, B // self.min_rows_per_process))
+        if self._threads > 1:
+            return max(1, min(self._threads, B // self.min_rows_per_thread))
+        return 1
 
     def _executor(self):
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="npflow")
         return self._pool
+
+    def _process_parts(self, args):
+        """Parts of eq. 3.13 for the row blocks ``args`` (one argument tuple each): blocks 1..
+        go to the worker processes, block 0 is solved here meanwhile."""
+        from .workers import WorkerError, WorkerPool
+
+        if self._workers is None:
+            self._workers = WorkerPool(self._processes - 1, "npflow.cnf", "_worker_handler",
+                                       (dict(self.config),))
+        try:
+            self._workers.submit(args[1:])
+            first = self._loss_and_grad_part(*args[0])
+        finally:
+            try:
+                rest = self._workers.collect()
+            except WorkerError:
+                self._close_workers()             # the next call starts fresh workers
+                raise
+        return [first] + rest
+
+    def _close_workers(self):
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
+
+    def close(self):
+        """Stop the worker threads and processes (they restart when needed)."""
+        self._close_workers()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def time_gradient(self, x, rng, params=None, kind="analytic"):
         """∂L/∂T_b of every block for the current params (TO-FLOW's T step, Algorithm 1).
@@ -479,6 +541,14 @@ class CNF(BlockStack, FlowModel):
         z = rng.standard_normal((int(n), self.dim))
         return self.transform(z, params, inverse=True, solver=solver, steps=steps,
                               rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------------ worker processes (eq. 3.13)
+def _worker_handler(config):
+    """Runs once in each worker process (npflow.workers): a CNF built from ``config``; the
+    handler solves one row block, ``CNF._loss_and_grad_part(*args)``."""
+    model = CNF(**config)
+    return lambda args: model._loss_and_grad_part(*args)
 
 
 def _scalars(values):
