@@ -193,7 +193,9 @@ class Conv2d(Layer):
     def _linear_backward(self, ybar, ydotbar, cache, need_xdotbar=True):
         """Adjoint of the stacked linear map (eq. 1.5-1.7), block by block (eq. 1.2a).
 
-        Returns (xbar, xdotbar, Wbar, tbar); rows whose cotangent is None are skipped.
+        Returns (xbar, xdotbar, Wbar, tbar, stacked); rows whose cotangent is None are skipped.
+        stacked: when both cotangents are formed, the one array (K+1, B, C, H, W) that xbar
+        (= stacked[0]) and xdotbar (= stacked[1:]) are views of; else None.
         need_xdotbar=False: the tangent rows still give their part of Wbar, but their input
         cotangent is not formed (xdotbar None).
         """
@@ -290,19 +292,26 @@ class Conv2d(Layer):
                 tbar = dX[:, :nt].sum()                                         # eq. 1.7
         if use_t and need_xdotbar:
             xdotbar = outs.pop(0)[:, nt:].reshape(K, B, C, H, Wd)
-        return xbar, xdotbar, Wbar, tbar
+        stacked = dX_all[:, nt:].reshape((K + 1, B, C, H, Wd)) if both else None
+        return xbar, xdotbar, Wbar, tbar, stacked
 
     def backward(self, ybar, ydotbar, cache, need_xdotbar=True):
         """eq. 1.5: xbar = Wᵀ ⋆ ybar, xdotbar_k = Wᵀ ⋆ ydotbar_k;
         eq. 1.6: Wbar = ybar ⋆ x + Σ_k ydotbar_k ⋆ xdot_k, bbar = Σ_{b,h,w} ybar;
         eq. 1.7: tbar = Σ (gradient reaching the time channel) (ConcatConv2d only)."""
-        xbar, xdotbar, Wbar, tbar = self._linear_backward(ybar, ydotbar, cache, need_xdotbar)
+        return self.backward_parts(ybar, ydotbar, cache, need_xdotbar)[:4]
+
+    def backward_parts(self, ybar, ydotbar, cache, need_xdotbar=True):
+        """backward, plus the input cotangents stacked (K+1, B, C, H, W) as one array when both
+        were formed (xbar and xdotbar are its views; else None), for ConvNet's activation."""
+        xbar, xdotbar, Wbar, tbar, stacked = self._linear_backward(ybar, ydotbar, cache,
+                                                                   need_xdotbar)
         grads = {"weight": Wbar}
         if self.bias:
             xp = get_array_module(Wbar)
             grads["bias"] = (ybar.sum(axis=(0, 2, 3)) if ybar is not None
                              else xp.zeros((self.c_out,), dtype=Wbar.dtype))
-        return xbar, xdotbar, grads, tbar
+        return xbar, xdotbar, grads, tbar, stacked
 
 
 class ConcatConv2d(Conv2d):
@@ -354,7 +363,7 @@ class ConcatSquashConv2d(Conv2d):
             xp.multiply(cdot, g[:, None, None], out=H[1:])
         return H, (lin_cache, c, cdot, g, t, params["gate_weight"], params["hyper_bias"])
 
-    def backward(self, ybar, ydotbar, cache, need_xdotbar=True):
+    def backward_parts(self, ybar, ydotbar, cache, need_xdotbar=True):
         """eq. 1.9: cbar = ybar ⊙ g, ċbar_k = ydotbar_k ⊙ g;
         eq. 1.10: ḡ = Σ ybar ⊙ c + Σ_k ydotbar_k ⊙ ċ_k (per channel), ā = ḡ g(1−g),
         W̄_g = ā t, b̄_g = ā, W̄_b = t Σ ybar, tbar = Σ ā W_g + Σ W_b Σ ybar (+ conv's eq. 1.7,
@@ -364,7 +373,8 @@ class ConcatSquashConv2d(Conv2d):
         gb = g[:, None, None]
         cbar = None if ybar is None else ybar * gb
         cdotbar = None if (ydotbar is None or cdot is None) else ydotbar * gb
-        xbar, xdotbar, grads, _ = super().backward(cbar, cdotbar, lin_cache, need_xdotbar)
+        xbar, xdotbar, grads, _, stacked = super().backward_parts(cbar, cdotbar, lin_cache,
+                                                                  need_xdotbar)
         gbar = xp.zeros_like(g)
         ysum = xp.zeros_like(g)
         if ybar is not None:
@@ -377,7 +387,7 @@ class ConcatSquashConv2d(Conv2d):
         grads["gate_bias"] = abar
         grads["hyper_bias"] = ysum * t
         tbar = (abar * Wg).sum() + (ysum * Wb).sum()
-        return xbar, xdotbar, grads, tbar
+        return xbar, xdotbar, grads, tbar, stacked
 
 
 _LAYER_TYPES = {"concat": ConcatConv2d, "concatsquash": ConcatSquashConv2d, "ignore": Conv2d}
@@ -479,39 +489,17 @@ class ConvNet(Layer):
         hbar, hdotbar = ybar, ydotbar
         ci = len(cache) - 1
         for i in range(len(self.convs) - 1, -1, -1):
-            hbar, hdotbar, g, tb = self.convs[i].backward(hbar, hdotbar, cache[ci],
-                                                          need_xdotbar or i > 0)
+            hbar, hdotbar, g, tb, Hbar = self.convs[i].backward_parts(
+                hbar, hdotbar, cache[ci], need_xdotbar or i > 0)
             ci -= 1
             tbar = tbar + tb
             for name, v in g.items():
                 grads[f"{i}.{name}"] = v
             if i > 0:
-                Hbar = _stacked(hbar, hdotbar, get_array_module(hbar))
+                if Hbar is None:          # no tangents (or no primal cotangent): stack them
+                    Hbar = (hbar[None] if hdotbar is None else
+                            get_array_module(hbar).concatenate((hbar[None], hdotbar), axis=0))
                 Hin, _, _ = self.act.backward_stacked(Hbar, cache[ci])
                 hbar, hdotbar = Hin[0], (Hin[1:] if Hin.shape[0] > 1 else None)
                 ci -= 1
         return hbar, (hdotbar if need_xdotbar else None), grads, tbar
-
-
-def _address(a):
-    """Address of a's first element (CuPy: a.data.ptr; NumPy: the array interface)."""
-    ptr = getattr(getattr(a, "data", None), "ptr", None)
-    return ptr if ptr is not None else a.__array_interface__["data"][0]
-
-
-def _stacked(ybar, ydotbar, xp):
-    """(K+1, B, ...) with [0] = ybar and [1:] = ydotbar: a view when the conv backward wrote
-    both into one array A as A[:B, nt:] and A[B:, nt:] (the usual case), else a copy."""
-    if ydotbar is None:
-        return ybar[None]
-    base = getattr(ybar, "base", None)
-    if base is not None and getattr(ydotbar, "base", None) is base and base.ndim == ybar.ndim:
-        K, B = ydotbar.shape[0], ybar.shape[0]
-        v = base[:, base.shape[1] - ybar.shape[1]:]
-        if v.shape[0] == (K + 1) * B and v.shape[1:] == ybar.shape[1:]:
-            v = v.reshape((K + 1,) + ybar.shape)
-            if (v[0].strides == ybar.strides and v[1:].strides == ydotbar.strides
-                    and _address(v[0]) == _address(ybar)
-                    and _address(v[1:]) == _address(ydotbar)):
-                return v
-    return xp.concatenate((ybar[None], ydotbar), axis=0)

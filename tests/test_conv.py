@@ -213,18 +213,17 @@ def test_backward_without_tangent_cotangent_keeps_xbar_and_weight_gradient(ksp):
     assert float(part[3]) == float(full[3])
 
 
-def test_stacked_cotangents_are_a_view_only_of_the_same_memory():
-    from npflow.conv import _stacked
-    A = np.arange(2 * 3 * 4 * 2 * 2, dtype=float).reshape(2 * 3, 4, 2, 2).copy()
-    ybar, ydotbar = A[:3, 1:], A[3:, 1:].reshape(1, 3, 3, 2, 2)
-    v = _stacked(ybar, ydotbar, np)
-    assert np.shares_memory(v, A)
-    np.testing.assert_array_equal(v[0], ybar)
-    np.testing.assert_array_equal(v[1:], ydotbar)
-    # same base, other rows: copied, with the right values
-    ybar2 = A[3:, 1:]
-    ydot2 = A[:3, 1:].reshape(1, 3, 3, 2, 2)
-    w = _stacked(ybar2, ydot2, np)
-    assert not np.shares_memory(w, A)
-    np.testing.assert_array_equal(w[0], ybar2)
-    np.testing.assert_array_equal(w[1:], ydot2)
+@pytest.mark.parametrize("cls", [Conv2d, ConcatConv2d, ConcatSquashConv2d])
+def test_stacked_input_cotangent_is_the_array_xbar_and_xdotbar_are_views_of(cls):
+    rng = np.random.default_rng(3)
+    layer = cls(2, 3)
+    params = layer.init_params(rng, np.float64, np)
+    x, xdot = rng.standard_normal((2, 2, 5, 5)), rng.standard_normal((2, 2, 2, 5, 5))
+    y, ydot, cache = layer.forward(params, x, xdot, 0.4)
+    ybar, ydotbar = rng.standard_normal(y.shape), rng.standard_normal(ydot.shape)
+    xbar, xdotbar, grads, tbar, stacked = layer.backward_parts(ybar, ydotbar, cache)
+    assert stacked.shape == (3,) + x.shape
+    assert np.shares_memory(stacked, xbar) and np.shares_memory(stacked, xdotbar)
+    np.testing.assert_array_equal(stacked[0], xbar)
+    np.testing.assert_array_equal(stacked[1:], xdotbar)
+    assert layer.backward_parts(ybar, ydotbar, cache, need_xdotbar=False)[4] is None
