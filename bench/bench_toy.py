@@ -272,7 +272,11 @@ class _CountingArray(np.ndarray):
 def count_numpy_ops(runner, i=0):
     """numpy operations in one npflow iteration (lower bound): ufunc calls (arithmetic, matmul,
     reductions) and numpy functions on arrays derived from the parameters and data; views,
-    reshapes and methods such as astype are not counted. Returns (total, Counter)."""
+    reshapes and methods such as astype are not counted. Returns (total, Counter).
+    Counted in this process only: with worker processes (npflow-mp) it raises ValueError (their
+    operations are not seen here)."""
+    if getattr(runner.model, "processes", 1) > 1:
+        raise ValueError("not counted: part of the work runs in worker processes")
     params = {k: np.asarray(v).view(_CountingArray) for k, v in runner.params.items()}
     saved = runner.params
     _CountingArray.counts = collections.Counter()

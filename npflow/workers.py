@@ -10,6 +10,9 @@ pickled messages:
     parent -> worker   payload                     per call
     worker -> parent   ("ok", handler(payload)) or ("error", formatted traceback)
 
+Each message is its pickle preceded by its length (8 bytes, little-endian), so a payload the
+worker cannot unpickle is reported back like any other error and the stream stays in step.
+
 The worker starts with one BLAS thread (the environment says so before numpy loads) and
 ``backend.tune_malloc()``; it writes anything printed to stderr, so stdout carries only the
 protocol. It exits when its stdin closes (``close()``, or the parent's exit).
@@ -29,6 +32,25 @@ _ONE_THREAD = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 class WorkerError(RuntimeError):
     """A worker process failed: it raised (the message carries its traceback) or it died."""
+
+
+def _write(f, obj):
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    f.write(len(data).to_bytes(8, "little"))
+    f.write(data)
+    f.flush()
+
+
+def _read_bytes(f):
+    """The next message's bytes; EOFError when the stream ends (cleanly or mid-message)."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise EOFError("stream closed")
+    n = int.from_bytes(head, "little")
+    data = f.read(n)
+    if len(data) < n:
+        raise EOFError("stream closed mid-message")
+    return data
 
 
 def _close_all(procs):
@@ -83,15 +105,14 @@ class WorkerPool:
 
     def _send(self, p, obj):
         try:
-            pickle.dump(obj, p.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-            p.stdin.flush()
+            _write(p.stdin, obj)
         except (BrokenPipeError, OSError) as exc:
             raise WorkerError(f"npflow worker process {p.pid} is gone (exit code "
                               f"{p.poll()}): it was killed or ran out of memory") from exc
 
     def _receive(self, p):
         try:
-            status, value = pickle.load(p.stdout)
+            status, value = pickle.loads(_read_bytes(p.stdout))
         except (EOFError, OSError, pickle.UnpicklingError) as exc:
             raise WorkerError(f"npflow worker process {p.pid} died (exit code {p.wait()}): "
                               "killed, out of memory, or crashed; its stderr is above") from exc
@@ -141,14 +162,17 @@ def _serve():
     tune_malloc()
 
     def reply(status, value):
-        pickle.dump((status, value), out, protocol=pickle.HIGHEST_PROTOCOL)
-        out.flush()
+        try:
+            _write(out, (status, value))
+        except Exception:  # noqa: BLE001 - e.g. a result that cannot be pickled
+            _write(out, ("error", traceback.format_exc()))
 
     try:
-        module, factory, args = pickle.load(inp)
+        first = _read_bytes(inp)
     except EOFError:
         return
     try:
+        module, factory, args = pickle.loads(first)
         handler = getattr(importlib.import_module(module), factory)(*args)
         reply("ok", None)
     except Exception:  # noqa: BLE001 - every failure goes back to the parent
@@ -156,11 +180,11 @@ def _serve():
         return
     while True:
         try:
-            payload = pickle.load(inp)
+            data = _read_bytes(inp)
         except EOFError:
             return
         try:
-            reply("ok", handler(payload))
+            reply("ok", handler(pickle.loads(data)))
         except Exception:  # noqa: BLE001
             reply("error", traceback.format_exc())
 

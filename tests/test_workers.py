@@ -54,3 +54,19 @@ def test_close_ends_the_worker_processes():
     procs = list(pool._procs)
     pool.close()
     assert all(p.poll() is not None for p in procs)
+
+
+class _OnlyHere:
+    """Defined in this test module only: a worker cannot unpickle it."""
+
+
+def test_a_payload_the_worker_cannot_unpickle_is_reported_and_the_worker_survives():
+    pool = WorkerPool(1, "operator", "itemgetter", (0,))
+    try:
+        pool.submit([[_OnlyHere()]])
+        with pytest.raises(WorkerError, match="_OnlyHere|test_workers"):
+            pool.collect()
+        pool.submit([[3]])
+        assert pool.collect() == [3]
+    finally:
+        pool.close()
