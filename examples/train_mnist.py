@@ -99,6 +99,10 @@ def build_parser():
     a("--test-solver", default=None, choices=["rk4", "rk38", "dopri5", "euler", "midpoint"],
       help="solver of the test evaluation (default: the training solver)")
     a("--no-figures", action="store_true", help="skip the sample grids")
+    a("--no-tune-malloc", action="store_true",
+      help="keep glibc's default malloc settings (by default npflow.backend.tune_malloc("
+           "mmap_max=0) keeps freed memory in the heap for reuse, so the large arrays of each "
+           "iteration do not page-fault in fresh, zeroed memory)")
     return p
 
 
@@ -188,6 +192,8 @@ def main(argv=None) -> int:
     from npflow.optim import Adam, Warmup
     from npflow.training import append_json, train
 
+    if not args.no_tune_malloc:
+        npflow.backend.tune_malloc(mmap_max=0)
     try:
         methods, config, steer_b = prepare(args)
     except ValueError as exc:

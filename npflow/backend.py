@@ -181,7 +181,8 @@ def set_blas_threads(n):
     return int(get())
 
 
-def tune_malloc(mmap_threshold: int = 32 * 1024 * 1024, trim_threshold: int = 2**31 - 1) -> bool:
+def tune_malloc(mmap_threshold: int = 32 * 1024 * 1024, trim_threshold: int = 2**31 - 1,
+                mmap_max: int | None = None) -> bool:
     """Opt-in: ask glibc's malloc to keep freed memory for reuse (whole process, irreversible).
 
     A training iteration allocates and frees many large temporaries and stage caches. With
@@ -191,6 +192,9 @@ def tune_malloc(mmap_threshold: int = 32 * 1024 * 1024, trim_threshold: int = 2*
     M_MMAP_THRESHOLD (blocks up to ``mmap_threshold`` bytes come from the heap) and
     M_TRIM_THRESHOLD (the heap is not trimmed below ``trim_threshold`` bytes of free top) with
     ``mallopt`` through ctypes. The cost: the process keeps its peak heap resident.
+    glibc caps M_MMAP_THRESHOLD at 32 MiB, so blocks above it are still mapped afresh each
+    time; ``mmap_max=0`` (M_MMAP_MAX) takes every block from the heap instead, for models whose
+    arrays are larger (the image CNFs: tens of MiB per activation at batch 200).
 
     Returns True when both settings were applied; False (and changes nothing) when the C
     library is not glibc (macOS, Windows, musl) or mallopt is unavailable or refuses.
@@ -208,9 +212,12 @@ def tune_malloc(mmap_threshold: int = 32 * 1024 * 1024, trim_threshold: int = 2*
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))
-                and mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+    ok = bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))
+              and mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
+    if ok and mmap_max is not None:
+        ok = bool(mallopt(M_MMAP_MAX, int(mmap_max)))
+    return ok
 
 
 @contextlib.contextmanager
