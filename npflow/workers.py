@@ -150,7 +150,12 @@ class WorkerPool:
 def _serve():
     """The worker's loop (``python -m npflow.workers``)."""
     import importlib
+    import signal
     import traceback
+
+    # Ctrl-C reaches the whole process group: the parent handles it (it still reads every
+    # reply, then raises KeyboardInterrupt and closes the pool); the worker carries on
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     out = os.fdopen(os.dup(1), "wb")       # the protocol's channel
     os.dup2(2, 1)                           # prints go to stderr

@@ -70,3 +70,14 @@ def test_a_payload_the_worker_cannot_unpickle_is_reported_and_the_worker_survive
         assert pool.collect() == [3]
     finally:
         pool.close()
+
+
+def test_ctrl_c_is_left_to_the_parent_the_worker_keeps_serving():
+    pool = WorkerPool(1, "operator", "itemgetter", (0,))
+    try:
+        os.kill(pool._procs[0].pid, signal.SIGINT)
+        pool.submit([[9]])
+        assert pool.collect() == [9]
+        assert pool._procs[0].poll() is None
+    finally:
+        pool.close()
