@@ -371,15 +371,21 @@ class CNF(BlockStack, FlowModel):
 
     @threads.setter
     def threads(self, n):
-        n = int(n)
-        if n < 1:
-            raise ValueError(f"threads must be >= 1, got {n}")
-        if n > 1 and self._processes > 1:
-            raise ValueError("threads and processes cannot both be > 1: set processes = 1 first")
+        n = self._check_parallel("threads", n, self._processes, "processes")
         if n != self._threads and self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._threads = n
+
+    @staticmethod
+    def _check_parallel(name, n, other, other_name):
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"{name} must be >= 1, got {n}")
+        if n > 1 and other > 1:
+            raise ValueError(f"threads and processes cannot both be > 1: set {other_name} = 1 "
+                             "first")
+        return n
 
     @property
     def processes(self):
@@ -392,11 +398,7 @@ class CNF(BlockStack, FlowModel):
 
     @processes.setter
     def processes(self, n):
-        n = int(n)
-        if n < 1:
-            raise ValueError(f"processes must be >= 1, got {n}")
-        if n > 1 and self._threads > 1:
-            raise ValueError("threads and processes cannot both be > 1: set threads = 1 first")
+        n = self._check_parallel("processes", n, self._threads, "threads")
         if n != self._processes:
             self._close_workers()
         self._processes = n
