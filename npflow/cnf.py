@@ -434,14 +434,14 @@ class CNF(BlockStack, FlowModel):
             self._workers = WorkerPool(self._processes - 1, "npflow.cnf", "_worker_handler",
                                        (dict(self.config),))
         try:
-            self._workers.submit(args[1:])
-            first = self._loss_and_grad_part(*args[0])
-        finally:
             try:
-                rest = self._workers.collect()
-            except WorkerError:
-                self._close_workers()             # the next call starts fresh workers
-                raise
+                self._workers.submit(args[1:])
+                first = self._loss_and_grad_part(*args[0])
+            finally:
+                rest = self._workers.collect()    # every reply read, even if this part failed
+        except WorkerError:
+            self._close_workers()                 # the next call starts fresh workers
+            raise
         return [first] + rest
 
     def _close_workers(self):

@@ -89,3 +89,27 @@ def test_threads_fall_back_to_one_part_for_adaptive_solver_and_small_batches():
     assert m._parallel_parts(m.min_rows_per_process * 2 - 1) == 1
     with pytest.raises(ValueError, match="cannot both"):
         m.threads = 2
+
+
+def test_a_killed_worker_gives_a_clear_error_and_the_next_call_starts_a_fresh_one():
+    import os
+    import signal
+
+    from npflow.workers import WorkerError
+
+    m = npflow.CNF(2, hidden=(8,), steps=2, solver="rk4", dtype="float64")
+    m.processes = 2
+    m.min_rows_per_process = 10
+    x = npflow.data.toy("8gaussians", 40, np.random.default_rng(1))
+    try:
+        a = m.loss_and_grad(x, np.random.default_rng(0))
+        proc = m._workers._procs[0]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        with pytest.raises(WorkerError, match="gone|died"):
+            m.loss_and_grad(x, np.random.default_rng(0))
+        assert m._workers is None
+        b = m.loss_and_grad(x, np.random.default_rng(0))
+    finally:
+        m.close()
+    assert a[0] == b[0]
