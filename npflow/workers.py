@@ -65,11 +65,10 @@ def _close_all(procs):
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-        for f in (p.stdout,):
-            try:
-                f.close()
-            except OSError:
-                pass
+        try:
+            p.stdout.close()
+        except OSError:
+            pass
 
 
 class WorkerPool:

@@ -51,11 +51,16 @@ def test_process_row_blocks_sum_to_single_process_loss_and_grad(processes, kw):
     _assert_same(*_pair(processes, kind="processes", **kw))
 
 
-def test_processes_keep_working_across_calls_and_restart_after_close():
+def _two_process_model():
+    """A small float64 CNF with 2 processes that splits a batch of 40 rows, and that batch."""
     m = npflow.CNF(2, hidden=(8,), steps=2, solver="rk4", dtype="float64")
     m.processes = 2
     m.min_rows_per_process = 10
-    x = npflow.data.toy("8gaussians", 40, np.random.default_rng(1))
+    return m, npflow.data.toy("8gaussians", 40, np.random.default_rng(1))
+
+
+def test_processes_keep_working_across_calls_and_restart_after_close():
+    m, x = _two_process_model()
     try:
         a = m.loss_and_grad(x, np.random.default_rng(0))
         b = m.loss_and_grad(x, np.random.default_rng(0))        # the same workers again
@@ -97,10 +102,7 @@ def test_a_killed_worker_gives_a_clear_error_and_the_next_call_starts_a_fresh_on
 
     from npflow.workers import WorkerError
 
-    m = npflow.CNF(2, hidden=(8,), steps=2, solver="rk4", dtype="float64")
-    m.processes = 2
-    m.min_rows_per_process = 10
-    x = npflow.data.toy("8gaussians", 40, np.random.default_rng(1))
+    m, x = _two_process_model()
     try:
         a = m.loss_and_grad(x, np.random.default_rng(0))
         proc = m._workers._procs[0]
