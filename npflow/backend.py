@@ -192,9 +192,10 @@ def tune_malloc(mmap_threshold: int = 32 * 1024 * 1024, trim_threshold: int = 2*
     M_MMAP_THRESHOLD (blocks up to ``mmap_threshold`` bytes come from the heap) and
     M_TRIM_THRESHOLD (the heap is not trimmed below ``trim_threshold`` bytes of free top) with
     ``mallopt`` through ctypes. The cost: the process keeps its peak heap resident.
-    glibc caps M_MMAP_THRESHOLD at 32 MiB, so blocks above it are still mapped afresh each
-    time; ``mmap_max=0`` (M_MMAP_MAX) takes every block from the heap instead, for models whose
-    arrays are larger (the image CNFs: tens of MiB per activation at batch 200).
+    With the default threshold (32 MiB, the most glibc's own dynamic threshold grows to), larger
+    blocks are still mapped afresh each time; ``mmap_max=0`` (M_MMAP_MAX) takes every block
+    from the heap instead, for models whose arrays are larger (the image CNFs: tens of MiB per
+    activation at batch 200).
 
     Returns True when both settings were applied; False (and changes nothing) when the C
     library is not glibc (macOS, Windows, musl) or mallopt is unavailable or refuses.
