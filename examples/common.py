@@ -79,7 +79,7 @@ import time
 
 __all__ = ["make_parser", "parse_args", "add_run_arguments", "add_method_arguments",
            "add_deprecated_alias", "parse_methods", "method_hooks", "parse_save_every", "fail",
-           "open_run", "Run", "main_guard", "METHODS", "RUN_FILES", "RUN_CONTROL_KEYS",
+           "open_run", "Run", "main_guard", "warn_constant", "METHODS", "RUN_FILES", "RUN_CONTROL_KEYS",
            "LOCK_NAME"]
 
 METHODS = ("ffjord", "rnode", "toflow", "steer", "otflow")
@@ -294,6 +294,22 @@ def method_hooks(model, methods, args, steer_b=None) -> list:
     return hooks
 
 
+def warn_constant(x, name: str) -> bool:
+    """Print a warning (stderr) if the host array ``x`` (N, D) is constant along a feature: a
+    density on such data is degenerate there (its NLL falls without bound). True if warned."""
+    import numpy as np
+    x = np.asarray(x)
+    if x.ndim != 2 or len(x) < 2:
+        return False
+    const = [int(j) for j in np.flatnonzero(np.ptp(x, axis=0) == 0)]
+    if const:
+        which = "every feature" if len(const) == x.shape[1] else f"features {const}"
+        print(f"warning: {name} is constant in {which}: a density there is degenerate (the NLL "
+              "falls without bound as the flow contracts it); check the data or drop those "
+              "columns", file=sys.stderr, flush=True)
+    return bool(const)
+
+
 # --------------------------------------------------------------------------------------------
 # run folders
 
@@ -336,6 +352,7 @@ class Run:
         self.resume = bool(getattr(args, "resume", False))
         self.changed = {}
         self._lock_fd = lock_fd
+        self._record_before = False      # args.json before this run (None: absent)
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
@@ -373,7 +390,20 @@ class Run:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, typ, exc, tb):
+        # a run refused for bad arguments or input (exit 2, e.g. a checkpoint that does not
+        # fit) did no work: args.json goes back to what it was, so the folder's record stays
+        # the record of the runs that trained in it
+        if isinstance(exc, SystemExit) and exc.code == EXIT_BAD_ARGS and self._record_before \
+                is not False:
+            path = self.path("args.json")
+            try:
+                if self._record_before is None:
+                    os.remove(path)
+                else:
+                    _write_json_atomic(path, self._record_before)
+            except OSError:
+                pass
         self.close()
         return False
 
@@ -479,6 +509,14 @@ def _check_and_record(run, args, model_keys, extra_model, extra_training, resume
             if os.path.exists(run.path(name)):
                 os.remove(run.path(name))
     record = None
+    if os.path.exists(record_path):
+        try:
+            with open(record_path) as f:
+                run._record_before = json.load(f)
+        except (OSError, ValueError):
+            run._record_before = False           # unreadable: never rewritten from here
+    else:
+        run._record_before = None
     if resume and os.path.exists(record_path):
         try:
             with open(record_path) as f:
