@@ -1,5 +1,5 @@
 """What every npflow example script shares: flags, run folders, the lock, signals, exit codes
-(docs/training.md, section 8). This docstring is the contract an example author relies on.
+(docs/training.md, section 9). This docstring is the contract an example author relies on.
 
 A new example in a few lines::
 
@@ -79,8 +79,8 @@ import time
 
 __all__ = ["make_parser", "parse_args", "add_run_arguments", "add_method_arguments",
            "add_deprecated_alias", "parse_methods", "method_hooks", "parse_save_every", "fail",
-           "open_run", "Run", "main_guard", "warn_constant", "METHODS", "RUN_FILES", "RUN_CONTROL_KEYS",
-           "LOCK_NAME"]
+           "open_run", "Run", "main_guard", "warn_constant", "METHODS", "RUN_FILES",
+           "RUN_CONTROL_KEYS", "LOCK_NAME"]
 
 METHODS = ("ffjord", "rnode", "toflow", "steer", "otflow")
 # files a run writes and --force removes before starting afresh

@@ -319,9 +319,9 @@ def _restore(model, optimizer, rng, hooks, path, print_fn):
 
 
 class _Signals:
-    """SIGINT / SIGTERM -> a flag the loop reads after each iteration (section 7.3). A second
-    signal raises KeyboardInterrupt at once. Installed only in the main thread; the previous
-    handlers come back on exit."""
+    """SIGINT / SIGTERM -> a flag the loop reads after each iteration (docs/training.md,
+    section 7.1). A second signal raises KeyboardInterrupt at once. Installed only in the main
+    thread; the previous handlers come back on exit."""
 
     def __init__(self, print_fn):
         self.print_fn, self.got, self.old = print_fn, None, {}
@@ -362,10 +362,10 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
     hooks: TrainHook objects (STEER, TO-FLOW); on_log: callables receiving each log record;
     checkpoint_every: iterations between checkpoints (default log_every); checkpoint_seconds:
     also checkpoint when this many seconds passed since the last one (None: off);
-    explode: divergence threshold of section 7.4 (stop with status "diverged" when
+    explode: divergence threshold of eq. 5.2 (stop with status "diverged" when
     loss − min loss > explode·(|first loss| + 1); None: off); print_fn: where progress lines go.
 
-    SIGINT / SIGTERM (section 7.3): the iteration in progress finishes, a checkpoint is written
+    SIGINT / SIGTERM (section 7.1): the iteration in progress finishes, a checkpoint is written
     and the result has status "interrupted" and ``signal`` set; no exception, no exit.
     """
     if n_iters < 0 or log_every < 1:
@@ -526,11 +526,11 @@ def _as_arrays(hist: dict) -> dict:
 
 
 def time_left(seconds, nfe, remaining: int, recent: int = 50) -> float:
-    """Seconds left (section 7.5): the mean time of the last ``recent`` iterations, scaled by
+    """Seconds left (section 5, eq. 5.3): the mean time of the last ``recent`` iterations, scaled by
     the NFE trend. With s̄ the recent seconds per iteration, n̄ the recent NFE per iteration
     and g ≥ 0 the least-squares slope of NFE per iteration over the last ``4·recent``
     iterations, the remaining R iterations are estimated to take
-        s̄ · Σ_{j=1..R} (n̄ + g·j)/n̄ = s̄ · R · (1 + g·(R + 1)/(2 n̄))          (eq. 7.1)
+        s̄ · Σ_{j=1..R} (n̄ + g·j)/n̄ = s̄ · R · (1 + g·(R + 1)/(2 n̄))          (eq. 5.3)
     seconds, nfe: per-iteration sequences (oldest first)."""
     if remaining <= 0 or not len(seconds):
         return 0.0

@@ -1,4 +1,4 @@
-"""Runs that never lose work (docs/training.md, section 8): run folders, the lock, signals,
+"""Runs that never lose work (docs/training.md, section 9): run folders, the lock, signals,
 resume checks, shared flags, one-line errors - the behaviour of examples/common.py, tested
 through the example scripts (subprocesses where the behaviour is the script's)."""
 import importlib.util
@@ -370,12 +370,15 @@ def test_constant_data_warns(tmp_path):
     assert "constant" in p.stderr and "warning" in p.stderr
 
 
-def test_otflow_at_an_absurd_learning_rate_exits_nonzero(tmp_path):
-    p = _run(TAB, TAB_TINY + ["--niters", "30", "--lr", "1e6", "--save",
+@pytest.mark.parametrize("clamp, word", [("0", "non-finite"), ("1.5", "diverged")])
+def test_otflow_at_an_absurd_learning_rate_exits_nonzero(tmp_path, clamp, word):
+    """Unclamped, the state overflows (non-finite); clamped to [-1.5, 1.5] (the tabular
+    default) the loss stays finite but explodes (eq. 5.2): both are reported, status 1."""
+    p = _run(TAB, TAB_TINY + ["--niters", "30", "--lr", "1e6", "--clamp", clamp, "--save",
                               str(tmp_path / "r")])
     assert p.returncode == 1, (p.returncode, p.stdout[-500:], p.stderr)
     assert "Traceback" not in p.stderr
-    assert "diverged" in p.stderr or "non-finite" in p.stderr
+    assert word in p.stderr
 
 
 def test_zero_iterations_say_so_and_tabular_reports_no_validation(tmp_path):

@@ -430,3 +430,19 @@ def test_resume_into_another_method_is_one_clear_checkpoint_error(tmp_path):
               resume=True, hooks=hooks, print_fn=lambda m: None)
     msg = str(info.value)
     assert "\n" not in msg and "do not fit" in msg and "train_T" in msg
+
+
+def test_loss_panel_keeps_the_early_loss_in_view():
+    """The toy curves cut off the early loss when the limits were the 1st-99th percentiles."""
+    from npflow.plotting import loss_limits
+    rng = np.random.default_rng(0)
+    it = np.arange(10000)
+    loss = 3.0 + 5.0 * np.exp(-it / 30.0) + 0.05 * rng.normal(size=it.size)   # 8 -> 3 quickly
+    lo, hi = loss_limits(loss, 200)
+    assert hi >= loss[:5].mean() and lo <= np.percentile(loss, 1)
+    old_hi = np.percentile(loss, 99)
+    assert old_hi < loss[:5].mean()                      # what the old limits cut off
+    spiky = np.full(1000, 3.0)
+    spiky[500] = 1e6              # a single spike counts only by its share of the running mean
+    assert loss_limits(spiky, 20)[1] < 1e5
+    assert loss_limits(np.full(5, np.nan), 1) is None
