@@ -171,6 +171,24 @@ def _median_time(step, sync, iters, warmup):
 
 # ----------------------------------------------------------------------------- step 2: tests
 
+def parse_pytest_output(text):
+    """(summary line, {"passed": n, "failed": n, ...}, FAILED/ERROR lines) of pytest -q."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    summary = next((ln for ln in reversed(lines) if " in " in ln and any(
+        w in ln for w in ("passed", "failed", "error", "deselected", "no tests ran"))),
+        lines[-1] if lines else "")
+    counts = {}
+    toks = summary.strip("= ").replace(",", " ").split()
+    for i, tok in enumerate(toks[1:], 1):
+        if tok in ("passed", "failed", "skipped", "error", "errors", "deselected"):
+            try:
+                counts[tok] = int(toks[i - 1])
+            except ValueError:
+                pass
+    failures = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))][:20]
+    return summary, counts, failures
+
+
 def run_device_tests(backend="cupy", quick=False, timeout=300, extra=()):
     """pytest on the device tests with --device-backend ``backend``; returns counts and the
     summary line."""
@@ -186,18 +204,7 @@ def run_device_tests(backend="cupy", quick=False, timeout=300, extra=()):
         text, rc = out.stdout + out.stderr, out.returncode
     except subprocess.TimeoutExpired as exc:
         text, rc = (exc.stdout or b"").decode(errors="replace"), "timeout"
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    summary = next((ln for ln in reversed(lines) if " in " in ln and (
-        "passed" in ln or "failed" in ln or "error" in ln)), lines[-1] if lines else "")
-    counts = {}
-    toks = summary.replace(",", " ").split()
-    for i, tok in enumerate(toks[1:], 1):
-        if tok in ("passed", "failed", "skipped", "error", "errors", "deselected"):
-            try:
-                counts[tok] = int(toks[i - 1])
-            except ValueError:
-                pass
-    failures = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))][:20]
+    summary, counts, failures = parse_pytest_output(text)
     return {"command": " ".join(cmd), "returncode": rc, "summary": summary, "counts": counts,
             "failures": failures, "seconds": round(time.perf_counter() - t, 1),
             "ok": rc == 0}

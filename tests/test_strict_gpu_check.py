@@ -71,8 +71,14 @@ def test_torch_timings_run_on_the_cpu():
 def test_device_tests_run_and_are_counted():
     res = gpu_check.run_device_tests("strict", extra=["-k", "cnf-exact and keeps_params"])
     assert res["ok"] and res["counts"].get("passed") == 1, res
-    none = gpu_check.run_device_tests("strict", extra=["-k", "no_such_test_name"])
-    assert not none["ok"]                  # nothing ran: pytest exits 5, the check fails
+
+
+def test_pytest_output_is_parsed_including_failures():
+    text = ("..F\nFAILED tests/test_strict_models.py::test_x[cnf-exact] - TypeError: boom\n"
+            "1 failed, 2 passed, 3 deselected in 1.23s\n")
+    summary, counts, failures = gpu_check.parse_pytest_output(text)
+    assert counts == {"failed": 1, "passed": 2, "deselected": 3}
+    assert failures == ["FAILED tests/test_strict_models.py::test_x[cnf-exact] - TypeError: boom"]
 
 
 def test_whole_check_on_the_stand_in_writes_json_and_markdown(device, monkeypatch, tmp_path):
