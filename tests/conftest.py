@@ -82,6 +82,10 @@ def device(request):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if strict_xp.SYNC_REPORT:
+        terminalreporter.write_line(
+            "strict device backend, host syncs per loss_and_grad: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(strict_xp.SYNC_REPORT.items())))
     names = strict_xp.USED_NAMES
     if not names:
         return

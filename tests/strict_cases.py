@@ -68,6 +68,7 @@ CASES = {
     "cnf-concatsquash-swish": Case(_cnf(trace="rademacher", layer="concatsquash",
                                         activation="swish"), _gauss(2)),
     "multiscale": Case(_multiscale(), _images()),
+    "multiscale-labels": Case(_multiscale(image_shape=(2, 4, 4)), _images((2, 4, 4))),
     "multiscale-rnode-toflow": Case(_multiscale(kinetic=0.01, jacobian=0.01, train_T=True,
                                                 layer="concatsquash"), _images(),
                                     lambda m: [TimeOptimizer(m, kind="analytic")]),

@@ -41,13 +41,17 @@ except Exception:  # pragma: no cover - depends on the machine
     _cupy = None
 
 __all__ = ["StrictArray", "xp", "ImplicitConversionError", "Event", "Tracker", "track",
-           "install", "uninstall", "installed", "USED_NAMES", "missing_in"]
+           "install", "uninstall", "installed", "USED_NAMES", "SYNC_REPORT", "missing_in"]
 
 _HERE = os.path.abspath(__file__)
 _NUMPY_DIR = os.path.dirname(os.path.abspath(np.__file__))
 
 #: Every name taken from ``xp`` during the process ("tanh", "linalg.norm", "add.at", ...).
 USED_NAMES: set = set()
+
+#: Host syncs per training step, by model case (filled by tests/test_strict_models.py,
+#: printed in the session summary by tests/conftest.py).
+SYNC_REPORT: dict = {}
 
 
 class ImplicitConversionError(TypeError):
@@ -297,7 +301,8 @@ class _Module(types.ModuleType):
         return out
 
     def __repr__(self):
-        return f"<strict stand-in for cupy{('.' + self._prefix.rstrip('.')) if self._prefix else ''}>"
+        sub = "." + self._prefix.rstrip(".") if self._prefix else ""
+        return f"<strict stand-in for cupy{sub}>"
 
 
 xp = _Module(np, "")
