@@ -19,7 +19,7 @@ from strict_cases import CASES, MODEL_CASES
 NAMES = sorted(CASES)
 
 
-def _step(case, device_name, dtype, seed=0, tracker=None):
+def _step(case, device_name, dtype, seed=0):
     """One training iteration of ``case``; returns (model, TrainResult)."""
     model = case.build(device_name, dtype)
     opt = Adam(model.params, lr=1e-3)
@@ -29,15 +29,6 @@ def _step(case, device_name, dtype, seed=0, tracker=None):
                 hooks=hooks, print_fn=lambda *a: None)
     assert res.status == "done", res.message
     return model, res
-
-
-def _loss_and_grad(case, device_name, dtype, tracker_cm=None):
-    model = case.build(device_name, dtype)
-    x = case.batch(np.random.default_rng(1))
-    kw = {}
-    for h in case.hooks(model):
-        kw.update(h.loss_kwargs(model, np.random.default_rng(2), 0))
-    return model, x, kw
 
 
 @pytest.mark.parametrize("name", NAMES)
