@@ -8,8 +8,9 @@ On a machine with an NVIDIA GPU (CUDA 12 driver) this
   1. installs the ``gpu`` and ``bench`` extras (``pip install -e .[gpu,bench]``: cupy-cuda12x,
      torch, torchdiffeq). PyPI's Linux torch wheels are CUDA builds; if the torch found is a
      CPU build the PyTorch timings are skipped and the summary says how to get a CUDA build;
-  2. runs the device tests (tests/test_strict_models.py, tests/test_strict_layers.py) with
-     ``--device-backend cupy``: every model and method, and the layer gradient checks, on the GPU;
+  2. runs the device tests (tests/test_strict_models.py, test_strict_layers.py,
+     test_strict_examples.py) with ``--device-backend cupy``: every model and method, the
+     layer gradient checks and the example scripts with --device gpu, on the GPU;
   3. compares one float64 training step (loss_and_grad) of every case in tests/strict_cases.py
      on CuPy with the NumPy one: loss and every gradient to 1e-10;
   4. times the toy training step (CNF 2-64-64-64-2, exact trace, rk38 8 steps; batch 100,
@@ -48,7 +49,8 @@ import numpy as np  # noqa: E402
 
 EXIT_NO_GPU = 2
 TOY_BATCHES = (100, 1000, 10000)
-DEVICE_TESTS = ["tests/test_strict_models.py", "tests/test_strict_layers.py"]
+DEVICE_TESTS = ["tests/test_strict_models.py", "tests/test_strict_layers.py",
+                "tests/test_strict_examples.py"]
 
 
 # ----------------------------------------------------------------------------- environment
@@ -195,7 +197,7 @@ def run_device_tests(backend="cupy", quick=False, timeout=300, extra=()):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
            f"--device-backend={backend}", *DEVICE_TESTS, *extra]
     if quick:
-        cmd += ["-k", "keeps_params or equals_the_numpy or affine or odenet"]
+        cmd += ["-k", "keeps_params or equals_the_numpy or affine or odenet or train_mnist"]
     t = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:

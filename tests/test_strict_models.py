@@ -144,6 +144,8 @@ def test_log_prob_sample_save_load_on_the_device(device, name, tmp_path):
     assert device.is_device(s) and s.dtype == np.float32 and s.shape[0] == 3
     if t is not None:
         assert not t.float64, t.summary()
+    if hasattr(model, "evaluate"):                        # OT-Flow's evaluation sums
+        assert all(np.isfinite(v) for v in model.evaluate(x).values())
     path = tmp_path / "m.h5"
     model.save(str(path))
     back = npflow.load(str(path), device="gpu")
@@ -151,3 +153,62 @@ def test_log_prob_sample_save_load_on_the_device(device, name, tmp_path):
         assert device.is_device(a) and a.dtype == np.float32, k
         np.testing.assert_array_equal(to_host(a), to_host(model.params[k]))
     np.testing.assert_allclose(to_host(log_prob(back, x)), to_host(lp), rtol=1e-6)
+
+
+class _NetDynamics:
+    """dz/dt = f(z, t) for an ODENet, in the solver interface (forward/backward)."""
+
+    def __init__(self, net, params):
+        self.net, self.params = net, params
+
+    def forward(self, t, y):
+        f, _, cache = self.net.forward(self.params, y, None, t)
+        return f, cache
+
+    def backward(self, cache, dydt_bar):
+        zbar, _, pbar, tbar = self.net.backward(dydt_bar, None, cache)
+        return zbar, pbar, tbar
+
+
+def _solve_syncs(method, **kw):
+    import strict_xp
+    from npflow.backend import to_device
+    from npflow.odenet import ODENet
+    from npflow.solvers import odeint
+    xp = strict_xp.xp
+    rng = np.random.default_rng(0)
+    net = ODENet(2, (8,), 2, activation="softplus")
+    dyn = _NetDynamics(net, net.init_params(rng, np.float32, xp))
+    y0 = to_device(rng.standard_normal((5, 2)), xp, np.float32)
+    with strict_xp.track() as fwd:
+        sol = odeint(dyn, y0, 0.0, 1.0, method=method, **kw)
+    with strict_xp.track() as bwd:
+        sol.backward(xp.ones_like(sol.y1))
+    return sol, fwd.syncs, bwd.syncs
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4", "rk38"])
+def test_fixed_grid_solve_takes_one_host_sync_whatever_the_steps(device, method):
+    """eq. (1.3) of docs/backend.md: the only sync of a fixed-grid solve is its one
+    finiteness check after the loop; the discrete adjoint takes one (the time cotangents)."""
+    if not device.strict:
+        pytest.skip("host syncs are observable on the strict backend only")
+    for steps in (1, 3, 7):
+        _, fwd, bwd = _solve_syncs(method, steps=steps)
+        assert [e.kind for e in fwd] == ["bool()"], [e.where for e in fwd]
+        assert len(bwd) <= 1, [e.where for e in bwd]
+
+
+def test_dopri5_takes_one_host_sync_per_step_attempt(device):
+    """eq. (1.4): one sync per attempted step (its error ratio), plus the initial-step
+    selection and one finiteness check per solve."""
+    if not device.strict:
+        pytest.skip("host syncs are observable on the strict backend only")
+    for rtol in (1e-3, 1e-6):
+        sol, fwd, bwd = _solve_syncs("dopri5", rtol=rtol, atol=rtol)
+        attempts = len(sol.ts) - 1 + sol.n_rejected
+        in_control = [e for e in fwd if e.inside("solvers.py", "_error_ratio")]
+        initial = [e for e in fwd if e.inside("solvers.py", "initial_step")]
+        assert len(in_control) == attempts and attempts > 1
+        assert len(fwd) == attempts + len(initial) + 1 and len(initial) <= 3
+        assert len(bwd) <= 1
