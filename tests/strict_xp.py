@@ -249,6 +249,10 @@ def _function(fn, path: str):
     return call
 
 
+#: The keyword arguments a CuPy ufunc call accepts (NumPy's where=, order=, subok= ... not).
+_UFUNC_KWARGS = {"out", "dtype", "casting"}
+
+
 class _Ufunc:
     """A NumPy ufunc seen through ``xp``: calls, and the methods CuPy's ufuncs have."""
 
@@ -258,16 +262,18 @@ class _Ufunc:
         self.__name__ = path
 
     def __call__(self, *args, **kwargs):
+        bad = set(kwargs) - _UFUNC_KWARGS
+        if bad:
+            raise TypeError(f"cupy.{self._path} takes no keyword argument(s) {sorted(bad)} "
+                            "(CuPy ufuncs take out, dtype, casting): this would fail on a GPU")
         return self._call(*args, **kwargs)
 
     def __getattr__(self, name):
         full = f"{self._path}.{name}"
-        USED_NAMES.add(full)
         attr = getattr(self._ufunc, name)
-        if callable(attr):
-            return _function(attr, full)
-        _cupy_attr(full)
-        return attr
+        out = _function(attr, full) if callable(attr) else (_cupy_attr(full), attr)[1]
+        USED_NAMES.add(full)
+        return out
 
 
 class _Module(types.ModuleType):
@@ -287,8 +293,8 @@ class _Module(types.ModuleType):
             pass
         path = self._prefix + name
         attr = getattr(self._np, name)           # AttributeError for names NumPy lacks
-        USED_NAMES.add(path)
         _cupy_attr(path)                         # AttributeError for names CuPy lacks
+        USED_NAMES.add(path)
         if isinstance(attr, types.ModuleType):
             out = _Module(attr, path + ".")
         elif isinstance(attr, np.ufunc):
@@ -484,8 +490,8 @@ class StrictArray:
         if name.startswith("__"):
             raise AttributeError(name)
         attr = getattr(self._a, name)
-        USED_NAMES.add("ndarray." + name)
         cupy_meth = _cupy_attr("ndarray." + name)
+        USED_NAMES.add("ndarray." + name)
         if not callable(attr):
             return attr
 

@@ -75,6 +75,8 @@ def test_names_and_keywords_cupy_lacks_are_refused(a):
             getattr(xp, name)
     with pytest.raises(TypeError, match=r"no keyword argument\(s\) \['where'\]"):
         xp.sum(a, where=a > 1)                   # NumPy-only keyword
+    with pytest.raises(TypeError, match=r"no keyword argument\(s\) \['where'\]"):
+        xp.exp(a, where=a > 1)                   # NumPy-only ufunc keyword
     with pytest.raises(AttributeError, match="CuPy has no `cupy.ndarray.resize`"):
         a.copy().resize((6,))
     assert S.missing_in(S._cupy, {"tanh", "linalg.norm", "add.at", "no_such_name"}) == {
