@@ -14,7 +14,7 @@ import warnings
 from npflow.backend import get_array_module
 
 __all__ = ["Flow", "Planar", "Orthogonal", "Householder", "Triangular", "FlowSequence",
-           "make_flows", "orthogonalize", "orthogonalize_backward", "householder_product",
+           "make_flows", "planar_reparameterize", "orthogonalize", "orthogonalize_backward", "householder_product",
            "triangular_factors", "triangular_factors_backward", "eta_forward", "eta_backward",
            "FLOW_KINDS"]
 
@@ -152,6 +152,19 @@ class Flow:
 
 # ----------------------------------------------------------------------------- 1. planar
 
+def planar_reparameterize(u, w):
+    """eq. 1.2: û = u + (m(α) − α) w/‖w‖², α = wᵀu, m(α) = −1 + softplus(α), so ûᵀw = m(α) > −1
+    (eq. 1.3). u, w (B, D), w nonzero -> û (B, D) and α, ‖w‖², m, k = (m − α)/‖w‖²,
+    softplus(α) (each (B,)). m − α is computed as softplus(−α) − 1 (no cancellation)."""
+    xp = get_array_module(u)
+    alpha = (w * u).sum(axis=1)                                   # wᵀu      (B,)
+    n = (w * w).sum(axis=1)                                       # ‖w‖²     (B,)
+    sp = _softplus(alpha, xp)
+    m = sp - 1.0                                                  # m(α)
+    k = (_softplus(-alpha, xp) - 1.0) / n                         # (m − α)/‖w‖²
+    return u + k[:, None] * w, alpha, n, m, k, sp
+
+
 class Planar(Flow):
     """Planar flow (docs/flows.md section 1), amortized:
 
@@ -176,17 +189,13 @@ class Planar(Flow):
         self._validate(z, p)
         xp = get_array_module(z)
         u, w, b = p["u"], p["w"], p["b"]
-        alpha = (w * u).sum(axis=1)                               # wᵀu      (B,)
-        n = (w * w).sum(axis=1)                                   # ‖w‖²     (B,)
-        m = _softplus(alpha, xp) - 1.0                            # m(α)     eq. 1.2
-        k = (_softplus(-alpha, xp) - 1.0) / n                     # (m − α)/‖w‖², stable form
-        u_hat = u + k[:, None] * w                                # eq. 1.2
+        u_hat, alpha, n, m, k, sp = planar_reparameterize(u, w)   # eq. 1.2
         a = (w * z).sum(axis=1) + b[:, 0]                         # wᵀz + b  (B,)
         s = xp.tanh(a)
         z_new = z + u_hat * s[:, None]                            # eq. 1.1
         hp = 1.0 - s * s                                          # h'(a)
-        g = 1.0 + hp * m
-        logdet = xp.log(xp.abs(g))                                # eq. 1.4
+        g = s * s + hp * sp                                       # 1 + h' m, eq. 1.4a
+        logdet = xp.log(g)                                        # eq. 1.4
         cache = (z, u, w, alpha, n, m, k, u_hat, s, hp, g)
         return z_new, logdet, cache
 
@@ -267,8 +276,8 @@ def eta_forward(q, R, Rt, r, rt, b):
     c = _bmv(R, s)                                                # eq. 2.1
     hp = 1.0 - s * s                                              # h'(a)
     dd = r * rt                                                   # r_ii r̃_ii
-    g = 1.0 + hp * dd                                             # eq. 2.3
-    logdet = xp.log(xp.abs(g)).sum(axis=1)                        # eq. 2.4
+    g = s * s + hp * (1.0 + dd)                                   # 1 + h' r r̃, eq. 2.4a
+    logdet = xp.log(g).sum(axis=1)                                # eq. 2.4
     return c, logdet, (q, R, Rt, r, rt, s, hp, dd, g)
 
 
