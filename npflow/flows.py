@@ -9,6 +9,7 @@ and 4.1) and differentiates that map too. Arrays are batch-first: z (B, D), ever
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 
 from npflow.backend import get_array_module
@@ -59,7 +60,7 @@ def _diag(A, xp):
 
 
 def _check_int(name, value, low, high=None, what=""):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
             high is not None and value > high):
         rng = f"{low} <= {name}" + (f" <= {high}" if high is not None else "")
         raise ValueError(f"{what}{name} must be an integer with {rng}, got {value!r}")
@@ -179,7 +180,7 @@ class Planar(Flow):
 
     def __init__(self, D: int):
         _check_int("D", D, 1, what="Planar: ")
-        self.D = D
+        self.D = int(D)
 
     def param_shapes(self):
         return {"u": (self.D,), "w": (self.D,), "b": (1,)}
@@ -376,7 +377,7 @@ def orthogonalize(X, tol=None, max_iter=100):
     iterates = []
     while True:
         G = _swap(Q) @ Q                                          # QᵀQ   (B, M, M)
-        err = float(xp.abs(G - eye).max())                        # eq. 3.4 (one host sync)
+        err = float(xp.abs(G - eye).max()) if G.size else 0.0     # eq. 3.4 (one host sync)
         if err <= tol or len(iterates) == max_iter:
             break
         iterates.append((Q, G))
@@ -427,7 +428,7 @@ class Orthogonal(_Sylvester):
         if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float))
                                 or not tol > 0):
             raise ValueError(f"Orthogonal: tol must be a positive number, got {tol!r}")
-        self.D, self.M, self.tol, self.max_iter = D, M, tol, max_iter
+        self.D, self.M, self.tol, self.max_iter = int(D), int(M), tol, int(max_iter)
 
     def param_shapes(self):
         return {"Q": (self.D, self.M), **_sylvester_r_shapes(self.M)}
@@ -496,7 +497,7 @@ class Householder(_Sylvester):
     def __init__(self, D: int, H: int):
         _check_int("D", D, 1, what="Householder: ")
         _check_int("H", H, 1, what="Householder: ")
-        self.D, self.M, self.H = D, D, H
+        self.D, self.M, self.H = int(D), int(D), int(H)
 
     def param_shapes(self):
         return {"v": (self.H, self.D), **_sylvester_r_shapes(self.D)}
@@ -556,7 +557,7 @@ class Triangular(_Sylvester):
         _check_int("D", D, 1, what="Triangular: ")
         if not isinstance(reverse, bool):
             raise ValueError(f"Triangular: reverse must be True or False, got {reverse!r}")
-        self.D, self.M, self.reverse = D, D, reverse
+        self.D, self.M, self.reverse = int(D), int(D), reverse
 
     def param_shapes(self):
         return _sylvester_r_shapes(self.D)
