@@ -244,6 +244,24 @@ def test_orthogonalization_backward_matches_central_differences(D, B, seed):
     assert_rel_close(np.vdot(X_bar, V), fd, what="X_bar")
 
 
+@given(D=dims, B=batches, seed=seeds)
+def test_unrolled_derivative_equals_polar_factor_derivative(D, B, seed):
+    """eq. 3.7: run to convergence, the derivative through the unrolled iterations equals the
+    derivative of the limit U Vᵀ, δP = U Ã Vᵀ + (I − UUᵀ) δX V Σ⁻¹ Vᵀ,
+    Ã_ij = (K − Kᵀ)_ij / (σ_i + σ_j), K = Uᵀ δX V."""
+    rng = np.random.default_rng(seed)
+    M = int(rng.integers(1, D + 1))
+    X, dX, C = (rng.standard_normal((B, D, M)) for _ in range(3))
+    _, cache = F.orthogonalize(X, tol=1e-14)
+    X_bar = F.orthogonalize_backward(cache, C)
+    U, S, Vt = np.linalg.svd(X, full_matrices=False)
+    V = np.swapaxes(Vt, 1, 2)
+    K = np.swapaxes(U, 1, 2) @ dX @ V
+    A = (K - np.swapaxes(K, 1, 2)) / (S[:, :, None] + S[:, None, :])
+    dP = U @ A @ Vt + (dX - U @ (np.swapaxes(U, 1, 2) @ dX)) @ V @ (Vt / S[:, :, None])
+    assert_rel_close(np.vdot(X_bar, dX), np.vdot(C, dP), rtol=1e-8, what="<X_bar, dX>")
+
+
 def test_orthogonalization_reaches_its_float32_tolerance_at_D_64():
     """The float32 default tolerance (1e-5 on max |QᵀQ − I|) is reached, with no warning, for
     the paper's sizes M = 32 and the square worst case M = D = 64."""
