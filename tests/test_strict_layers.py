@@ -179,3 +179,74 @@ def test_float32_layer_on_device_makes_no_float64_array(device, case):
         assert all(v.dtype == np.float32 for v in pbar.values())
         if tr is not None:
             assert not tr.float64, tr.summary()
+
+
+# ----------------------------------------------------------------------------- discrete flows
+
+FLOW_KINDS = ["planar", "orthogonal", "householder", "triangular", "sequence"]
+
+
+class FlowOnDevice:
+    """A discrete flow (npflow.flows) run on the device; host arrays in and out."""
+
+    def __init__(self, flow, device):
+        self.flow, self.device, self.xp = flow, device, device.xp
+
+    def param_shapes(self):
+        return self.flow.param_shapes()
+
+    def forward(self, z, p):
+        zn, ld, cache = self.flow.forward(dev(z, self.xp), dev(p, self.xp))
+        return host(zn, self.device), host(ld, self.device), cache
+
+    def backward(self, cache, zb, lb):
+        return host(self.flow.backward(cache, dev(zb, self.xp), dev(lb, self.xp)), self.device)
+
+
+@pytest.mark.parametrize("kind", FLOW_KINDS)
+def test_flow_on_device_matches_finite_differences_and_its_adjoint(device, kind):
+    """z̄ and every p̄ against central differences of <a, z'> + <c, log|det|>, on device
+    arrays (the checks of tests/test_flows.py)."""
+    from test_flows import build, raw_params
+    from test_layers import assert_rel_close, central_difference
+    rng = np.random.default_rng(9)
+    flow = FlowOnDevice(build(kind, 3, rng), device)
+    z = rng.standard_normal((4, 3))
+    p = raw_params(flow, 4, rng)
+    zn, ld, cache = flow.forward(z, p)
+    a, c = rng.standard_normal(zn.shape), rng.standard_normal(ld.shape)
+    z_bar, p_bar = flow.backward(cache, a, c)
+
+    def loss(z_=z, p_=p):
+        zn_, ld_, _ = flow.forward(z_, p_)
+        return np.vdot(a, zn_) + np.vdot(c, ld_)
+
+    v = rng.standard_normal(z.shape)
+    assert_rel_close(np.vdot(z_bar, v), central_difference(lambda s: loss(z_=z + s * v)),
+                     what="z_bar")
+    for name in p:
+        v = rng.standard_normal(p[name].shape)
+        fd = central_difference(lambda s: loss(p_={**p, name: p[name] + s * v}))
+        assert_rel_close(np.vdot(p_bar[name], v), fd, what=f"p_bar[{name!r}]")
+
+
+@pytest.mark.parametrize("kind", FLOW_KINDS)
+def test_float32_flow_on_device_makes_no_float64_array(device, kind):
+    from npflow import flows as F
+    rng = np.random.default_rng(10)
+    D = 3
+    flow = {"planar": lambda: F.Planar(D), "orthogonal": lambda: F.Orthogonal(D, 2),
+            "householder": lambda: F.Householder(D, 2), "triangular": lambda: F.Triangular(D),
+            "sequence": lambda: F.FlowSequence([F.Planar(D), F.Triangular(D, reverse=True)])
+            }[kind]()
+    xp = device.xp
+    p = {k: to_device(rng.standard_normal((4,) + s), xp, np.float32)
+         for k, s in flow.param_shapes().items()}
+    z = to_device(rng.standard_normal((4, D)), xp, np.float32)
+    with device.track(float64=True) as tr:
+        zn, ld, cache = flow.forward(z, p)
+        z_bar, p_bar = flow.backward(cache, zn, ld)
+    assert zn.dtype == ld.dtype == z_bar.dtype == np.float32
+    assert all(device.is_device(v) and v.dtype == np.float32 for v in p_bar.values())
+    if tr is not None:
+        assert not tr.float64, tr.summary()
