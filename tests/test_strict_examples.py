@@ -49,3 +49,10 @@ def test_train_toy_runs_on_the_device(device, tmp_path, solver):
     assert rc == 0
     with open(tmp_path / "run" / "result.json") as fh:
         assert np.isfinite(json.load(fh)["test_nll"])
+
+
+def test_train_tabular_otflow_runs_on_the_device(device, tmp_path):
+    from test_train_tabular import TINY
+    rc = _script("train_tabular").main(["--data", "8gaussians", "--device", "gpu",
+                                        "--save", str(tmp_path / "run")] + TINY)
+    assert rc == 0
