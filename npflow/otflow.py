@@ -118,7 +118,7 @@ class OTFlow(FlowModel):
     def __init__(self, dim, width=32, depth=2, rank=None, alpha=(1.0, 100.0, 5.0), steps=8,
                  T=1.0, train_T=False, dtype="float32", device="cpu", seed=0):
         dim, width, depth, steps = (check_int(n, v, lo) for n, v, lo in (
-            ("dim", dim, 1), ("width", width, 1), ("depth", depth, 2), ("steps", steps, 1)))
+            ("dim", dim, 1), ("width", width, 1), ("depth", depth, 1), ("steps", steps, 1)))
         rank = min(10, dim + 1) if rank is None else check_int("rank", rank)
         alpha = [float(a) for a in alpha]
         if dim < 1 or width < 1 or depth < 2:
