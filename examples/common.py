@@ -578,8 +578,8 @@ def main_guard(main, argv=None):
         status = main(argv)
     except KeyboardInterrupt:
         signum = got.get("signal", signal.SIGINT)
-        print(f"\n{_prog()}: interrupted by {signal.Signals(signum).name} outside the training "
-              "loop; every completed checkpoint is kept", file=sys.stderr, flush=True)
+        print(f"\n{_prog()}: interrupted by {signal.Signals(signum).name}; every completed "
+              "checkpoint is kept (continue with --resume)", file=sys.stderr, flush=True)
         status = SIGNAL_STATUS[signum]
     except Exception as exc:  # noqa: BLE001 - library errors meant for users: one line
         from npflow.backend import DeviceError

@@ -16,7 +16,8 @@ two the toy example uses. Their state goes into the checkpoint with the optimize
 generator's and the loss history, so ``resume=True`` continues exactly (section 7).
 
 Host synchronisation: one float per iteration for the loss (the model returns it) and one for
-the gradient norm (the non-finite check must decide); nothing else per step.
+the gradient norm (the non-finite check must decide); nothing else per step, apart from one
+finiteness check of all parameters per log line and per checkpoint.
 """
 from __future__ import annotations
 
@@ -249,11 +250,12 @@ class TrainResult:
 
 
 def _all_finite(params) -> bool:
-    for a in params.values():
-        xp = get_array_module(a)
-        if not bool(xp.isfinite(a).all()):
-            return False
-    return True
+    """True if every parameter array is finite: one host synchronisation for all of them."""
+    arrays = list(params.values())
+    if not arrays:
+        return True
+    xp = get_array_module(arrays[0])
+    return bool(xp.stack([xp.isfinite(a).all() for a in arrays]).all())
 
 
 def _restore(model, optimizer, rng, hooks, path, print_fn):
@@ -546,7 +548,7 @@ def time_left(seconds, nfe, remaining: int, recent: int = 50) -> float:
 
 def _log_record(window, row, T, optimizer, n_iters, done, logged, hist):
     sec = float(numpy.mean([w["seconds"] for w in window]))
-    nfe = [f + b for f, b in zip(hist["nfe_forward"], hist["nfe_backward"])]
+    nfe = [f + b for f, b in zip(hist["nfe_forward"][-200:], hist["nfe_backward"][-200:])]
     rec = {
         "iteration": done,
         "loss": row["loss"],
@@ -558,7 +560,7 @@ def _log_record(window, row, T, optimizer, n_iters, done, logged, hist):
         "grad_norm": row["grad_norm"],
         "lr": optimizer.current_lr(),
         "sec_per_iter": sec,
-        "time_left_s": time_left(hist["seconds"], nfe, n_iters - done),
+        "time_left_s": time_left(hist["seconds"][-200:], nfe, n_iters - done),
     }
     for k in ("kinetic", "jacobian"):
         if math.isfinite(row[k]):
