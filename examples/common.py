@@ -53,6 +53,10 @@ Run folder (``open_run``), policy "refuse, don't replace":
     Run-control flags (RUN_CONTROL_KEYS: --save, --resume, --force, --log-json, ...) are
     neither.
 
+Under mpiexec (``mpi_rank() > 0`` from PMI_RANK / OMPI_COMM_WORLD_RANK / PMIX_RANK) only rank 0
+takes the lock, checks the folder and writes args.json; the other ranks get a Run without a
+lock (which files they may write is the MPI layer's business).
+
 Signals: npflow.training.train() turns SIGINT / SIGTERM into "finish this iteration, write the
 checkpoint, return status 'interrupted'"; ``run.finish(result)`` prints where the checkpoint is
 and the exact command to resume, and returns 130 (SIGINT) or 143 (SIGTERM). ``main_guard``
@@ -79,7 +83,7 @@ import time
 
 __all__ = ["make_parser", "parse_args", "add_run_arguments", "add_method_arguments",
            "add_deprecated_alias", "parse_methods", "method_hooks", "parse_save_every", "fail",
-           "open_run", "Run", "main_guard", "warn_constant", "METHODS", "RUN_FILES",
+           "open_run", "Run", "main_guard", "warn_constant", "mpi_rank", "METHODS", "RUN_FILES",
            "RUN_CONTROL_KEYS", "LOCK_NAME"]
 
 METHODS = ("ffjord", "rnode", "toflow", "steer", "otflow")
@@ -459,6 +463,16 @@ def _write_json_atomic(path, obj):
     os.replace(tmp, path)
 
 
+def mpi_rank() -> int:
+    """This process's rank under mpiexec (MPICH's PMI_RANK, Open MPI's OMPI_COMM_WORLD_RANK,
+    PMIx's PMIX_RANK), 0 otherwise; read from the environment, without importing mpi4py."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        v = os.environ.get(var)
+        if v is not None and v.strip().isdigit():
+            return int(v)
+    return 0
+
+
 def open_run(args, model_keys=(), extra_model=None, extra_training=None) -> Run:
     """Open the run folder ``args.save`` for this run (module docstring): create it, take the
     lock, refuse an existing run without --resume / --force, check and record the settings in
@@ -471,6 +485,14 @@ def open_run(args, model_keys=(), extra_model=None, extra_training=None) -> Run:
     """
     folder = os.fspath(args.save)
     resume, force = bool(getattr(args, "resume", False)), bool(getattr(args, "force", False))
+    if mpi_rank() > 0:
+        # under mpiexec the ranks of one run share its folder: rank 0 alone takes the lock,
+        # checks and records; the others only wait for the folder rank 0 creates
+        for _ in range(600):
+            if os.path.isdir(folder):
+                break
+            time.sleep(0.1)
+        return Run(args, model_keys, None)
     if resume and force:
         fail("--resume and --force exclude each other: --resume continues the run in --save, "
              "--force replaces it")

@@ -407,3 +407,22 @@ def test_signal_outside_the_training_loop_is_one_line(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "interrupted by SIGTERM" in err and "Traceback" not in err
+
+
+def test_under_mpi_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
+    """Ranks of one mpiexec run share its folder: rank 0 locks and records, rank 1 neither
+    locks nor is refused (it would be, as a second run, if it took the lock)."""
+    common = _common()
+    import argparse
+    args = argparse.Namespace(save=str(tmp_path / "run"), resume=False, force=False, lr=1.0)
+    monkeypatch.setenv("PMI_RANK", "0")
+    with common.open_run(args, model_keys=()) as r0:
+        assert r0._lock_fd is not None
+        monkeypatch.setenv("PMI_RANK", "1")
+        assert common.mpi_rank() == 1
+        with common.open_run(args, model_keys=()) as r1:
+            assert r1._lock_fd is None
+        record = json.load(open(tmp_path / "run" / "args.json"))
+        assert len(record["runs"]) == 1
+    monkeypatch.delenv("PMI_RANK")
+    assert common.mpi_rank() == 0
