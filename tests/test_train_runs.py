@@ -107,7 +107,7 @@ def test_signal_mid_run_then_resume_gives_the_losses_of_an_uninterrupted_run(tmp
     res = _run(TOY, base + ["--save", str(tmp_path / "run"), "--resume", "--log-json",
                             str(tmp_path / "b.jsonl")])
     assert res.returncode == 0, res.stderr
-    assert f"resumed from" in res.stdout
+    assert "resumed from" in res.stdout
     got = {**_losses(log_a), **_losses(tmp_path / "b.jsonl")}
     want = _losses(tmp_path / "full.jsonl")
     assert sorted(got) == sorted(want) == list(range(1, int(n) + 1))

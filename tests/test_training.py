@@ -318,7 +318,6 @@ class _SignalAt(TrainHook):
     def after_step(self, model, x, rng, it, stats):
         if it + 1 == self.at:
             import os
-            import signal
             os.kill(os.getpid(), self.signum)
         return {}
 
