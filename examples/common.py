@@ -530,7 +530,7 @@ def _check_and_record(run, args, model_keys, extra_model, extra_training, resume
         for name in RUN_FILES:
             if os.path.exists(run.path(name)):
                 os.remove(run.path(name))
-    record = None
+    record = legacy = None
     if os.path.exists(record_path):
         try:
             with open(record_path) as f:
@@ -548,8 +548,8 @@ def _check_and_record(run, args, model_keys, extra_model, extra_training, resume
                  "new run with --force")
         if not isinstance(record, dict) or "model" not in record:
             print(f"note: {record_path} predates recorded settings; model settings are not "
-                  "checked against it", flush=True)
-            record = None
+                  "checked against it (it is kept under 'legacy')", flush=True)
+            legacy, record = record, None
     if record is not None:
         if record.get("script") not in (None, _prog()):
             fail(f"cannot resume: {folder!r} holds a run of {record['script']}, not of "
@@ -577,6 +577,8 @@ def _check_and_record(run, args, model_keys, extra_model, extra_training, resume
     else:
         record = {"script": _prog(), "model": model, "training": training,
                   "runs": [_run_entry()]}
+        if legacy is not None:
+            record["legacy"] = legacy
     _write_json_atomic(record_path, record)
 
 

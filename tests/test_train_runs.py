@@ -426,3 +426,15 @@ def test_under_mpi_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
         assert len(record["runs"]) == 1
     monkeypatch.delenv("PMI_RANK")
     assert common.mpi_rank() == 0
+
+
+def test_resume_keeps_an_old_format_args_json_under_legacy(tmp_path):
+    save = tmp_path / "run"
+    assert _run(TOY, TINY + ["--niters", "2", "--save", str(save)]).returncode == 0
+    old = {"dims": "8-8", "lr": 0.001}                   # an args.json of an older npflow
+    (save / "args.json").write_text(json.dumps(old))
+    p = _run(TOY, TINY + ["--niters", "3", "--save", str(save), "--resume"])
+    assert p.returncode == 0, p.stderr
+    assert "predates recorded settings" in p.stdout
+    record = json.load(open(save / "args.json"))
+    assert record["legacy"] == old and record["model"]["dims"] == "8-8"
