@@ -32,6 +32,7 @@ from .backend import get_array_module, to_host
 from .checkpoint import CheckpointError, load_training_state, read_header, read_params
 from .model import params_mismatch
 from .optim import Adam, clip_grad_norm
+from . import parallel
 from .solvers import SolverError
 
 __all__ = ["train", "TrainResult", "TrainHook", "SteerHook", "TimeOptimizer", "append_json",
@@ -111,13 +112,14 @@ class TimeOptimizer(TrainHook):
     model: a model with train_T=True, ``time_names`` and ``time_gradient(x, rng, kind)``;
     kind: "analytic" (terminal formula, one extra forward solve at θ̃), "discrete" (exact
     derivative of the discrete loss, forward and backward at θ̃), or "stale" (the analytic
-    value the weight step already computed at the old θ, no extra solve; an approximation).
+    value the weight step already computed at the old θ, no extra solve; an approximation);
+    comm: the MPI ranks (npflow.parallel.Comm) that share each batch, or None.
     """
 
     name = "toflow"
 
     def __init__(self, model, lr: float = 1e-2, alpha: float = 0.1, eps: float = 0.1,
-                 t0: float = 0.0, kind: str = "analytic", betas=(0.9, 0.999)):
+                 t0: float = 0.0, kind: str = "analytic", betas=(0.9, 0.999), comm=None):
         if not model.config.get("train_T"):
             raise ValueError("TO-FLOW's T step needs a model built with train_T=True")
         if kind not in ("analytic", "discrete", "stale"):
@@ -130,7 +132,7 @@ class TimeOptimizer(TrainHook):
         if not self.lo < self.hi:
             raise ValueError(f"TO-FLOW clipping interval [t0 + eps, 2T0 − t0 − eps] = "
                              f"[{self.lo}, {self.hi}] is empty (T0={T0}, t0={t0}, eps={eps})")
-        self.alpha, self.kind = float(alpha), kind
+        self.alpha, self.kind, self.comm = float(alpha), kind, comm
         self.names = list(model.time_names)
         self.adam = Adam({n: model.params[n] for n in self.names}, lr=lr, betas=betas)
 
@@ -139,7 +141,7 @@ class TimeOptimizer(TrainHook):
             g = stats["dL_dT_analytic"]
             g = list(g) if isinstance(g, (list, tuple)) else [g]
         else:
-            g = model.time_gradient(x, rng, kind=self.kind)
+            g = parallel.time_gradient(model, x, rng, self.comm, kind=self.kind)
         if not all(math.isfinite(v) for v in g):
             raise FloatingPointError(f"TO-FLOW: non-finite ∂L/∂T {g}")
         xp = model.xp
@@ -187,15 +189,16 @@ def add_method_arguments(parser, t_grad_default="analytic"):
     a("--steer-b", type=float, default=None, help="STEER half-width b (default T0/2)")
 
 
-def method_hooks(model, methods, args, steer_b=None) -> list:
+def method_hooks(model, methods, args, steer_b=None, comm=None) -> list:
     """The training hooks of the chosen methods, from the flags of add_method_arguments:
-    STEER's end-time draw (half-width ``steer_b``) and TO-FLOW's T step."""
+    STEER's end-time draw (half-width ``steer_b``) and TO-FLOW's T step (over the MPI ranks
+    ``comm``)."""
     hooks = []
     if "steer" in methods:
         hooks.append(SteerHook(steer_b))
     if "toflow" in methods:
         hooks.append(TimeOptimizer(model, lr=args.lr_T, alpha=args.alpha, eps=args.eps_T,
-                                   kind=args.T_grad))
+                                   kind=args.T_grad, comm=comm))
     return hooks
 
 
@@ -324,7 +327,7 @@ def _restore(model, optimizer, rng, hooks, path, print_fn):
 def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int = 100,
           save_dir=None, checkpoint_name: str = "checkpoint.h5", resume: bool = False,
           log_json=None, grad_clip=None, hooks=(), on_log=(), checkpoint_every=None,
-          print_fn=print) -> TrainResult:
+          print_fn=print, comm=None) -> TrainResult:
     """Train ``model`` for ``n_iters`` iterations (eq. 5.1); see the module docstring.
 
     model: a FlowModel; optimizer: an Adam over the weights (its ``keys`` are the entries it
@@ -337,7 +340,10 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
     one JSON object per log line; grad_clip: max global gradient norm (None: no clipping);
     hooks: TrainHook objects (STEER, TO-FLOW); on_log: callables receiving each log record;
     checkpoint_every: iterations between checkpoints (default log_every); print_fn: where
-    progress lines go.
+    progress lines go; comm: the MPI ranks that share every batch (npflow.parallel.Comm; None:
+    this process alone): each rank computes its rows, one Allreduce combines them, every rank
+    takes the same step, and only rank 0 prints, logs, calls on_log and writes checkpoints
+    (docs/parallel.md).
     """
     if n_iters < 0 or log_every < 1:
         raise ValueError(f"need n_iters >= 0 and log_every >= 1, got {n_iters}, {log_every}")
@@ -347,6 +353,9 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
     if len(set(names)) != len(names):
         raise ValueError(f"hook names must be distinct, got {names}")
     checkpoint_every = log_every if checkpoint_every is None else int(checkpoint_every)
+    if comm is not None and not comm.root:       # rank 0 alone prints, logs and writes
+        print_fn, log_json, on_log = (lambda *a, **k: None), None, ()
+    root = comm is None or comm.root
     ckpt = None if save_dir is None else os.path.join(os.fspath(save_dir), checkpoint_name)
 
     start = 0
@@ -373,9 +382,11 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
             return
         if not _all_finite(model.params):
             raise FloatingPointError("parameters contain NaN/Inf")
+        parallel.check_same(model.params, comm)
         extra = {"history": _as_arrays(hist), "n_iters": int(n_iters),
                  "hooks": {h.name: h.state_dict() for h in hooks}}
-        model.save(ckpt, optimizer=optimizer, rng=rng, iteration=iteration, extra=extra)
+        if root:
+            model.save(ckpt, optimizer=optimizer, rng=rng, iteration=iteration, extra=extra)
         last_good, last_good_it = ckpt, iteration
 
     records = []
@@ -389,7 +400,7 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
             kw = {}
             for h in hooks:
                 kw.update(h.loss_kwargs(model, rng, it))
-            loss, grads, stats = model.loss_and_grad(x, rng, **kw)
+            loss, grads, stats = parallel.loss_and_grad(model, x, rng, comm, **kw)
             if not math.isfinite(loss):
                 failure = f"the loss is {loss}"
             else:
