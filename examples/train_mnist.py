@@ -5,6 +5,7 @@
     python examples/train_mnist.py --device gpu                      # FFJORD's configuration
     python examples/train_mnist.py --method rnode                    # RK4 step 0.25, λ = 0.01
     python examples/train_mnist.py --dims 32,32 --batch-size 64 --solver rk4 --steps 4
+    mpiexec -n 2 python examples/train_mnist.py ...                 # 2 MPI ranks per batch
 
 The model (npflow.multiscale.MultiscaleCNF): dequantization and logit transform, then
 (1,28,28) -> blocks -> squeeze -> blocks -> factor out half -> ... with --num-blocks ODE blocks
@@ -187,6 +188,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     import npflow
+    from npflow import parallel
+    comm = parallel.init(args.device)    # MPI ranks under mpiexec (docs/parallel.md), else one
+    if not comm.root:                    # rank 0 alone prints and writes files
+        sys.stdout = open(os.devnull, "w")
     from npflow.backend import to_host
     from npflow.multiscale import MultiscaleCNF
     from npflow.optim import Adam, Warmup
@@ -213,11 +218,12 @@ def main(argv=None) -> int:
     weights = {k: v for k, v in model.params.items() if k not in time_names}
     optimizer = Adam(weights, lr=args.lr, weight_decay=args.weight_decay,
                      schedule=Warmup(args.warmup) if args.warmup else None)
-    hooks = method_hooks(model, methods, args, steer_b)
+    hooks = method_hooks(model, methods, args, steer_b, comm=comm)
 
     os.makedirs(args.save, exist_ok=True)
-    with open(os.path.join(args.save, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    if comm.root:
+        with open(os.path.join(args.save, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
     cfg = model.config
     solver_txt = cfg["solver"] if cfg["solver"] == "dopri5" else (
         f"{cfg['solver']} " + (f"step {cfg['step_size']}" if cfg["step_size"]
@@ -250,12 +256,15 @@ def main(argv=None) -> int:
     result = train(model, optimizer, sample_batch, args.max_iters, rng,
                    log_every=args.log_every, save_dir=args.save, resume=args.resume,
                    log_json=args.log_json, grad_clip=args.grad_clip, hooks=hooks,
-                   on_log=[on_log])
+                   on_log=[on_log], comm=comm)
     train_seconds = time.perf_counter() - t0
     if result.status == "nonfinite":
-        print(result.message, file=sys.stderr)
+        if comm.root:
+            print(result.message, file=sys.stderr)
         return 1
     print(result.message)
+    if not comm.root:                    # the test evaluation and the samples: rank 0 alone
+        return 0
 
     t1 = time.perf_counter()
     bpd, nfe = model.bits_per_dim(x_test, np.random.default_rng([args.seed, 2]),
@@ -288,4 +297,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from npflow.parallel import run
+    sys.exit(run(main))

@@ -5,6 +5,7 @@ TO-FLOW (docs/otflow.md, section 6).
     python examples/train_tabular.py --data miniboone --model otflow
     python examples/train_tabular.py --data 8gaussians --model otflow          # toy defaults
     python examples/train_tabular.py --data power --model ffjord --niters 2000
+    mpiexec -n 2 python examples/train_tabular.py --data miniboone   # 2 MPI ranks per batch
 
 Data: power | gas | hepmass | miniboone | bsds300 are read from DATA_DIR (default data/, the
 files of the MAF archive's data/ folder; downloaded with checksums when missing unless
@@ -365,10 +366,11 @@ class ValidationHook(TrainHook):
     name = "validation"
 
     def __init__(self, evaluate, every, plateau, max_drops, best_path, log_json, n_iters,
-                 target=None):
+                 target=None, root=True):
         self.evaluate, self.every, self.plateau = evaluate, int(every), plateau
         self.max_drops, self.best_path, self.log_json = int(max_drops), best_path, log_json
         self.n_iters, self.target = n_iters, target
+        self.root = root                # MPI rank 0: the one that writes best.h5
         self.t_start = time.perf_counter()
         self.val_seconds = 0.0          # time spent validating (excluded from training time)
         self.nfe_total = 0              # forward + backward NFE of all training iterations
@@ -395,7 +397,9 @@ class ValidationHook(TrainHook):
         improved = loss < self.best
         if improved:
             self.best, self.best_nll, self.best_iter = loss, nll, done
-            model.save(self.best_path, iteration=done, extra={"val_loss": loss, "val_nll": nll})
+            if self.root:
+                model.save(self.best_path, iteration=done,
+                           extra={"val_loss": loss, "val_nll": nll})
         dropped = False
         if self.plateau is not None and self.plateau.update(loss):
             # stale for more than `patience` validations: drop the lr, or stop after max_drops
@@ -476,6 +480,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     keep_freed_memory()
     import npflow
+    from npflow import parallel
+    comm = parallel.init(args.device)    # MPI ranks under mpiexec (docs/parallel.md), else one
+    if not comm.root:                    # rank 0 alone prints and writes files
+        sys.stdout = open(os.devnull, "w")
     from npflow.data import TOY_NAMES
     from npflow.optim import Adam, Chain, ReduceOnPlateau, StepDecay
     from npflow.training import TimeOptimizer, append_json, train
@@ -517,15 +525,17 @@ def main(argv=None) -> int:
     validate, test = evaluation_functions(args, settings, data, is_toy)
     hooks = []
     if args.model == "toflow":
-        hooks.append(TimeOptimizer(model))
+        hooks.append(TimeOptimizer(model, comm=comm))
     if settings["clamp"]:
         hooks.append(ClampHook(settings["clamp"]))
     vhook = ValidationHook(validate, val_every, plateau, args.max_drops, best_path,
-                           args.log_json, settings["niters"], target=args.target_val_nll)
+                           args.log_json if comm.root else None, settings["niters"],
+                           target=args.target_val_nll, root=comm.root)
     hooks.append(vhook)
 
-    with open(os.path.join(args.save, "args.json"), "w") as f:
-        json.dump({"args": vars(args), "settings": settings}, f, indent=1, default=list)
+    if comm.root:
+        with open(os.path.join(args.save, "args.json"), "w") as f:
+            json.dump({"args": vars(args), "settings": settings}, f, indent=1, default=list)
     shown = {k: v for k, v in settings.items()}
     print(f"npflow {args.model} on {args.data} (d = {data['dim']}): {model.num_params()} "
           f"parameters; {shown}; validation every {val_every} iterations", flush=True)
@@ -537,7 +547,7 @@ def main(argv=None) -> int:
         result = train(model, optimizer, data["sample_batch"], settings["niters"], rng,
                        log_every=args.log_every, save_dir=args.save, resume=args.resume,
                        log_json=args.log_json, hooks=hooks,
-                       checkpoint_every=max(args.log_every, val_every))
+                       checkpoint_every=max(args.log_every, val_every), comm=comm)
         status, message = result.status, result.message
         iterations = result.iteration
     except EarlyStop as exc:
@@ -546,8 +556,12 @@ def main(argv=None) -> int:
     train_seconds = time.perf_counter() - t0
     print(message, flush=True)
     if status == "nonfinite":
-        print("training stopped on a non-finite value; no test evaluation", file=sys.stderr)
+        if comm.root:
+            print("training stopped on a non-finite value; no test evaluation",
+                  file=sys.stderr)
         return 1
+    if not comm.root:                    # the test evaluation: rank 0 alone
+        return 0
 
     # test with the best validated parameters, more RK4 steps than training
     if os.path.exists(best_path):
@@ -575,4 +589,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from npflow.parallel import run
+    sys.exit(run(main))

@@ -4,6 +4,7 @@
     python examples/train_toy.py --data checkerboard --method toflow --niters 10000
     python examples/train_toy.py --data 8gaussians --method rnode --solver rk4 --steps 8
     python examples/train_toy.py --method toflow+rnode      # methods combine with "+"
+    mpiexec -n 2 python examples/train_toy.py               # 2 MPI ranks share every batch
 
 Writes to --save DIR: checkpoint.h5 (every --log-every iterations and at the end; atomic),
 toy.png (data | learned density | samples), curves.png (loss, NFE, T, gradient norm), and
@@ -36,8 +37,8 @@ def _limit_blas_threads(argv):
     """One BLAS thread, set before numpy loads its BLAS (a no-op once numpy is imported, and
     when the environment already sets a thread count). The toy CNF's matrix products are small
     (K·B × 64 by 64 × 64): on a busy 2-core machine, threaded BLAS made an iteration ~20×
-    slower than one thread (2 s against 0.1 s measured). More cores are used by --processes
-    (or --threads) instead: npflow's own row blocks (CNF.processes, docs/cnf.md 3.10)."""
+    slower than one thread (2 s against 0.1 s measured). More cores are used by MPI ranks
+    instead: ``mpiexec -n N python examples/train_toy.py ...`` (docs/parallel.md)."""
     n = "1"
     if "numpy" not in sys.modules and not any(v in os.environ for v in _THREAD_VARS):
         for v in _THREAD_VARS:
@@ -94,15 +95,6 @@ def build_parser():
     a("--device", default="cpu", choices=["cpu", "gpu"])
     a("--dtype", default="float32", choices=["float32", "float64"])
     a("--seed", type=int, default=0)
-    a("--threads", type=int, default=1,
-      help="npflow's data-parallel threads (CNF.threads): with a fixed-grid solver, batches of "
-           "at least 256 rows per thread are cut into row blocks solved in parallel; BLAS "
-           "itself stays single-threaded (unless OPENBLAS/OMP/MKL_NUM_THREADS is set)")
-    a("--processes", type=int, default=1,
-      help="npflow's data-parallel processes (CNF.processes): with a fixed-grid solver, "
-           "batches of at least 32 rows per process are cut into row blocks solved by this "
-           "process and N-1 worker processes (one BLAS thread each); faster than --threads "
-           "(no shared interpreter lock): e.g. 2 on a 2-core machine")
     a("--no-tune-malloc", action="store_true",
       help="keep glibc's default malloc settings (by default npflow.backend.tune_malloc() "
            "keeps freed memory for reuse: no per-iteration page faults)")
@@ -214,6 +206,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     import npflow
+    from npflow import parallel
+    comm = parallel.init(args.device)    # MPI ranks under mpiexec (docs/parallel.md), else one
+    if not comm.root:                    # rank 0 alone prints and writes files
+        sys.stdout = open(os.devnull, "w")
     if not args.no_tune_malloc:
         npflow.backend.tune_malloc()
     from npflow.optim import Adam, Warmup
@@ -225,8 +221,6 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     try:
         model = npflow.CNF(**run["config"])
-        model.threads = args.threads
-        model.processes = args.processes
     except (ValueError, npflow.DeviceError) as exc:
         parser.error(f"cannot build the model: {exc}")
     methods, cfg = run["methods"], run["config"]
@@ -237,11 +231,12 @@ def main(argv=None) -> int:
     optimizer = Adam(weight_keys, lr=args.lr, weight_decay=args.weight_decay,
                      decoupled=args.weight_decay_mode == "adamw",
                      schedule=Warmup(args.warmup) if args.warmup else None)
-    hooks = method_hooks(model, methods, args, run["steer_b"])
+    hooks = method_hooks(model, methods, args, run["steer_b"], comm=comm)
 
     os.makedirs(args.save, exist_ok=True)
-    with open(os.path.join(args.save, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    if comm.root:
+        with open(os.path.join(args.save, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
     print(f"npflow CNF on {run['data_name']}: method {'+'.join(sorted(methods))}, "
           f"{model.num_params()} parameters, solver {cfg['solver']}"
           f"{'' if cfg['solver'] == 'dopri5' else ' ' + str(cfg['steps']) + ' steps'}, "
@@ -262,15 +257,18 @@ def main(argv=None) -> int:
         result = train(model, optimizer, run["sample_batch"], args.niters, rng,
                        log_every=args.log_every, save_dir=args.save, resume=args.resume,
                        log_json=args.log_json, grad_clip=args.grad_clip, hooks=hooks,
-                       on_log=on_log)
+                       on_log=on_log, comm=comm)
     except npflow.CheckpointError as exc:
         print(f"train_toy.py: cannot resume: {exc}", file=sys.stderr)
         return 2
     train_seconds = time.perf_counter() - t0
     if result.status == "nonfinite":
-        print(result.message, file=sys.stderr)
+        if comm.root:
+            print(result.message, file=sys.stderr)
         return 1
     print(result.message)
+    if not comm.root:                    # the evaluation and the figures: rank 0 alone
+        return 0
 
     # final evaluation: dopri5, atol = rtol = 1e-5, exact trace, fresh samples
     t1 = time.perf_counter()
@@ -350,4 +348,5 @@ def draw_toy(model, run, args, path, fast=False):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from npflow.parallel import run
+    sys.exit(run(main))
