@@ -176,6 +176,7 @@ class MpiRunner:
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the MPI job of {self.name} did not start")
         self.seconds = None
+        self.reduce_seconds = []   # per step: seconds rank 0 spent inside Allreduce
 
     def step(self, i):
         self.proc.stdin.write(f"{i}\n")
@@ -183,7 +184,8 @@ class MpiRunner:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the MPI job of {self.name} ended (exit {self.proc.wait()})")
-        self.seconds, loss, nf, nb = json.loads(line)
+        self.seconds, loss, nf, nb, reduce_s = json.loads(line)
+        self.reduce_seconds.append(reduce_s)
         return loss, nf, nb
 
     def close(self):
@@ -204,6 +206,15 @@ def _mpi_child(solver, batch, count, seed):
     batches = make_batches(batch, count, seed)
     runner = NpflowRunner(solver, batches, seed)
     buf = np.zeros(1, dtype=np.int64)
+    in_reduce = [0.0]          # seconds inside Allreduce calls (incl. waiting for other ranks)
+    plain_allreduce = comm.allreduce
+
+    def timed_allreduce(vec):
+        t = _time.perf_counter()
+        out = plain_allreduce(vec)
+        in_reduce[0] += _time.perf_counter() - t
+        return out
+    comm.allreduce = timed_allreduce
     if comm.root:
         print("ready", flush=True)
     while True:
@@ -217,14 +228,15 @@ def _mpi_child(solver, batch, count, seed):
         i = int(buf[0])
         if i < 0:
             break
+        in_reduce[0] = 0.0
         t0 = _time.perf_counter()
         loss, grads, stats = parallel.loss_and_grad(
             runner.model, batches[i % len(batches)], runner.rng, comm, params=runner.params)
         runner.params = runner.opt.step(runner.params, grads)
         dt = _time.perf_counter() - t0
         if comm.root:
-            print(json.dumps([dt, loss, stats["nfe_forward"], stats["nfe_backward"]]),
-                  flush=True)
+            print(json.dumps([dt, loss, stats["nfe_forward"], stats["nfe_backward"],
+                              in_reduce[0]]), flush=True)
     return 0
 
 
@@ -528,6 +540,8 @@ def _run(args):
             mpi = isinstance(r, MpiRunner)
             if mpi:
                 e["ranks"] = r.ranks
+                e["allreduce_median"] = float(np.median(r.reduce_seconds[args.warmup:]))
+                e["allreduce_fraction"] = e["allreduce_median"] / e["median"]
             if args.count_ops and not mpi:
                 try:
                     if r.framework == "torch":
@@ -570,6 +584,10 @@ def _run(args):
             ratio = f"{e['ratio_to_torch']:12.3f}" if "ratio_to_torch" in e else f"{'':12s}"
             if "scaling_efficiency" in e:
                 name = f"{name} (eff. {e['scaling_efficiency']:.2f})"
+            if e.get("ranks", 1) > 1:
+                print(f"#   {name}: {1e3 * e['allreduce_median']:.3f} ms per step inside "
+                      f"Allreduce on rank 0 (waiting for the other ranks included), "
+                      f"{100 * e['allreduce_fraction']:.1f} % of the step")
             ops = e.get("ops_per_iter", {}).get("total", "")
             mem = e.get("memory", {})
             print(f"{name:38s} {fmt_ms(e['median'])} {fmt_ms(e['q25'])} {fmt_ms(e['q75'])} "
