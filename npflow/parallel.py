@@ -267,19 +267,19 @@ def reduce_part(part, comm, failure=None, model_key=None):
             f"a non-finite value or a solver failure on {failed} of {comm.size} ranks"
             + (f" (rank {comm.rank}: {failure})" if failure is not None else ""))
     out = {"grads": {}, "sums": {}, "same": {}}
-    dev = xp if failure is None else np
+    dbuf = xp.asarray(buf)                 # back on the gradients' device: one copy
+    hbuf = to_host(buf)                    # the scalars, on the host: one copy
     o = 1
     for (sec, k), shape, dt in zip(entries, shapes, dtypes):
         n = int(np.prod(shape, dtype=np.int64))
-        piece = buf[o:o + n]
-        o += n
         if sec == "grads":
-            a = dev.asarray(piece).reshape(shape)
-            out[sec][k] = a.astype(dt) if dt is not None else a
+            a = dbuf[o:o + n].reshape(shape)
+            out[sec][k] = a.astype(dt) if dt is not None else a.copy()
         elif sec == "sums":
-            out[sec][k] = float(piece[0])
+            out[sec][k] = float(hbuf[o])
         else:
-            out[sec][k] = float(piece[0]) / comm.size
+            out[sec][k] = float(hbuf[o]) / comm.size
+        o += n
     return Part(out["sums"], out["grads"], out["same"])
 
 
