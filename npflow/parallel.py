@@ -138,6 +138,8 @@ def init(device="cpu"):
     node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
     comm = Comm(world, local_rank=node.Get_rank())
     node.Free()
+    if not _LEAVE:
+        _LEAVE.append(world.Dup())
     _abort_on_uncaught(comm)
     return _gpu(comm, device)
 
@@ -159,22 +161,35 @@ def _abort_on_uncaught(comm):
     sys.excepthook = hook
 
 
+#: seconds a rank leaving with an error code waits for the others to leave too (run)
+LEAVE_TIMEOUT = 10.0
+_LEAVE = []       # init(): a duplicate of MPI.COMM_WORLD on which run() agrees to leave
+
+
 def run(main, *args):
     """``main(*args)``'s exit code (for ``sys.exit(parallel.run(main))`` in a script): with
     several MPI ranks, a rank that leaves with a non-zero code (``sys.exit(2)``, argparse's
-    error) ends every rank at once instead of leaving them waiting in a collective.
-    Exceptions are the exception hook's (init)."""
+    error, a non-finite stop) waits up to LEAVE_TIMEOUT seconds for every rank to leave too
+    (they do when all took the same decision), and otherwise ends every rank (MPI_Abort)
+    instead of leaving them waiting in a collective. Exceptions are the exception hook's
+    (init)."""
+    import time
     try:
         code = main(*args)
     except SystemExit as exc:
         code = exc.code
-    if code not in (None, 0):
-        mpi = sys.modules.get("mpi4py.MPI")
-        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and (
-                mpi.COMM_WORLD.Get_size() > 1):
-            sys.stderr.flush()
-            sys.stdout.flush()
-            mpi.COMM_WORLD.Abort(code if isinstance(code, int) else 1)
+    mpi = sys.modules.get("mpi4py.MPI")
+    if _LEAVE and mpi is not None and not mpi.Is_finalized():
+        sys.stderr.flush()
+        sys.stdout.flush()
+        if code not in (None, 0):
+            # on a communicator of its own: it cannot match the program's collectives
+            req = _LEAVE[0].Ibarrier()
+            t_end = time.monotonic() + LEAVE_TIMEOUT
+            while not req.Test():
+                if time.monotonic() > t_end:
+                    mpi.COMM_WORLD.Abort(code if isinstance(code, int) else 1)
+                time.sleep(0.01)
     return code
 
 

@@ -151,20 +151,25 @@ def test_a_rank_that_raises_stops_every_rank_with_its_message(tmp_path):
 
 
 def test_a_rank_that_exits_with_an_error_code_stops_every_rank(tmp_path):
-    """parallel.run: sys.exit(3) on rank 1 alone ends the job instead of leaving rank 0 in a
-    collective."""
+    """parallel.run: sys.exit(3) on rank 1 alone ends the job (after LEAVE_TIMEOUT) instead of
+    leaving rank 0 in a collective; sys.exit(2) on every rank (an argument error) ends it at
+    once with code 2."""
     script = tmp_path / "leave.py"
     script.write_text(
-        "import sys\nfrom npflow import parallel\n"
+        "import sys\nimport numpy as np\nfrom npflow import parallel\n"
+        "parallel.LEAVE_TIMEOUT = 2.0\n"
         "def main():\n"
         "    comm = parallel.init()\n"
-        "    if comm.rank == 1:\n"
-        "        sys.exit(3)\n"
+        "    if comm.rank == 1 or sys.argv[1] == 'all':\n"
+        "        sys.exit(int(sys.argv[2]))\n"
         "    comm.barrier()\n"
+        "    comm.allreduce(np.zeros(3))\n"
         "    print('rank 0 was not stopped')\n"
         "sys.exit(parallel.run(main))\n")
-    code, out, _ = mpiexec(2, [script], timeout=60)
+    code, out, _ = mpiexec(2, [script, "one", 3], timeout=60)
     assert code != 0 and "not stopped" not in out
+    code, out, _ = mpiexec(2, [script, "all", 2], timeout=60)
+    assert code == 2 and "not stopped" not in out
 
 
 def test_non_finite_values_on_one_rank_stop_every_rank_together(tmp_path):
