@@ -163,3 +163,25 @@ def test_dopri5_with_the_error_norm_summed_over_copies_of_the_rows_takes_the_sam
     assert calls and all(s == (4,) for s in calls)        # Σq² and the count of z and ℓ
     assert one.same == two.same
     assert float(two.sums["nll"]) == pytest.approx(float(one.sums["nll"]), rel=1e-13)
+
+
+@pytest.mark.parametrize("local_rank, gpus, device", [(0, 2, 0), (1, 2, 1), (3, 2, 1), (5, 4, 1)])
+def test_each_rank_takes_gpu_local_rank_mod_the_gpus_of_its_node(monkeypatch, local_rank, gpus,
+                                                                  device):
+    """One rank per GPU (docs/parallel.md §4), with a stand-in for CuPy's device API."""
+    import types
+    used = []
+
+    class Device:
+        def __init__(self, i):
+            self.i = i
+
+        def use(self):
+            used.append(self.i)
+
+    cuda = types.SimpleNamespace(Device=Device,
+                                 runtime=types.SimpleNamespace(getDeviceCount=lambda: gpus))
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
+    comm = parallel.Comm(local_rank=local_rank)
+    assert parallel._gpu(comm, "gpu") is comm and used == [device]
+    assert parallel._gpu(comm, "cpu") is comm and used == [device]      # cpu: untouched
