@@ -34,7 +34,7 @@ from .backend import get_array_module, to_host
 from .model import Part
 
 __all__ = ["Comm", "ParallelError", "init", "run", "launched_size", "row_range",
-           "loss_and_grad", "time_gradient", "check_same"]
+           "loss_and_grad", "time_gradient", "agree", "check_same"]
 
 #: environment variables by which MPI launchers tell a process how many ranks were started
 #: (MPICH / Intel MPI / Slurm's PMI: PMI_SIZE; Open MPI: OMPI_COMM_WORLD_SIZE; MVAPICH)
@@ -350,6 +350,16 @@ def time_gradient(model, x, rng, comm=None, kind="analytic"):
             f"TO-FLOW ∂L/∂T: a non-finite value or a solver failure on {int(buf[0])} of "
             f"{comm.size} ranks" + (f" (rank {comm.rank}: {failure})" if failure else ""))
     return [float(v) for v in buf[1:]]
+
+
+def agree(signum, clock, comm):
+    """The training loop's local decisions made common (npflow.training.train): a signal
+    number received on any rank (the largest; None if none) and rank 0's checkpoint clock
+    (True when due). One Allreduce (MAX) of two numbers."""
+    from mpi4py import MPI
+    v = np.array([float(signum or 0), 1.0 if (clock and comm.root) else 0.0])
+    comm.mpi.Allreduce(MPI.IN_PLACE, v, op=MPI.MAX)
+    return (int(v[0]) or None), bool(v[1])
 
 
 def check_same(params, comm=None):

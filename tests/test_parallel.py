@@ -185,3 +185,24 @@ def test_each_rank_takes_gpu_local_rank_mod_the_gpus_of_its_node(monkeypatch, lo
     comm = parallel.Comm(local_rank=local_rank)
     assert parallel._gpu(comm, "gpu") is comm and used == [device]
     assert parallel._gpu(comm, "cpu") is comm and used == [device]      # cpu: untouched
+
+
+def test_the_reduction_runs_on_device_arrays_with_one_host_copy(device):
+    """The reduction on the device backend (the strict CuPy stand-in, tests/strict_xp.py, or
+    real CuPy with --device-backend cupy): every array function it takes exists in CuPy, the
+    gradients come back on the device in their dtype, and the only device-to-host copy is the
+    buffer's, once."""
+    model = npflow.CNF(2, hidden=(6,), solver="rk4", steps=2, trace="hutchinson", train_T=True,
+                       dtype="float32", device="gpu")
+    x = npflow.data.toy("8gaussians", 8, np.random.default_rng(0))
+    part = model.loss_and_grad_part(x, np.random.default_rng(1))
+    red = parallel.reduce_part(part, FakeComm(2), model_key="CNF")
+    for k, g in part.grads.items():
+        assert type(red.grads[k]) is type(g) and red.grads[k].dtype == g.dtype
+        np.testing.assert_allclose(npflow.backend.to_host(red.grads[k]),
+                                   2 * npflow.backend.to_host(g), rtol=1e-6)
+    if device.strict:
+        import strict_xp
+        with strict_xp.track() as t:
+            parallel.reduce_part(part, FakeComm(2), model_key="CNF")
+        assert len(t.syncs) == 1, [str(e) for e in t.syncs]     # the buffer to the host
