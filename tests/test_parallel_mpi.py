@@ -192,3 +192,30 @@ def test_non_finite_values_on_one_rank_stop_every_rank_together(tmp_path):
     code, out, err = mpiexec(2, [script], timeout=60)
     assert code == 0, err[-2000:]
     assert out.count("FloatingPointError") == 2, out
+
+
+def test_a_signal_on_one_rank_interrupts_every_rank_at_the_same_iteration(tmp_path):
+    """SIGINT reaches rank 1 alone (a hook sends it in iteration 3): train() agrees on it, so
+    both ranks finish that iteration, rank 0 writes the checkpoint, and both return
+    "interrupted" at iteration 3 (training.md §7.3; docs/parallel.md §3)."""
+    script = tmp_path / "sig.py"
+    script.write_text(
+        "import os, signal, sys\nimport numpy as np\nimport npflow\n"
+        "from npflow import parallel\nfrom npflow.optim import Adam\n"
+        "from npflow.training import TrainHook, train\n"
+        "comm = parallel.init()\n"
+        "class Poke(TrainHook):\n"
+        "    name = 'poke'\n"
+        "    def after_step(self, model, x, rng, it, stats):\n"
+        "        if comm.rank == 1 and it == 2:\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return {}\n"
+        "m = npflow.CNF(2, hidden=(4,), solver='rk4', steps=2, dtype='float64')\n"
+        "r = train(m, Adam(m.params), lambda rng, it: npflow.data.toy('8gaussians', 8, rng), 50,\n"
+        "          np.random.default_rng(0), log_every=100, save_dir=sys.argv[1], hooks=[Poke()],\n"
+        "          print_fn=lambda s: None, comm=comm)\n"
+        "print('rank', comm.rank, r.status, r.iteration, flush=True)\n")
+    code, out, err = mpiexec(2, [script, tmp_path / "run"], timeout=60)
+    assert code == 0, err[-2000:]
+    assert sorted(out.split("\n")[:2]) == ["rank 0 interrupted 3", "rank 1 interrupted 3"], out
+    assert (tmp_path / "run" / "checkpoint.h5").exists()
