@@ -66,8 +66,7 @@ LR, WEIGHT_DECAY = 1e-3, 1e-5
 # ------------------------------------------------------------------------------------ threads
 # numpy's OpenBLAS thread count at run time: npflow.backend's ctypes helpers
 # and glibc's malloc tuning (--mallopt: no mmap below 32 MiB, no trimming, whole process)
-from npflow.backend import (_openblas_functions, get_blas_threads,  # noqa: E402,F401
-                            set_blas_threads, tune_malloc)
+from npflow.backend import get_blas_threads, set_blas_threads, tune_malloc  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ data
