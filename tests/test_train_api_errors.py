@@ -44,6 +44,10 @@ def test_loss_and_grad_takes_a_python_list_as_data():
         model.loss_and_grad([[0.1, 0.2], [0.3]], rng)
     with pytest.raises(ValueError, match=r"shape \(B, 2\), got a str"):
         model.loss_and_grad("data", rng)
+    ot = npflow.OTFlow(2, width=4, dtype="float64")
+    a, _, _ = ot.loss_and_grad([[0.1, 0.2], [0.3, -0.1]], np.random.default_rng(0))
+    b, _, _ = ot.loss_and_grad(np.array([[0.1, 0.2], [0.3, -0.1]]), np.random.default_rng(0))
+    assert a == b
 
 
 @pytest.mark.parametrize("dtype, big", [("float32", 1e30), ("float64", 1e200)])

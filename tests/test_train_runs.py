@@ -409,25 +409,6 @@ def test_signal_outside_the_training_loop_is_one_line(tmp_path):
     assert "interrupted by SIGTERM" in err and "Traceback" not in err
 
 
-def test_under_mpi_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
-    """Ranks of one mpiexec run share its folder: rank 0 locks and records, rank 1 neither
-    locks nor is refused (it would be, as a second run, if it took the lock)."""
-    common = _common()
-    import argparse
-    args = argparse.Namespace(save=str(tmp_path / "run"), resume=False, force=False, lr=1.0)
-    monkeypatch.setenv("PMI_RANK", "0")
-    with common.open_run(args, model_keys=()) as r0:
-        assert r0._lock_fd is not None
-        monkeypatch.setenv("PMI_RANK", "1")
-        assert common.mpi_rank() == 1
-        with common.open_run(args, model_keys=()) as r1:
-            assert r1._lock_fd is None
-        record = json.load(open(tmp_path / "run" / "args.json"))
-        assert len(record["runs"]) == 1
-    monkeypatch.delenv("PMI_RANK")
-    assert common.mpi_rank() == 0
-
-
 def test_resume_keeps_an_old_format_args_json_under_legacy(tmp_path):
     save = tmp_path / "run"
     assert _run(TOY, TINY + ["--niters", "2", "--save", str(save)]).returncode == 0
