@@ -158,9 +158,10 @@ class FlowModel:
             check_finite(x, "data x")
         limit = math.sqrt(float(numpy.finfo(x.dtype).max))
         if m > limit:
-            raise ValueError(f"data x has values up to {m:.3g}: beyond {limit:.3g} their "
-                             f"squares overflow {x.dtype} and the loss becomes inf; standardize "
-                             "the data (e.g. z-score each feature) first")
+            raise DataOverflowError(
+                f"data x has values up to {m:.3g}: beyond {limit:.3g} their squares overflow "
+                f"{x.dtype} and the loss becomes inf; standardize the data (e.g. z-score each "
+                "feature) first")
         return x
 
     def num_params(self) -> int:
@@ -187,6 +188,13 @@ class FlowModel:
     def __repr__(self):
         cfg = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"{type(self).__name__}({cfg})"
+
+
+class DataOverflowError(ValueError, FloatingPointError):
+    """Data whose magnitude overflows the model's floating-point arithmetic (their squares
+    exceed the dtype's range): bad input (a ValueError) and a floating-point failure (a
+    FloatingPointError, so the training loop and the MPI reduction treat it as a non-finite
+    step)."""
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
