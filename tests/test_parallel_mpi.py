@@ -173,25 +173,40 @@ def test_a_rank_that_exits_with_an_error_code_stops_every_rank(tmp_path):
 
 
 def test_non_finite_values_on_one_rank_stop_every_rank_together(tmp_path):
-    """A NaN in rank 1's rows only: both ranks raise FloatingPointError from the same step
-    (the failure flag of the reduction), so the training loop stops on all of them."""
+    """A NaN in rank 1's part only: both ranks raise FloatingPointError from the same step
+    (the failure flag of the reduction), so the training loop stops on all of them. The data
+    are finite and pass the input checks on every rank; a test double of OTFlow puts a NaN
+    into rank 1's initial state, so rank 1's solver fails (SolverError -> FloatingPointError)
+    while rank 0's own part is finite: rank 0 learns of the failure only from the flag."""
     script = tmp_path / "nan.py"
     script.write_text(
-        "import numpy as np\nimport npflow\nfrom npflow import parallel\n"
+        "import sys\nimport numpy as np\nimport npflow\nfrom npflow import parallel\n"
         "comm = parallel.init()\n"
-        "m = npflow.OTFlow(2, width=4, steps=2, dtype='float64')\n"
+        "class Poisoned(npflow.OTFlow):\n"
+        "    poison = False\n"
+        "    def _initial_state(self, x):\n"
+        "        s = super()._initial_state(x)\n"
+        "        if self.poison and comm.rank == 1:\n"
+        "            s.x[0, 0] = np.nan            # rank 1's part alone turns non-finite\n"
+        "        return s\n"
+        "m = Poisoned(2, width=4, steps=2, dtype='float64')\n"
         "x = npflow.data.toy('8gaussians', 10, np.random.default_rng(0))\n"
         "parallel.loss_and_grad(m, x, None, comm)\n"
-        "x[7] = 1e200                      # overflows in rank 1's rows only\n"
+        "m.poison = True\n"
         "try:\n"
         "    parallel.loss_and_grad(m, x, None, comm)\n"
-        "    print('rank', comm.rank, 'no error')\n"
+        "    msg = 'no error'\n"
         "except FloatingPointError as e:\n"
-        "    print('rank', comm.rank, 'FloatingPointError', flush=True)\n"
+        "    msg = f'FloatingPointError: {e}'\n"
+        "with open(f'{sys.argv[1]}/rank{comm.rank}.txt', 'w') as f:   # no interleaved stdout\n"
+        "    f.write(f'rank {comm.rank} {msg}')\n"
         "comm.barrier()\n")
-    code, out, err = mpiexec(2, [script], timeout=60)
+    code, out, err = mpiexec(2, [script, tmp_path], timeout=60)
     assert code == 0, err[-2000:]
-    assert out.count("FloatingPointError") == 2, out
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert all("FloatingPointError" in l for l in lines), lines
+    assert "on 1 of 2 ranks" in lines[0] and "(rank 0:" not in lines[0], lines   # the flag
+    assert "(rank 1: FloatingPointError: OTFlow loss" in lines[1], lines
 
 
 def test_a_signal_on_one_rank_interrupts_every_rank_at_the_same_iteration(tmp_path):
