@@ -6,7 +6,7 @@ Q orthogonal (|det Q| = 1), so the script also prints the entropy (the NLL floor
 the test split. Used for OT-Flow against FFJORD on a problem of GAS's size (d = 8), issue 5.
 
     python bench/make_product_data.py --copies 4 --out /tmp/product8.npz
-    python examples/train_tabular.py --data /tmp/product8.npz --model otflow
+    python examples/train_tabular.py --data /tmp/product8.npz --method otflow
 """
 import argparse
 import sys

@@ -32,7 +32,7 @@ def test_train_mnist_runs_on_the_device(device, tmp_path, extra):
     save = str(tmp_path / "run")
     with device.track() as t:
         rc = _script("train_mnist").main(SMALL + extra + [
-            "--device", "gpu", "--data-dir", str(tmp_path / "data"), "--max-iters", "2",
+            "--device", "gpu", "--data-dir", str(tmp_path / "data"), "--niters", "2",
             "--save", save])
     assert rc == 0
     assert os.path.isfile(os.path.join(save, "checkpoint.h5"))
