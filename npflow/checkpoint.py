@@ -15,14 +15,20 @@ A tree is a nested dict: sub-dicts become groups, arrays become datasets, everyt
 names are positions ("d0", "a1", ...) with the real key in a "key" attribute, so any string
 can be a key.
 
-``save`` writes ``path + ".tmp"`` in the same folder, flushes and fsyncs it, then renames it
-over ``path`` with ``os.replace`` (atomic on POSIX and Windows): a crash at any moment leaves
-either the previous checkpoint or the new one, never a half-written file under ``path``.
+``save`` writes a temporary file ``path.<host>.<pid>.<random>.tmp`` in the same folder (a name
+of its own per process and per call, so two writers of one path never share a temporary),
+flushes and fsyncs it, then renames it over ``path`` with ``os.replace`` (atomic on POSIX and
+Windows): a crash at any moment leaves either the previous checkpoint or the new one, never a
+half-written file under ``path``. ``load`` never reads temporaries; ``save`` removes the
+leftovers of ``path`` that processes of this host which no longer run left behind.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import secrets
+import socket
 
 import numpy
 
@@ -30,7 +36,8 @@ from .backend import array_module, to_device, to_host
 from .model import model_class, params_mismatch
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "save", "load", "load_training_state",
-           "read_params", "read_header", "rng_from_state"]
+           "read_params", "read_header", "rng_from_state", "temporary_name",
+           "leftover_temporaries"]
 
 FORMAT = "npflow-checkpoint"
 VERSION = 1
@@ -117,24 +124,75 @@ def rng_from_state(state: dict) -> numpy.random.Generator:
 # --------------------------------------------------------------------------------------------
 # save
 
+def _host() -> str:
+    """This machine's name as a file-name piece (no separators or dots)."""
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+    return name or "host"
+
+
+def temporary_name(path) -> str:
+    """A fresh temporary file name for a save of ``path``: ``path.<host>.<pid>.<random>.tmp``
+    in the same folder (the rename must stay within one file system). Unique per process (the
+    host and PID) and per call (8 random hex digits), so concurrent writers never share it."""
+    return f"{os.fspath(path)}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def leftover_temporaries(path) -> list:
+    """The temporaries of ``path`` that exist now: this version's ``path.*.tmp`` and the single
+    ``path.tmp`` of npflow before it; sorted."""
+    path = os.fspath(path)
+    found = glob.glob(glob.escape(path) + ".*.tmp")
+    if os.path.exists(path + ".tmp"):
+        found.append(path + ".tmp")
+    return sorted(found)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):   # exists (another user's), or cannot tell: keep it
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path) -> None:
+    """Remove the temporaries of ``path`` written on this host by processes that no longer
+    run (a crash mid-save). Another host's temporaries and live processes' ones are kept: a
+    PID means nothing on another machine of a shared file system."""
+    prefix = f"{os.fspath(path)}.{_host()}."
+    for tmp in leftover_temporaries(path):
+        if not tmp.startswith(prefix):
+            continue
+        pid = tmp[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            try:
+                os.remove(tmp)
+            except OSError:                 # removed meanwhile by another writer
+                pass
+
+
 def save(path, model, optimizer=None, rng=None, iteration=None, extra=None) -> None:
     """Write ``model`` (class name, config, params) and optional training state to ``path``.
 
     model: a FlowModel; optimizer: an object with ``state_dict()`` (Adam) or a dict already
     (several optimizers: {"weights": adam.state_dict(), ...}); rng: numpy Generator whose
     state is saved; iteration: int, completed iterations; extra: dict of arrays and JSON values
-    (loss history, hook states). Atomic: write ``path.tmp``, fsync, ``os.replace``.
+    (loss history, hook states). Atomic: write a temporary of this process and call alone
+    (``temporary_name``), fsync, ``os.replace``; afterwards removes stale temporaries of
+    ``path`` left by dead processes of this host.
     """
     h5py = _h5py()
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = temporary_name(path)
     if optimizer is not None and not isinstance(optimizer, dict):
         optimizer = optimizer.state_dict()
     from . import __version__
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "x") as f:       # "x": never reuse an existing file
             f.attrs["format"] = FORMAT
             f.attrs["version"] = VERSION
             f.attrs["npflow_version"] = __version__
@@ -167,6 +225,7 @@ def save(path, model, optimizer=None, rng=None, iteration=None, extra=None) -> N
             os.close(dfd)
     except OSError:
         pass
+    _remove_stale_temporaries(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,9 +237,10 @@ def _open(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         hint = ""
-        if os.path.exists(path + ".tmp"):
-            hint = (f" (only {path}.tmp exists: a save was interrupted before completing; it "
-                    "is not a valid checkpoint)")
+        left = leftover_temporaries(path)
+        if left:
+            hint = (f" (only {os.path.basename(left[0])} exists: a save was interrupted before "
+                    "completing; it is not a valid checkpoint)")
         raise CheckpointError(f"checkpoint {path!r} does not exist{hint}")
     try:
         f = h5py.File(path, "r")

@@ -2,6 +2,10 @@
 import json
 import math
 import os
+import pathlib
+import shutil
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -49,7 +53,7 @@ def test_round_trip_restores_params_optimizer_rng_iteration_extra(tmp_path):
     path = tmp_path / "ck.h5"
     hist = {"loss": np.arange(5.0), "note": "hello", "nested": {"a": [1, 2], "b": np.ones(2)}}
     model.save(path, optimizer=opt, rng=rng, iteration=3, extra=hist)
-    assert not os.path.exists(str(path) + ".tmp")
+    assert checkpoint.leftover_temporaries(path) == []
 
     back = npflow.load(path)
     assert type(back) is CkptGauss and back.config == model.config
@@ -183,7 +187,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         model.save(path, optimizer={"x": 1}, iteration=2)
     assert path.read_bytes() == good
-    assert not os.path.exists(str(path) + ".tmp")
+    assert checkpoint.leftover_temporaries(path) == []
     assert load_training_state(path)["iteration"] == 1
 
 
@@ -204,3 +208,90 @@ def test_load_can_override_the_device(tmp_path):
     assert load(tmp_path / "d.h5", device="cpu").device == "cpu"
     with pytest.raises((npflow.DeviceError, ValueError)):
         load(tmp_path / "d.h5", device="tpu")
+
+
+# --------------------------------------------------------------------------------------------
+# temporaries: one per process and call (two writers of one path never share one)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_temporary_name_is_in_the_folder_carries_the_pid_and_is_new_each_call(tmp_path,
+                                                                              monkeypatch):
+    path = tmp_path / "ck.h5"
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(checkpoint.os, "replace",
+                        lambda src, dst: (renamed.append(src), real_replace(src, dst)))
+    CkptGauss().save(path, iteration=1)
+    CkptGauss().save(path, iteration=2)
+    assert len(renamed) == 2 and renamed[0] != renamed[1]
+    for src in renamed:
+        assert os.path.dirname(src) == str(tmp_path)
+        assert src.startswith(str(path) + ".") and src.endswith(".tmp")
+        assert f".{os.getpid()}." in os.path.basename(src)
+    assert load_training_state(path)["iteration"] == 2
+    assert checkpoint.leftover_temporaries(path) == []
+
+
+WRITER = """import sys
+import numpy as np
+import npflow
+path, who = sys.argv[1], int(sys.argv[2])
+m = npflow.OTFlow(2, width=4, steps=2, dtype="float64")
+for i in range(30):
+    m.save(path, iteration=1000 * who + i, extra={"pad": np.full(100000, float(who))})
+print("done", who)
+"""
+
+
+def test_two_processes_saving_one_path_at_once_never_clobber_each_others_temporary(tmp_path):
+    """Two processes save 30 times each to one path, at the same time: with a shared
+    temporary (npflow before this test) one of them died of h5py's file lock or of a
+    FileNotFoundError at the rename; now both finish, and the checkpoint is one writer's
+    complete file."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    path = tmp_path / "ck.h5"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OPENBLAS_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(path), str(who)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for who in (1, 2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    st = load_training_state(path)
+    who = st["iteration"] // 1000
+    assert who in (1, 2) and st["iteration"] % 1000 == 29
+    np.testing.assert_array_equal(st["extra"]["pad"], np.full(100000, float(who)))
+    assert checkpoint.leftover_temporaries(path) == []
+
+
+def test_stale_temporaries_of_dead_processes_here_are_removed_others_kept(tmp_path):
+    path = tmp_path / "ck.h5"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    host = checkpoint._host()
+    stale = tmp_path / f"ck.h5.{host}.{dead_pid}.0badc0de.tmp"
+    live = tmp_path / f"ck.h5.{host}.{os.getpid()}.12345678.tmp"      # a save under way here
+    other = tmp_path / f"ck.h5.{host}x.{dead_pid}.0badc0de.tmp"       # another machine's
+    for f in (stale, live, other):
+        f.write_bytes(b"half")
+    with pytest.raises(CheckpointError, match="interrupted"):        # named, never read
+        load(path)
+    CkptGauss().save(path, iteration=5)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert load_training_state(path)["iteration"] == 5              # leftovers ignored
+    assert checkpoint.leftover_temporaries(path) == sorted([str(live), str(other)])
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(),
+                    reason="needs git and a git checkout")
+def test_gitignore_covers_checkpoint_temporaries():
+    names = [checkpoint.temporary_name("runs_elsewhere/checkpoint.h5"),
+             "x/best.h5.tmp", os.path.basename(checkpoint.temporary_name("ck.h5"))]
+    for name in names:
+        r = subprocess.run(["git", "check-ignore", "-q", "--no-index", name], cwd=ROOT)
+        assert r.returncode == 0, f"{name} is not git-ignored"
