@@ -21,6 +21,8 @@ validated parameters and --nt-test RK4 steps (more than training).
 FFJORD / RNODE / TO-FLOW use npflow.CNF with FFJORD's tabular architecture (ConcatSquash
 layers, hidden = factor·D, blocks), Hutchinson's trace and dopri5 (atol 1e-8, rtol 1e-6); RNODE
 adds λ_K = λ_J = 0.01 with fixed-grid RK4 and a fixed T; TO-FLOW trains T by its own Adam.
+CFM / OT-CFM (--method cfm|otcfm, an alias of --model) train the same CNF by (OT-)conditional
+flow matching (docs/cfm.md): no ODE solve in training, T = 1 on toy data; evaluated alike.
 
 Outputs in --save DIR: checkpoint.h5 (the training state; --resume continues from it),
 best.h5 (the best validated model, loadable with npflow.load), result.json. --log-json PATH
@@ -41,7 +43,8 @@ import numpy as np
 
 from npflow.training import TrainHook
 
-MODELS = ("otflow", "ffjord", "rnode", "toflow")
+MODELS = ("otflow", "ffjord", "rnode", "toflow", "cfm", "otcfm")
+FLOW_MATCHING = {"cfm": "independent", "otcfm": "ot"}    # npflow.cfm, docs/cfm.md
 TABULAR = ("power", "gas", "hepmass", "miniboone", "bsds300")
 
 # OT-Flow's settings (shared/REFERENCE.md; OT-Flow's detailedSetup): nt train/val/test, batch,
@@ -120,7 +123,12 @@ def build_parser():
            "train, val, test of shape (N, D) (e.g. from bench/make_product_data.py)")
     a("--data-dir", default="data", help="DATA_DIR holding the MAF files")
     a("--no-download", action="store_true", help="never download; fail if files are missing")
-    a("--model", default="otflow", choices=MODELS)
+    a("--model", "--method", dest="model", default="otflow", choices=MODELS,
+      help="cfm / otcfm: the FFJORD network trained by (OT-)conditional flow matching, no ODE "
+           "solve in training (docs/cfm.md); evaluated like the CNFs")
+    a("--sigma", type=float, default=0.0, help="cfm/otcfm: path width σ (docs/cfm.md eq. 2.2)")
+    a("--time-groups", type=int, default=16,
+      help="cfm/otcfm: row groups sharing one stratified time (docs/cfm.md eq. 2.6)")
     a("--niters", type=int, default=None,
       help="training iterations (default: toy 1000, OT-Flow's CPU default; tabular 8000)")
     a("--batch-size", type=int, default=None, help="default: the method's per-set value")
@@ -213,7 +221,8 @@ def resolve_settings(args, is_toy):
     else:
         if is_toy:
             s.update(hidden=(64, 64, 64), activation="tanh", blocks=1,
-                     batch=pick(args.batch_size, 100), T=0.5)
+                     batch=pick(args.batch_size, 256 if args.model in FLOW_MATCHING else 100),
+                     T=1.0 if args.model in FLOW_MATCHING else 0.5)
         else:
             d = FFJORD_DEFAULTS[key]
             s.update(hidden=None, factor=d["factor"], layers=d["layers"],
@@ -322,6 +331,16 @@ def build_model(args, settings, dim, is_toy):
                              alpha=settings["alpha"], steps=settings["nt"], T=1.0,
                              dtype=settings["dtype"], device=args.device, seed=args.seed)
     hidden = settings["hidden"] or (settings["factor"] * dim,) * settings["layers"]
+    if args.model in FLOW_MATCHING:
+        from npflow.cfm import FlowMatchingCNF
+        return FlowMatchingCNF(dim, hidden=hidden, layer="concatsquash",
+                               activation=settings["activation"], T=settings["T"],
+                               solver="dopri5", rtol=args.rtol, atol=args.atol,
+                               trace=args.trace or ("exact" if is_toy else "hutchinson"),
+                               blocks=settings["blocks"], dtype=settings["dtype"],
+                               device=args.device, seed=args.seed, sigma=args.sigma,
+                               coupling=FLOW_MATCHING[args.model],
+                               time_groups=args.time_groups)
     rnode = args.model == "rnode"
     return npflow.CNF(dim, hidden=hidden, layer="concatsquash",
                       activation=settings["activation"], T=settings["T"],

@@ -165,7 +165,9 @@ class TimeOptimizer(TrainHook):
 # --------------------------------------------------------------------------------------------
 # methods
 
-METHODS = ("ffjord", "rnode", "toflow", "steer")
+METHODS = ("ffjord", "rnode", "toflow", "steer", "cfm", "otcfm")
+#: simulation-free methods (npflow.cfm, docs/cfm.md): another loss, so they combine with nothing
+FLOW_MATCHING = ("cfm", "otcfm")
 
 
 def add_method_arguments(parser, t_grad_default="analytic"):
@@ -174,7 +176,8 @@ def add_method_arguments(parser, t_grad_default="analytic"):
     --steer-b (STEER). ``t_grad_default``: the default of --T-grad."""
     a = parser.add_argument
     a("--method", default="ffjord",
-      help="ffjord | rnode | toflow | steer, or a '+' combination such as toflow+rnode")
+      help="ffjord | rnode | toflow | steer, or a '+' combination such as toflow+rnode; "
+           "cfm | otcfm (flow matching, docs/cfm.md: no ODE solve in training; alone)")
     a("--kinetic", type=float, default=None, help="λ_K (default 0.01 with rnode, else 0)")
     a("--jacobian", type=float, default=None, help="λ_J (default 0.01 with rnode, else 0)")
     a("--alpha", type=float, default=0.1, help="TO-FLOW temporal regularization α·|T|")
@@ -185,6 +188,10 @@ def add_method_arguments(parser, t_grad_default="analytic"):
            "'discrete' (exact derivative of the discrete loss), or 'stale' = the analytic "
            "value from the weight step (no extra solve)")
     a("--steer-b", type=float, default=None, help="STEER half-width b (default T0/2)")
+    a("--sigma", type=float, default=0.0,
+      help="cfm/otcfm: width σ of the Gaussian path around the straight line (docs/cfm.md)")
+    a("--time-groups", type=int, default=16,
+      help="cfm/otcfm: row groups sharing one stratified time per batch (docs/cfm.md eq. 2.6)")
 
 
 def method_hooks(model, methods, args, steer_b=None) -> list:
@@ -207,6 +214,9 @@ def parse_methods(text: str) -> set:
     if not parts or bad:
         raise ValueError(f"unknown method {text!r}: use one of {', '.join(METHODS)} or a "
                          "'+' combination such as toflow+rnode")
+    if len(set(parts)) > 1 and set(parts) & set(FLOW_MATCHING):
+        raise ValueError(f"method {text!r}: cfm and otcfm train by flow matching and combine "
+                         "with no other method; give one alone")
     return set(parts)
 
 
