@@ -215,3 +215,38 @@ def test_bad_data_and_end_time_override_raise():
         model.loss_and_grad(np.full((3, 2), np.nan), np.random.default_rng(0))
     with pytest.raises(ValueError, match="override"):
         model.loss_and_grad(np.ones((3, 2)), np.random.default_rng(0), T=0.3)
+
+
+def _train_toy():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "examples", "train_toy.py")
+    spec = importlib.util.spec_from_file_location("train_toy_cfm", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("method", ["cfm", "otcfm"])
+def test_train_toy_method_trains_and_reports_exact_test_nll(tmp_path, method):
+    import json
+    log = tmp_path / "log.jsonl"
+    code = _train_toy().main(["--method", method, "--niters", "4", "--dims", "8-8",
+                              "--log-every", "2", "--test-n", "200", "--no-figures",
+                              "--save", str(tmp_path / "run"), "--log-json", str(log)])
+    assert code == 0
+    recs = [json.loads(s) for s in log.read_text().splitlines()]
+    assert [r["iteration"] for r in recs[:-1]] == [2, 4]
+    final = recs[-1]
+    assert np.isfinite(final["test_nll"]) and final["test_nfe"] > 0 and final["method"] == method
+    assert final["mean_nfe_forward"] == 1.0 and final["T"] == 1.0     # the method's defaults
+    back = npflow.load(str(tmp_path / "run" / "checkpoint.h5"))
+    assert back.config["coupling"] == ("ot" if method == "otcfm" else "independent")
+
+
+def test_flow_matching_methods_do_not_combine():
+    from npflow.training import parse_methods
+    assert parse_methods("otcfm") == {"otcfm"}
+    with pytest.raises(ValueError, match="combine"):
+        parse_methods("cfm+rnode")
