@@ -18,7 +18,8 @@ Each method keeps its own toy defaults otherwise:
   toflow  dopri5, T trained by its own Adam (analytic ∂L/∂T, α = 0.1), batch 100
   steer   dopri5, T' ~ U[T/2, 3T/2], batch 100
   otflow  RK4 8 steps, α = (1, 100, 5), width 32, batch 2048, lr 0.1 halved every 250 its
-  cfm, otcfm  npflow.cfm (σ = 0, 16 time groups, T = 1), batch 256, Adam 1e-3
+  cfm, otcfm  npflow.cfm (σ = 0, 16 time groups, T = 1), batch 128, Adam 2e-3 halved every
+          10000 iterations (train_toy.py's flow-matching defaults)
 Product set: d = 8, 4 rotated copies of 8gaussians (exact entropy printed by
 make_product_data.py), training batches drawn from a fixed 100k-point train split.
 
@@ -84,7 +85,8 @@ def build(method, dim, seed, otflow_width):
         model = FlowMatchingCNF(dim, hidden=hidden, T=1.0, sigma=0.0, time_groups=16,
                                 coupling="ot" if method == "otcfm" else "independent",
                                 seed=seed)
-        return model, Adam(model.params, lr=1e-3, weight_decay=0.0), [], 256
+        return model, Adam(model.params, lr=2e-3, weight_decay=1e-5, decoupled=False,
+                           schedule=StepDecay(10000, 0.5)), [], 128
     kw = dict(hidden=hidden, T=0.5, trace="exact", seed=seed, solver="dopri5",
               rtol=1e-5, atol=1e-5)
     if method == "ffjord":

@@ -22,7 +22,8 @@ Methods (docs/training.md §6):
   cfm     conditional flow matching (docs/cfm.md): regress f onto the straight-path velocity,
           no ODE solve in training; evaluation is the same exact log-likelihood
   otcfm   the same with data and noise paired by exact optimal transport in each batch
-          (cfm/otcfm change the defaults of --T, --niters, --batch-size, --lr, --warmup;
+          (cfm/otcfm change the defaults of --T, --niters, --batch-size, --lr,
+          --lr-halve-every;
           see FLOW_MATCHING_DEFAULTS)
 """
 from __future__ import annotations
@@ -101,6 +102,8 @@ def build_parser():
     a("--weight-decay-mode", default="l2", choices=["l2", "adamw"],
       help="l2: added to the gradient (torch.optim.Adam, FFJORD); adamw: decoupled")
     a("--warmup", type=int, default=0, help="linear learning-rate warm-up iterations")
+    a("--lr-halve-every", type=int, default=0,
+      help="halve the learning rate every N iterations (0: constant)")
     a("--grad-clip", type=float, default=None, help="max global gradient norm (default off)")
     add_method_arguments(p, t_grad_default="analytic")
     a("--device", default="cpu", choices=["cpu", "gpu"])
@@ -158,6 +161,9 @@ def prepare(args):
             raise ValueError(f"{name} must be >= 1, got {v}")
     if not args.T > 0:
         raise ValueError(f"--T must be > 0, got {args.T}")
+    if args.lr_halve_every < 0:
+        raise ValueError(f"--lr-halve-every must be >= 0 (0: constant lr), got "
+                         f"{args.lr_halve_every}")
     try:
         hidden = tuple(int(h) for h in args.dims.split("-"))
     except ValueError:
@@ -267,7 +273,7 @@ def main(argv=None) -> int:
                    if not ("toflow" in methods and k in time_names)}
     optimizer = Adam(weight_keys, lr=args.lr, weight_decay=args.weight_decay,
                      decoupled=args.weight_decay_mode == "adamw",
-                     schedule=Warmup(args.warmup) if args.warmup else None)
+                     schedule=_schedule(args))
     hooks = method_hooks(model, methods, args, run["steer_b"])
 
     os.makedirs(args.save, exist_ok=True)
@@ -356,6 +362,14 @@ def main(argv=None) -> int:
                                  title=f"{run['data_name']}, {final['method']}")
         print("figures:", p1, p2 or "(no training curves: no iterations)")
     return 0
+
+
+def _schedule(args):
+    """Warm-up and/or halving every --lr-halve-every iterations (npflow.optim, eq. 3.1-3.4)."""
+    from npflow.optim import Chain, StepDecay, Warmup
+    parts = ([Warmup(args.warmup)] if args.warmup else []) + (
+        [StepDecay(args.lr_halve_every, 0.5)] if args.lr_halve_every else [])
+    return None if not parts else parts[0] if len(parts) == 1 else Chain(*parts)
 
 
 def draw_toy(model, run, args, path, fast=False):
