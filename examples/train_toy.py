@@ -60,8 +60,8 @@ from npflow.training import add_method_arguments, method_hooks, parse_methods  #
 # defaults of the flow-matching methods (docs/cfm.md, section 6: measured to reach test NLL
 # <= 2.90 on 8gaussians and <= 3.60 on checkerboard); explicit flags still win
 FLOW_MATCHING_DEFAULTS = {
-    "cfm": dict(T=1.0, niters=20000, batch_size=256, lr=1e-3),
-    "otcfm": dict(T=1.0, niters=20000, batch_size=256, lr=1e-3),
+    "cfm": dict(T=1.0, niters=40000, batch_size=128, lr=2e-3, lr_halve_every=10000),
+    "otcfm": dict(T=1.0, niters=40000, batch_size=128, lr=2e-3, lr_halve_every=10000),
 }
 
 
