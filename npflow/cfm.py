@@ -7,21 +7,22 @@ the blocks of a CNF laid end to end on [0, 𝒯], 𝒯 = Σ_b T_b (eq. 1.1), one
     z ~ N(0, I),  s ~ U[0, 1),  ε ~ N(0, I)                                  (eq. 2.1)
     x_s = (1 − s) x + s z + σ ε             the straight path of width σ       (eq. 2.2)
     u   = (z − x) / 𝒯                       its conditional velocity           (eq. 2.3)
-    L   = 1/(B·D) Σ_i ‖f(x_{s_i}, 𝒯 s_i; θ) − u_i‖²                          (eq. 2.4)
+    L   = Σ_i w_i (1/D) ‖f(x_{s_i}, 𝒯 s_i; θ) − u_i‖²,  Σ_i w_i = 1            (eq. 2.4)
 
 (f at global time τ = 𝒯 s is block b's network at local time τ − Σ_{c<b} T_c, eq. 1.2). OT-CFM
 pairs the batch's data and noise by an exact optimal assignment on squared distances before
 the path is formed (eq. 4.1-4.2). The gradient is the layers' hand-written backward of f with
-no tangents (K = 0) applied to f̄ = 2 (f − u) / (B·D) (eq. 2.5): no ODE is solved in training.
+no tangents (K = 0) applied to f̄_i = 2 w_i (f − u_i) / D (eq. 2.5): no ODE is solved in
+training.
 
 The model stays a CNF: ``FlowMatchingCNF.log_prob`` is CNF.log_prob (dopri5, exact or
 Hutchinson trace, eq. 3.2 of docs/cnf.md) and ``sample`` is CNF.sample.
 
 Times. ODENet takes one scalar time per call, so the batch is cut into M groups of rows
 (``time_groups``) and group j shares one time s_j = (j + U_j)/M, U_j ~ U[0, 1) (stratified,
-eq. 2.6): each sample's s is still uniform on [0, 1), so L is an unbiased estimate of the CFM
-objective (eq. 2.4); M = B gives every sample its own time. Cost: M network calls on B/M rows
-each, forward and backward.
+eq. 2.6); its n_j rows carry the weight w_i = 1/(M n_j) (eq. 2.7), so L is an unbiased
+estimate of the CFM objective for any group sizes; M = B gives every sample its own time.
+Cost: M network calls on about B/M rows each, forward and backward.
 """
 from __future__ import annotations
 
@@ -105,7 +106,8 @@ def cfm_loss_and_grad(nets, block_params, Ts, x, z, s, eps=None, sigma=0.0):
     x, z          data and its paired noise (B, D), arrays of the parameters' module and dtype
     s             (M,) host floats in [0, 1): the time of each row group (group_cuts(B, M))
     eps, sigma    path noise (B, D) or None, and the width σ (eq. 2.2)
-    Returns (loss: 0-d array, grads: list of dicts like block_params, info dict).
+    Returns (loss: 0-d array, grads: list of dicts like block_params, info dict). Blocks whose
+    time interval holds no group time get zero gradients.
     """
     B, D = x.shape
     xp = get_array_module(x)
