@@ -96,7 +96,7 @@ def draw_noise(rng, B, D, time_groups, sigma):
     return z, s, eps
 
 
-def cfm_loss_and_grad(nets, block_params, Ts, x, z, s, eps=None, sigma=0.0):
+def cfm_loss_and_grad(nets, block_params, Ts, x, z, s, eps=None, sigma=0.0, rows=None):
     """The CFM loss (eq. 2.4) on given noise and its exact gradient (eq. 2.5), no ODE solve.
 
     nets          one network per block (ODENet interface: forward(params, x, None, t) ->
@@ -106,6 +106,9 @@ def cfm_loss_and_grad(nets, block_params, Ts, x, z, s, eps=None, sigma=0.0):
     x, z          data and its paired noise (B, D), arrays of the parameters' module and dtype
     s             (M,) host floats in [0, 1): the time of each row group (group_cuts(B, M))
     eps, sigma    path noise (B, D) or None, and the width σ (eq. 2.2)
+    rows          (lo, hi): only the terms of rows lo..hi−1 (default all), with the weights of
+                  the whole batch (eq. 2.7), so the results of any split of the rows add up to
+                  the whole batch's (docs/parallel.md, eq. 1.2)
     Returns (loss: 0-d array, grads: list of dicts like block_params, info dict). Blocks whose
     time interval holds no group time get zero gradients.
     """
@@ -121,10 +124,13 @@ def cfm_loss_and_grad(nets, block_params, Ts, x, z, s, eps=None, sigma=0.0):
                 for net, p in zip(nets, block_params)]
     grads = [{k: xp.zeros_like(v) for k, v in p.items()} for p in block_params]
     u = target_velocity(x, z, horizon)                                          # eq. 2.3
+    r_lo, r_hi = (0, B) if rows is None else rows
     total = xp.zeros((), dtype=x.dtype)
     for j in range(M):
-        lo, hi = cuts[j], cuts[j + 1]
-        w = 1.0 / (M * (hi - lo) * D)                            # row weight / D, eq. 2.7
+        w = 1.0 / (M * (cuts[j + 1] - cuts[j]) * D)              # row weight / D, eq. 2.7
+        lo, hi = max(cuts[j], r_lo), min(cuts[j + 1], r_hi)
+        if lo >= hi:
+            continue
         tau = float(s[j]) * horizon                                             # eq. 1.2
         b = min(int(np.searchsorted(offsets, tau, side="right")) - 1, len(nets) - 1)
         t_local = tau - float(offsets[b])
@@ -197,24 +203,46 @@ class FlowMatchingCNF(CNF):
         groups), "T", "pair_sq_dist" = mean ‖x_i − z_i‖² of the pairs used, and for OT-CFM
         "ot_seconds", the host time of the assignment).
         """
+        part = self.loss_and_grad_part(x, rng, params=params, T=T)
+        return self.loss_from_part(part, x.shape[0], params=params, T=T)
+
+    def loss_and_grad_part(self, x, rng, rows=None, params=None, T=None, allreduce=None):
+        """The rows ``(lo, hi)`` (default all) of the batch x (B, D) in the loss of eq. 2.4 and
+        its gradient, as a model.Part (docs/parallel.md, eq. 1.2): sums "cfm" (Σ over the rows
+        of w_i ‖f − u_i‖²/D) and "pair_sq_dist" (Σ ‖x_i − z_i‖²), the rows' gradient share,
+        and same "nfe_forward", "nfe_backward" (1 each) and, for OT-CFM, "ot_seconds". The
+        noise, the times and the OT pairing are drawn for the whole batch on every caller (the
+        same draws whatever the rows). ``allreduce`` is unused (no solver runs)."""
+        from .model import Part, check_rows
         if T is not None:
             raise ValueError("flow matching has no end-time override (STEER); pass T=None")
         params = self.params if params is None else params
         x = self._prepare(x)
+        lo, hi = check_rows(rows, x.shape[0])
         Ts = [float(to_host(t)) for t in self.end_times(params)]
         z, s, eps, info = self.draw(x, rng)
         nb = len(self.nets)
-        loss, gl, extra = cfm_loss_and_grad(self.nets, [self.block_params(b, params)
-                                                        for b in range(nb)],
-                                            Ts, x, z, s, eps, self.config["sigma"])
+        total, gl, _ = cfm_loss_and_grad(self.nets, [self.block_params(b, params)
+                                                     for b in range(nb)],
+                                         Ts, x, z, s, eps, self.config["sigma"], rows=(lo, hi))
         grads = {}
         for b in range(nb):
             pre = _block_prefix(b)
             grads.update({pre + k: v for k, v in gl[b].items()})
-        d = x - z
-        loss = float(loss)                            # the step's one sync for the loss
-        stats = {"cfm": loss, "nfe_forward": 1, "nfe_backward": 1,
-                 "T": Ts[0] if nb == 1 else Ts,
-                 "pair_sq_dist": float((d * d).sum() / x.shape[0]),
-                 "time_groups": extra["groups"], **info}
-        return loss, grads, stats
+        d = x[lo:hi] - z[lo:hi]
+        same = {"nfe_forward": 1.0, "nfe_backward": 1.0, **info}
+        return Part({"cfm": total, "pair_sq_dist": (d * d).sum()}, grads, same)
+
+    def loss_from_part(self, part, B, params=None, T=None):
+        """(loss, grads, stats) of loss_and_grad from the sum of the parts of a batch of B
+        (one host sync for the loss, one for the pair distance)."""
+        loss = float(to_host(part.sums["cfm"]))
+        Ts = [float(to_host(t)) for t in self.end_times(params)]
+        stats = {"cfm": loss, "nfe_forward": int(round(part.same["nfe_forward"])),
+                 "nfe_backward": int(round(part.same["nfe_backward"])),
+                 "T": Ts[0] if len(Ts) == 1 else Ts,
+                 "pair_sq_dist": float(to_host(part.sums["pair_sq_dist"])) / B,
+                 "time_groups": len(group_cuts(B, self.config["time_groups"])) - 1}
+        if "ot_seconds" in part.same:
+            stats["ot_seconds"] = float(part.same["ot_seconds"])
+        return loss, dict(part.grads), stats

@@ -250,3 +250,21 @@ def test_flow_matching_methods_do_not_combine():
     assert parse_methods("otcfm") == {"otcfm"}
     with pytest.raises(ValueError, match="combine"):
         parse_methods("cfm+rnode")
+
+
+@pytest.mark.parametrize("coupling", ["independent", "ot"])
+def test_parts_of_any_row_split_add_up_to_the_whole_batch(coupling):
+    # docs/parallel.md eq. 1.2 for eq. 2.4-2.5: rows cut across the time groups still carry the
+    # whole batch's weights (eq. 2.7), so the parts' sums and gradients add up exactly
+    model = small_model(coupling=coupling, sigma=0.1, time_groups=3, blocks=2)
+    x = np.random.default_rng(2).standard_normal((11, 2))
+    loss, grads, stats = model.loss_and_grad(x, np.random.default_rng(7))
+    parts = [model.loss_and_grad_part(x, np.random.default_rng(7), rows=r)
+             for r in ((0, 2), (2, 7), (7, 11))]
+    total = sum(float(p.sums["cfm"]) for p in parts)
+    assert abs(total - loss) <= 1e-12 * max(1.0, abs(loss))
+    for k in grads:
+        np.testing.assert_allclose(sum(p.grads[k] for p in parts), grads[k], rtol=1e-10,
+                                   atol=1e-14)
+    assert abs(sum(float(p.sums["pair_sq_dist"]) for p in parts) / 11
+               - stats["pair_sq_dist"]) < 1e-12
