@@ -204,7 +204,7 @@ class FlowMatchingCNF(CNF):
         "ot_seconds", the host time of the assignment).
         """
         part = self.loss_and_grad_part(x, rng, params=params, T=T)
-        return self.loss_from_part(part, x.shape[0], params=params, T=T)
+        return self.loss_from_part(part, len(x), params=params, T=T)   # len: lists too
 
     def loss_and_grad_part(self, x, rng, rows=None, params=None, T=None, allreduce=None):
         """The rows ``(lo, hi)`` (default all) of the batch x (B, D) in the loss of eq. 2.4 and
