@@ -25,12 +25,12 @@ from .backend import get_array_module, to_host
 from .model import FlowModel
 from .odenet import ODENet
 from .solvers import odeint, terminal_time_gradient
+from .tableau import fixed_grid
 from . import trace as trace_mod
 
 __all__ = ["CNF", "BlockStack", "CNFState", "RegularizedCNFState", "CNFDynamics", "TRACE_KINDS"]
 
 TRACE_KINDS = ("exact", "hutchinson", "gaussian", "rademacher")
-_FIXED_GRID = ("euler", "midpoint", "rk4", "rk38")
 
 
 class CNFState(NamedTuple):
@@ -170,7 +170,8 @@ class CNF(BlockStack, FlowModel):
     activation  "tanh" | "softplus" | "sigmoid" | "swish" | "logcosh"
     T           initial end time of every block (t0 = 0)
     train_T     train the end times (TO-FLOW): params gains "T" (one block) or "T0", "T1", ...
-    solver      "rk4" | "rk38" | "euler" | "midpoint" (fixed grid, `steps` steps) | "dopri5"
+    solver      a name in npflow.tableau.TABLEAUS: fixed grid ("rk4", "rk38", "euler",
+                "midpoint"; `steps` steps) or adaptive ("dopri5", "bosh3")
     trace       "exact" (basis probes) | "hutchinson"/"gaussian" | "rademacher"
     probes      K, the number of Hutchinson probes (ignored for "exact")
     kinetic, jacobian  RNODE's λ_K, λ_J (eq. 3.8)
@@ -227,7 +228,7 @@ class CNF(BlockStack, FlowModel):
 
     def _solver_kwargs(self, solver, steps, rtol, atol):
         kw = dict(method=solver, rtol=rtol, atol=atol)
-        if solver in _FIXED_GRID:
+        if fixed_grid(solver):
             kw["steps"] = steps
         return kw
 
@@ -283,7 +284,7 @@ class CNF(BlockStack, FlowModel):
         regularized = cfg["kinetic"] > 0 or cfg["jacobian"] > 0
         Ts = self.end_times(params, T)
         kw = self._solver_kwargs(cfg["solver"], cfg["steps"], cfg["rtol"], cfg["atol"])
-        kw["store"] = "caches" if cfg["solver"] in _FIXED_GRID else "states"
+        kw["store"] = "caches" if fixed_grid(cfg["solver"]) else "states"
         n = self._parallel_parts(B)
         if n == 1:
             part = self._loss_and_grad_part(x, rng, None, params, Ts, regularized, kw, B)
@@ -411,7 +412,7 @@ class CNF(BlockStack, FlowModel):
 
     def _parallel_parts(self, B):
         """How many row blocks loss_and_grad cuts a batch of B into (1 = one block)."""
-        if self.config["solver"] not in _FIXED_GRID or self.device != "cpu":
+        if not fixed_grid(self.config["solver"]) or self.device != "cpu":
             return 1        # adaptive steps couple the rows (one error norm); CuPy: one stream
         if self._processes > 1:
             return max(1, min(self._processes, B // self.min_rows_per_process))

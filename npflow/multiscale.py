@@ -34,11 +34,11 @@ from .images import (ALPHA, LOG2_256, dequantize, factor_in, factor_out, logit_i
                      logit_transform, squeeze, unsqueeze)
 from .model import FlowModel
 from .solvers import odeint, terminal_time_gradient
+from .tableau import fixed_grid
 from . import trace as trace_mod
 
 __all__ = ["MultiscaleCNF", "multiscale_plan", "default_scales"]
 
-_FIXED_GRID = ("euler", "midpoint", "rk4", "rk38")
 
 
 def default_scales(H: int, W: int) -> int:
@@ -144,7 +144,7 @@ class MultiscaleCNF(BlockStack, FlowModel):
         solver = cfg["solver"] if solver is None else solver
         kw = dict(method=solver, rtol=cfg["rtol"] if rtol is None else rtol,
                   atol=cfg["atol"] if atol is None else atol)
-        if solver in _FIXED_GRID:
+        if fixed_grid(solver):
             step_size = cfg["step_size"] if step_size is None and steps is None else step_size
             if step_size is not None:
                 kw["step_size"] = step_size
@@ -221,7 +221,7 @@ class MultiscaleCNF(BlockStack, FlowModel):
         B = y0.shape[0]
         Ts = self.end_times(params, T)
         kw = self._solver_kwargs()
-        store = cfg["store"] if cfg["solver"] in _FIXED_GRID else "states"
+        store = cfg["store"] if fixed_grid(cfg["solver"]) else "states"
         y, parts, tape = self._flow(y0, Ts, params, rng, regularized, kw, store=store)
         nll = self._nll(parts, y.logdet)
         scale = 1.0 / (self.D * math.log(2))

@@ -383,7 +383,6 @@ class _Tape(NamedTuple):
 def _backward(tape, y1_bar):
     dyn, struct, tab = tape.dynamics, tape.struct, tape.tab
     ybar = struct.unpack(y1_bar, "y1_bar")
-    ybar = [None if v is None else v for v in ybar]
     ref = tape.y1
     for v, r in zip(ybar, ref):
         if v is not None and tuple(v.shape) != tuple(r.shape):
@@ -467,14 +466,15 @@ def odeint(dynamics, y0, t0, t1, method="rk4", steps=None, rtol=1e-5, atol=1e-5,
     dynamics: object with .params, .forward(t, y), .backward(cache, dydt_bar) (module doc)
     y0:     array (any shape) or tuple / NamedTuple of arrays; y1 has the same type
     t0, t1: scalars (float or 0-d array; read once on the host)
-    method: "euler" | "midpoint" | "rk4" (classical) | "rk38" (3/8 rule) | "dopri5", or a
+    method: a name in npflow.tableau.TABLEAUS ("euler", "midpoint", "rk4", "rk38", "bosh3",
+            "dopri5") or a
             npflow.tableau.Tableau
     Fixed mesh (any method; required for those without error weights), one of:
         steps:     N uniform steps, h = (t1 − t0)/N (eq. 2.9 with s_n = n/N)
         step_size: N = ceil(|t1 − t0| / step_size) uniform steps
         grid:      fractions 0 = s_0 < ... < s_N = 1, t_n = t0 + s_n (t1 − t0) (e.g. the
                    ``solution.grid`` of an adaptive solve, to replay its mesh)
-    Adaptive (dopri5 when no mesh is given; section 3):
+    Adaptive (a tableau with error weights, e.g. dopri5 or bosh3, when no mesh is given; section 3):
         rtol, atol  error ratio eq. 3.1; first_step (default: eq. 3.3, one evaluation);
         max_step (|h| cap, None = no cap); min_step (|h| floor: below it, or below 10 ulp(t) so that t + h
         would barely move, SolverError);
