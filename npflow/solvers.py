@@ -402,8 +402,7 @@ def _backward(tape, y1_bar):
         f, _ = dyn.forward(tape.t0, struct.pack(tape.states[0]))
         nre += 1
         g = _vdot_parts(ybar, struct.unpack(f))
-        ybar_n = [None if v is None else v for v in ybar]
-        return _finish(struct, ybar_n, pacc, params, -g, g, nb, nre, ref)
+        return _finish(struct, ybar, pacc, params, -g, g, nb, nre, ref)
     k = tape.checkpoint
     for start in reversed(range(0, N, k)):
         end = min(start + k, N)
@@ -467,8 +466,7 @@ def odeint(dynamics, y0, t0, t1, method="rk4", steps=None, rtol=1e-5, atol=1e-5,
     y0:     array (any shape) or tuple / NamedTuple of arrays; y1 has the same type
     t0, t1: scalars (float or 0-d array; read once on the host)
     method: a name in npflow.tableau.TABLEAUS ("euler", "midpoint", "rk4", "rk38", "bosh3",
-            "dopri5") or a
-            npflow.tableau.Tableau
+            "dopri5") or a npflow.tableau.Tableau
     Fixed mesh (any method; required for those without error weights), one of:
         steps:     N uniform steps, h = (t1 − t0)/N (eq. 2.9 with s_n = n/N)
         step_size: N = ceil(|t1 − t0| / step_size) uniform steps
