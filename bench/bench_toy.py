@@ -26,7 +26,7 @@ import os
 import sys
 
 # Threads: 2 for every library unless --threads says otherwise. The environment variables must
-# be set before numpy / torch are imported; set_blas_threads() also adjusts OpenBLAS at run time
+# be set before numpy / torch are imported; set_blas_threads() also adjusts the BLAS at run time
 # (when this module is imported after numpy, e.g. by the tests).
 _THREADS = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv[:-1] else "2"
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -37,6 +37,7 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
+import contextlib  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -57,9 +58,9 @@ LR, WEIGHT_DECAY = 1e-3, 1e-5
 
 
 # ------------------------------------------------------------------------------------ threads
-# numpy's OpenBLAS thread count at run time: npflow.backend's ctypes helpers
+# the BLAS thread count at run time: npflow.backend's threadpoolctl helpers
 # and glibc's malloc tuning (--mallopt: no mmap below 32 MiB, no trimming, whole process)
-from npflow.backend import (_openblas_functions, get_blas_threads,  # noqa: E402,F401
+from npflow.backend import (blas_controller, get_blas_threads,  # noqa: E402,F401
                             set_blas_threads, tune_malloc)
 
 
@@ -140,20 +141,15 @@ class NpflowRunner:
         self.opt = npflow.Adam(self.params, lr=LR, weight_decay=WEIGHT_DECAY, decoupled=False)
         self.rng = np.random.default_rng(seed + 1)
         self.batches = batches
-        self._blas = _openblas_functions() if self.threads > 1 else (None, None)
+        self._blas = blas_controller() if self.threads > 1 else None
 
     def step(self, i):
-        get, set_ = self._blas
-        before = get() if get is not None else None
-        if before is not None:
-            set_(1)
-        try:
+        # npflow's own threads/processes: one BLAS thread each while the step runs
+        with (self._blas.limit(limits=1) if self._blas is not None
+              else contextlib.nullcontext()):
             loss, grads, stats = self.model.loss_and_grad(self.batches[i % len(self.batches)],
                                                           self.rng, params=self.params)
             self.params = self.opt.step(self.params, grads)
-        finally:
-            if before is not None:
-                set_(before)
         return loss, stats.get("nfe_forward", -1), stats.get("nfe_backward", -1)
 
 

@@ -474,8 +474,11 @@ def evaluation_functions(args, settings, data, is_toy):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    keep_freed_memory()
     import npflow
+    # one BLAS thread unless the environment sets a count: 5 OT-Flow iterations took 57 s with
+    # a threaded BLAS against 2 s with one thread, on a busy 2-core machine
+    npflow.backend.limit_blas_threads(1)
+    keep_freed_memory()
     from npflow.data import TOY_NAMES
     from npflow.optim import Adam, Chain, ReduceOnPlateau, StepDecay
     from npflow.training import TimeOptimizer, append_json, train

@@ -29,27 +29,9 @@ import os
 import sys
 import time
 
-_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+import numpy as np
 
-
-def _limit_blas_threads(argv):
-    """One BLAS thread, set before numpy loads its BLAS (a no-op once numpy is imported, and
-    when the environment already sets a thread count). The toy CNF's matrix products are small
-    (K·B × 64 by 64 × 64): on a busy 2-core machine, threaded BLAS made an iteration ~20×
-    slower than one thread (2 s against 0.1 s measured). More cores are used by --processes
-    (or --threads) instead: npflow's own row blocks (CNF.processes, docs/cnf.md 3.10)."""
-    n = "1"
-    if "numpy" not in sys.modules and not any(v in os.environ for v in _THREAD_VARS):
-        for v in _THREAD_VARS:
-            os.environ[v] = n
-
-
-if __name__ == "__main__":
-    _limit_blas_threads(sys.argv[1:])
-
-import numpy as np  # noqa: E402  (after the thread limit)
-
-from npflow.training import add_method_arguments, method_hooks, parse_methods  # noqa: E402
+from npflow.training import add_method_arguments, method_hooks, parse_methods
 
 
 def build_parser():
@@ -214,6 +196,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     import npflow
+    # one BLAS thread unless the environment sets a count (npflow.backend.limit_blas_threads)
+    npflow.backend.limit_blas_threads(1)
     if not args.no_tune_malloc:
         npflow.backend.tune_malloc()
     from npflow.optim import Adam, Warmup
