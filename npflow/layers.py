@@ -518,8 +518,9 @@ class Activation(StackedLayer):
 
 
 def _tangent_pairing(h, hbar, xp):
-    """Σ_k h[k] ⊙ hbar[k] over the tangent blocks k = 1..K (None when K = 0), block by block."""
-    K = h.shape[0] - 1
+    """Σ_k h[k] ⊙ hbar[k] over the tangent blocks k = 1..K (None when K = 0), block by block;
+    an hbar of the primal block only (zero tangent cotangents) gives None."""
+    K = min(h.shape[0], hbar.shape[0]) - 1
     if K == 0:
         return None
     s = h[1] * hbar[1]
