@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 
+from npflow.tableau import fixed_grid, solver_names  # noqa: E402
 from npflow.training import add_method_arguments, method_hooks, parse_methods  # noqa: E402
 DATASETS = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
@@ -62,7 +63,7 @@ def build_parser():
       help="number of scales (default FFJORD's: 3 for 28×28, 4 for 32×32)")
     a("--layer-type", default="concat", choices=["concat", "concatsquash"])
     a("--T", type=float, default=1.0, help="(initial) end time of every block; t0 = 0")
-    a("--solver", default="rk4", choices=["rk4", "rk38", "dopri5", "euler", "midpoint"])
+    a("--solver", default="rk4", choices=solver_names())
     a("--steps", type=int, default=4, help="steps per block of a fixed-grid solver")
     a("--step-size", type=float, default=None,
       help="fixed-grid step size (RNODE: 0.25); overrides --steps")
@@ -96,7 +97,7 @@ def build_parser():
     a("--test-n", type=int, default=None,
       help="test images for the final bits/dim (default: all, or --subset if given)")
     a("--test-batch", type=int, default=200)
-    a("--test-solver", default=None, choices=["rk4", "rk38", "dopri5", "euler", "midpoint"],
+    a("--test-solver", default=None, choices=solver_names(),
       help="solver of the test evaluation (default: the training solver)")
     a("--no-figures", action="store_true", help="skip the sample grids")
     a("--no-tune-malloc", action="store_true",
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.save, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
     cfg = model.config
-    solver_txt = cfg["solver"] if cfg["solver"] == "dopri5" else (
+    solver_txt = cfg["solver"] if not fixed_grid(cfg["solver"]) else (
         f"{cfg['solver']} " + (f"step {cfg['step_size']}" if cfg["step_size"]
                                else f"{cfg['steps']} steps"))
     print(f"npflow multiscale CNF on {args.data} ({len(x_train)} training images): method "
