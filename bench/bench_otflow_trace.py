@@ -3,10 +3,10 @@
 
 For d = 2, 8, 32, 64, 128 on the same potential network (width m, depth M + 1, batch B):
 
-  otflow        potential_forward: ∇Φ and tr ∇ₓ²Φ by the OT-Flow recursion (eq. 5.7-5.10)
+  otflow        potential_forward: ∇Φ and tr ∇ₓ²Φ by the OT-Flow recursion (eq. 2.3-2.6)
   grad only     potential_forward(need_trace=False): the gradient sweep alone (the floor)
   basis-stacked potential_hvp with the d basis tangents e_1..e_d stacked into one pass of
-                d·B rows (forward-over-reverse Hessian-vector products, eq. 5.32-5.34): the
+                d·B rows (forward-over-reverse Hessian-vector products, eq. 5.1-5.3): the
                 best a basis-tangent method can do with batched matrix products
   basis-loop    d separate Hessian-vector passes, one basis vector each (what d reverse or
                 forward-over-reverse sweeps of an AD framework do)

@@ -66,7 +66,7 @@ from npflow.backend import (blas_controller, get_blas_threads,  # noqa: E402,F40
 
 # ------------------------------------------------------------------------------------ data
 def sample_8gaussians(n, rng):
-    """8gaussians: npflow.data.toy when available, else the same recipe (shared/REFERENCE.md)."""
+    """8gaussians: npflow.data.toy when available, else the same recipe (docs/data.md, section 1)."""
     try:
         from npflow.data.toy import toy
     except ImportError:
@@ -116,10 +116,10 @@ class NpflowRunner:
     """npflow.CNF with npflow.Adam(decoupled=False) (FFJORD's coupled weight decay).
 
     threads: npflow's own data-parallel threads (``CNF.threads``: the batch cut into row
-    blocks solved in parallel, eq. 3.13 of docs/cnf.md), with OpenBLAS at one thread during the
+    blocks solved in parallel, eq. 10.1 of docs/cnf.md), with OpenBLAS at one thread during the
     step so the two kinds of threads do not compete for the cores; batches too small to split
     (fewer than ``CNF.min_rows_per_thread`` rows per thread) run in one thread.
-    processes: npflow's data-parallel worker processes (``CNF.processes``, the same eq. 3.13;
+    processes: npflow's data-parallel worker processes (``CNF.processes``, the same eq. 10.1;
     this process solves one block, OpenBLAS at one thread in every process during the step).
     threads = processes = 1: one Python thread and OpenBLAS at the process setting (--threads)."""
 
@@ -234,7 +234,7 @@ def count_torch_ops(runner, i=0):
 
 def count_torch_profiler_ops(runner, i=0):
     """aten:: events that torch.profiler records in one iteration (composite ops such as
-    aten::linear and the ops they call are both counted; the measure of shared/REFERENCE.md)."""
+    aten::linear and the ops they call are both counted; the measure of docs/reference.md, section 1)."""
     import torch
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

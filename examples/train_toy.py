@@ -304,7 +304,7 @@ def main(argv=None) -> int:
         p1 = draw_toy(model, run, args, os.path.join(args.save, "toy.png"))
         p2 = None
         if len(h["loss"]):
-            # known entropies (shared/REFERENCE.md): no model's expected NLL is below them
+            # known entropies (docs/reference.md, section 1): no model's expected NLL is below them
             floor = ({"checkerboard": math.log(32.0), "8gaussians": 2.8318}.get(args.data)
                      if args.data_file is None else None)
             p2 = training_curves(h, os.path.join(args.save, "curves.png"), floor=floor,

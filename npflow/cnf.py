@@ -1,18 +1,18 @@
 """Continuous normalizing flows: FFJORD, RNODE, TO-FLOW and STEER (docs/cnf.md).
 
-The augmented state of one CNF block (eq. 3.1), with z(t0) = x, ℓ(t0) = 0:
+The augmented state of one CNF block (eq. 1.1), with z(t0) = x, ℓ(t0) = 0:
 
     dz/dt = f(z, t; θ)                    z        (B, *event_shape)
-    dℓ/dt = tr ∂f/∂z   (exact or Hutchinson, eq. 3.3-3.4)          ℓ        (B,)
-    dE/dt = ‖f‖² / D          (kinetic energy, RNODE, eq. 3.6)     E        (B,)
-    dn/dt = ‖∂f/∂z ε‖² / D    (Jacobian Frobenius, RNODE, eq. 3.7) n        (B,)
+    dℓ/dt = tr ∂f/∂z   (exact or Hutchinson, eq. 2.1-2.2)          ℓ        (B,)
+    dE/dt = ‖f‖² / D          (kinetic energy, RNODE, eq. 3.1)     E        (B,)
+    dn/dt = ‖∂f/∂z ε‖² / D    (Jacobian Frobenius, RNODE, eq. 3.2) n        (B,)
 
-log p(x) = log N(z(T); 0, I) + ℓ(T)                                (eq. 3.2)
-loss     = mean_b [ ½‖z(T)‖² + (D/2) log 2π − ℓ(T) ] + λ_K mean E(T) + λ_J mean n(T)   (eq. 3.8)
+log p(x) = log N(z(T); 0, I) + ℓ(T)                                (eq. 1.2)
+loss     = mean_b [ ½‖z(T)‖² + (D/2) log 2π − ℓ(T) ] + λ_K mean E(T) + λ_J mean n(T)   (eq. 4.1)
 
 Every derivative comes from the layers' tangent/adjoint rules (docs/layers.md) and the solver's
 discrete adjoint (docs/solvers.md); the end time's gradient comes out of the same pass
-(∂L/∂T, eq. 3.10), and the analytic terminal formula of TO-FLOW (eq. 3.11) is reported beside it.
+(∂L/∂T, eq. 6.1), and the analytic terminal formula of TO-FLOW (eq. 6.2) is reported beside it.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _sum_features(a):
 
 
 class CNFDynamics:
-    """The augmented CNF vector field F(y, t) of eq. 3.1 for npflow.odeint.
+    """The augmented CNF vector field F(y, t) of eq. 1.1 for npflow.odeint.
 
     Built once per solve with its probes ε fixed (drawn before the solve, reused by every stage
     and by the backward pass); never mutated.
@@ -63,8 +63,8 @@ class CNFDynamics:
     params  dict of the network's parameters
     eps     probes (K, B, ...) with the shape of z behind the K axis, or None (no trace:
             the state is z alone, used for sampling)
-    weight  trace weight: 1 for the exact basis, 1/K for Hutchinson (eq. 3.3-3.4)
-    regularized  carry E and n (eq. 3.6-3.7)
+    weight  trace weight: 1 for the exact basis, 1/K for Hutchinson (eq. 2.1-2.2)
+    regularized  carry E and n (eq. 3.1-3.2)
     """
 
     def __init__(self, net, params, eps=None, weight=1.0, regularized=False):
@@ -87,17 +87,17 @@ class CNFDynamics:
         K, B = Jeps.shape[0], Jeps.shape[1]
         xp = get_array_module(Jeps)
         dlogdet = xp.einsum("kbd,kbd->b", self.eps.reshape(K, B, -1),
-                            Jeps.reshape(K, B, -1))                                 # eq. 3.3
+                            Jeps.reshape(K, B, -1))                                 # eq. 2.1
         if self.weight != 1.0:
             dlogdet *= self.weight
         if not self.regularized:
             return CNFState(f, dlogdet), (cache, f, Jeps)
-        dkin = _sum_features(f * f) / D                                            # eq. 3.6
-        djac = self.weight * _sum_features((Jeps * Jeps).sum(axis=0)) / D           # eq. 3.7
+        dkin = _sum_features(f * f) / D                                            # eq. 3.1
+        djac = self.weight * _sum_features((Jeps * Jeps).sum(axis=0)) / D           # eq. 3.2
         return RegularizedCNFState(f, dlogdet, dkin, djac), (cache, f, Jeps)
 
     def backward(self, cache, ybar):
-        """Adjoint of forward (eq. 3.9): cotangents of dydt -> (y_bar, params_bar, t_bar).
+        """Adjoint of forward (eq. 5.1): cotangents of dydt -> (y_bar, params_bar, t_bar).
 
         y_bar's ℓ (and E, n) parts are None: F does not depend on them (zero cotangent)."""
         ncache, f, Jeps = cache
@@ -174,7 +174,7 @@ class CNF(BlockStack, FlowModel):
                 "midpoint"; `steps` steps) or adaptive ("dopri5", "bosh3")
     trace       "exact" (basis probes) | "hutchinson"/"gaussian" | "rademacher"
     probes      K, the number of Hutchinson probes (ignored for "exact")
-    kinetic, jacobian  RNODE's λ_K, λ_J (eq. 3.8)
+    kinetic, jacobian  RNODE's λ_K, λ_J (eq. 4.1)
     zero_last   zero the last layer of every block so the flow starts as the identity (RNODE)
     """
 
@@ -200,8 +200,8 @@ class CNF(BlockStack, FlowModel):
                       blocks=blocks, zero_last=bool(zero_last), dtype=str(dtype),
                       device=device, seed=int(seed))
         super().__init__(config, device=device, dtype=dtype)
-        self._threads, self._pool = 1, None          # row-block threads (eq. 3.13), pool lazy
-        self._processes, self._workers = 1, None     # row-block processes (eq. 3.13), lazy
+        self._threads, self._pool = 1, None          # row-block threads (eq. 10.1), pool lazy
+        self._processes, self._workers = 1, None     # row-block processes (eq. 10.1), lazy
         self.dim = dim
         self.nets = [ODENet(dim, config["hidden"], dim, layer=layer, activation=activation)
                      for _ in range(blocks)]
@@ -220,7 +220,7 @@ class CNF(BlockStack, FlowModel):
         return self.prepare_data(x, (self.dim,))
 
     def _probes(self, kind, rng, B):
-        """Probes (K, B, D) and their trace weight (eq. 3.3-3.4)."""
+        """Probes (K, B, D) and their trace weight (eq. 2.1-2.2)."""
         kind = "gaussian" if kind == "hutchinson" else kind
         K = self.dim if kind == "exact" else self.config["probes"]
         eps = trace_mod.probes(kind, K, (B, self.dim), rng, self.dtype, self.xp)
@@ -240,7 +240,7 @@ class CNF(BlockStack, FlowModel):
         return CNFState(x, zero)
 
     def _flow(self, x, rng, params, Ts, regularized, trace, kw, probes=None):
-        """Solve every block forward from x (B, D) with fresh probes per block (eq. 3.1), or
+        """Solve every block forward from x (B, D) with fresh probes per block (eq. 1.1), or
         with the given ``probes`` [(eps (K, B, D), weight) per block].
 
         Returns (y(T) of the last block, the solutions, the dynamics), one per block."""
@@ -257,23 +257,23 @@ class CNF(BlockStack, FlowModel):
         return y, sols, dyns
 
     def _nll(self, z, logdet):
-        """Per-sample −log p(x) = ½‖z‖² + (D/2) log 2π − ℓ (eq. 3.2)."""
+        """Per-sample −log p(x) = ½‖z‖² + (D/2) log 2π − ℓ (eq. 1.2)."""
         return 0.5 * _sum_features(z * z) + 0.5 * self.dim * math.log(2 * math.pi) - logdet
 
     # ---------------------------------------------------------------- training
     def loss_and_grad(self, x, rng, params=None, T=None):
-        """Loss of eq. 3.8 on a batch and its exact gradient (discrete adjoint).
+        """Loss of eq. 4.1 on a batch and its exact gradient (discrete adjoint).
 
         x       data (B, D) (host or device array)
         rng     numpy.random.Generator for the Hutchinson probes
         params  parameter dict (default self.params)
         T       optional end-time override (STEER, a float or one per block)
         Returns (loss: float, grads: dict like params, stats: dict). When T is trained, grads
-        holds the discrete ∂L/∂T (eq. 3.10) and stats both it and the analytic one (eq. 3.11).
+        holds the discrete ∂L/∂T (eq. 6.1) and stats both it and the analytic one (eq. 6.2).
 
         With ``self.threads`` > 1, a fixed-grid solver and NumPy arrays, the batch is cut into
         that many row blocks solved forward and backward in parallel threads (docs/cnf.md,
-        eq. 3.13): the loss and every gradient are sums over samples, so the blocks' parts add
+        eq. 10.1): the loss and every gradient are sums over samples, so the blocks' parts add
         up to the same numbers (up to rounding), with the same probes.
         """
         params = self.params if params is None else params
@@ -302,7 +302,7 @@ class CNF(BlockStack, FlowModel):
                 jobs = [self._executor().submit(self._loss_and_grad_part, *a) for a in args]
                 parts = [j.result() for j in jobs]
             part = parts[0]
-            for other in parts[1:]:                                              # eq. 3.13
+            for other in parts[1:]:                                              # eq. 10.1
                 for k in part["sums"]:
                     part["sums"][k] = part["sums"][k] + other["sums"][k]
                 for k, v in other["grads"].items():
@@ -336,7 +336,7 @@ class CNF(BlockStack, FlowModel):
 
     def _loss_and_grad_part(self, x, rng, probes, params, Ts, regularized, kw, B):
         """Forward and backward solves of rows x (b, D) of a batch of B samples: the sums over
-        these rows of the per-sample NLL (and E, n), and their gradients divided by B (eq. 3.9
+        these rows of the per-sample NLL (and E, n), and their gradients divided by B (eq. 5.1
         with the cotangent of the whole batch's mean), so the parts of a batch add up."""
         cfg = self.config
         y, sols, dyns = self._flow(x, rng, params, Ts, regularized, cfg["trace"], kw, probes)
@@ -344,7 +344,7 @@ class CNF(BlockStack, FlowModel):
         if regularized:
             sums["kinetic"] = y.kinetic.sum()
             sums["jacobian"] = y.jacobian.sum()
-        ybar = self._final_cotangent(y, B)          # ∂loss/∂y(T), eq. 3.9
+        ybar = self._final_cotangent(y, B)          # ∂loss/∂y(T), eq. 5.1
 
         grads = {}
         nfe_b = 0
@@ -367,7 +367,7 @@ class CNF(BlockStack, FlowModel):
     # ---------------------------------------------------------------- threads, processes
     @property
     def threads(self):
-        """Worker threads for loss_and_grad (data parallel over the batch; eq. 3.13)."""
+        """Worker threads for loss_and_grad (data parallel over the batch; eq. 10.1)."""
         return self._threads
 
     @threads.setter
@@ -390,7 +390,7 @@ class CNF(BlockStack, FlowModel):
 
     @property
     def processes(self):
-        """Processes for loss_and_grad (data parallel over the batch; eq. 3.13, docs/cnf.md
+        """Processes for loss_and_grad (data parallel over the batch; eq. 10.1, docs/cnf.md
         3.10): this process solves the first row block, ``processes - 1`` worker processes the
         others (npflow.workers: fresh interpreters, one BLAS thread each). They start at the
         first call that splits a batch, each with a model built from ``config``; the
@@ -427,7 +427,7 @@ class CNF(BlockStack, FlowModel):
         return self._pool
 
     def _process_parts(self, args):
-        """Parts of eq. 3.13 for the row blocks ``args`` (one argument tuple each): blocks 1..
+        """Parts of eq. 10.1 for the row blocks ``args`` (one argument tuple each): blocks 1..
         go to the worker processes, block 0 is solved here meanwhile."""
         from .workers import WorkerError, WorkerPool
 
@@ -460,8 +460,8 @@ class CNF(BlockStack, FlowModel):
     def time_gradient(self, x, rng, params=None, kind="analytic"):
         """∂L/∂T_b of every block for the current params (TO-FLOW's T step, Algorithm 1).
 
-        kind "analytic": one forward solve and the terminal formula λ(T)·F(y(T), T) (eq. 3.11),
-        no backward pass; kind "discrete": the exact derivative of the discrete loss (eq. 3.10).
+        kind "analytic": one forward solve and the terminal formula λ(T)·F(y(T), T) (eq. 6.2),
+        no backward pass; kind "discrete": the exact derivative of the discrete loss (eq. 6.1).
         Returns a list of floats, one per block.
         """
         if kind not in ("analytic", "discrete"):
@@ -485,7 +485,7 @@ class CNF(BlockStack, FlowModel):
         return [float(to_host(terminal_time_gradient(dyn, y1, Ts[0], ybar)))]
 
     def _final_cotangent(self, y, B):
-        """∂loss/∂y(T) for the final augmented state (eq. 3.9) of b rows of a batch of B."""
+        """∂loss/∂y(T) for the final augmented state (eq. 5.1) of b rows of a batch of B."""
         cfg = self.config
         xp = self.xp
         dt = y.z.dtype
@@ -500,7 +500,7 @@ class CNF(BlockStack, FlowModel):
     # ---------------------------------------------------------------- evaluation
     def log_prob(self, x, params=None, solver="dopri5", steps=None, rtol=1e-5, atol=1e-5,
                  trace="exact", rng=None, batch_size=10000, return_nfe=False):
-        """log p(x) (eq. 3.2) for x (N, D), by default with dopri5 and the exact trace.
+        """log p(x) (eq. 1.2) for x (N, D), by default with dopri5 and the exact trace.
 
         Returns an array (N,) on the model's device (and the mean NFE per batch if asked).
         """
@@ -546,7 +546,7 @@ class CNF(BlockStack, FlowModel):
                               rtol=rtol, atol=atol)
 
 
-# ------------------------------------------------------------------ worker processes (eq. 3.13)
+# ------------------------------------------------------------------ worker processes (eq. 10.1)
 def _worker_handler(config):
     """Runs once in each worker process (npflow.workers): a CNF built from ``config``; the
     handler solves one row block, ``CNF._loss_and_grad_part(*args)``."""

@@ -1,6 +1,6 @@
 """FFJORD's multiscale CNF for images (docs/images.md, section 3).
 
-For a (1, 28, 28) image and three scales (FFJORD's ODENVP, REFERENCE.md):
+For a (1, 28, 28) image and three scales (FFJORD's ODENVP, docs/reference.md section 2):
 
     (1,28,28) -> 2 blocks -> squeeze -> (4,14,14) -> 2 blocks -> factor out half
     (2,14,14) -> 2 blocks -> squeeze -> (8,7,7)   -> 2 blocks -> factor out half

@@ -34,7 +34,7 @@ __all__ = ["odeint", "Solution", "Grads", "SolverError", "terminal_time_gradient
            "initial_time_gradient", "propose_step", "initial_step",
            "SAFETY", "MIN_FACTOR", "MAX_FACTOR"]
 
-# Step-size controller constants (eq. 3.2), torchdiffeq's values (shared/REFERENCE.md).
+# Step-size controller constants (eq. 3.2), torchdiffeq's values (docs/reference.md, section 5).
 SAFETY = 0.9        # h_new = h · SAFETY · ρ^(−1/order), before the limits below
 MIN_FACTOR = 0.2    # never shrink a rejected step by more than 5×
 MAX_FACTOR = 10.0   # never grow a step by more than 10×

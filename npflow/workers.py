@@ -1,4 +1,4 @@
-"""Worker processes for data-parallel training steps (docs/cnf.md 3.10, eq. 3.13).
+"""Worker processes for data-parallel training steps (docs/cnf.md section 10, eq. 10.1).
 
 A worker is a fresh interpreter (``python -m npflow.workers``), not a fork and not
 ``multiprocessing``'s spawn: it never imports the caller's ``__main__``, so a plain script with

@@ -1,4 +1,4 @@
-"""Data-parallel loss_and_grad (docs/cnf.md, eq. 3.13): the loss and its gradient are sums over
+"""Data-parallel loss_and_grad (docs/cnf.md, eq. 10.1): the loss and its gradient are sums over
 samples, so row blocks solved in threads or in worker processes add up to the single-thread
 numbers."""
 import numpy as np

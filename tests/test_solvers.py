@@ -651,7 +651,7 @@ def test_step_size_picks_the_number_of_steps():
 
 @pytest.mark.slow
 def test_dopri5_nfe_is_comparable_with_torchdiffeq():
-    """Same tableau, controller and initial step as torchdiffeq's dopri5 (shared/REFERENCE.md):
+    """Same tableau, controller and initial step as torchdiffeq's dopri5 (docs/reference.md, section 5):
     NFE alike: at most two attempts more, and not far fewer (we land on t1 instead of stepping
     past it and interpolating, which changes the last steps)."""
     torch = pytest.importorskip("torch")

@@ -215,7 +215,7 @@ def test_default_flags_reach_the_quality_target(tmp_path, data, bound):
 @needs_cnf
 def test_threads_and_processes_flags_give_the_losses_of_one_thread(tmp_path):
     """--threads 2 and --processes 2 cut batches of 512 into two row blocks (CNF.threads,
-    CNF.processes, docs/cnf.md 3.10); the training losses equal those of one thread up to
+    CNF.processes, docs/cnf.md section 10); the training losses equal those of one thread up to
     float32 rounding."""
     base = [a if a != "16" else "512" for a in TINY] + ["--niters", "3", "--no-figures",
                                                         "--log-every", "1"]

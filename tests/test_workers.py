@@ -1,4 +1,4 @@
-"""npflow.workers: the worker processes behind CNF.processes (docs/cnf.md 3.10)."""
+"""npflow.workers: the worker processes behind CNF.processes (docs/cnf.md section 10)."""
 import os
 import signal
 
