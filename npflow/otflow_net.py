@@ -77,10 +77,11 @@ def init_potential(d, width, depth, rank, rng, dtype, xp) -> dict:
     for i in range(1, depth):
         p[f"K{i}"] = put(K1)
         p[f"b{i}"] = put(b1)
-    p["w"] = put(rng.uniform(1.0, 1.0, (m,)))
+    p["w"] = xp.ones((m,), dtype=dtype)
+    rng.random(m)   # the m draws earlier versions spent on w: a seed keeps giving the same A
     xb = math.sqrt(6.0 / (r + d + 1))
     p["A"] = put(rng.uniform(-xb, xb, (r, d + 1)))
-    p["c"] = put(rng.uniform(0.0, 0.0, (d + 1,)))
+    p["c"] = xp.zeros((d + 1,), dtype=dtype)
     return p
 
 

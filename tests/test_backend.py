@@ -99,3 +99,25 @@ def test_recording_proxy_records_names_including_submodules():
         xp.linalg.norm(np.ones(2))
         backend.array_module("cpu").random.default_rng(0)
     assert {"tanh", "linalg.norm", "random.default_rng"} <= names
+
+
+# ------------------------------------------------------------------ BLAS threads (threadpoolctl)
+
+def test_blas_thread_helpers_set_restore_and_respect_the_environment(monkeypatch):
+    from npflow import backend
+    before = backend.get_blas_threads()
+    if before is None:
+        pytest.skip("threadpoolctl finds no BLAS in this numpy")
+    try:
+        assert backend.set_blas_threads(2) == 2
+        with backend.blas_threads(1):
+            assert backend.get_blas_threads() == 1
+        assert backend.get_blas_threads() == 2                 # restored after the block
+        for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            monkeypatch.delenv(v, raising=False)
+        assert backend.limit_blas_threads(1) == 1
+        backend.set_blas_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")             # the environment rules
+        assert backend.limit_blas_threads(1) == 2
+    finally:
+        backend.set_blas_threads(before)
