@@ -86,24 +86,6 @@ FFJORD_DEFAULTS = {
 }
 
 
-def keep_freed_memory():
-    """Ask glibc to keep freed memory for reuse instead of returning it to the kernel.
-
-    Every RK4 stage allocates dozens of fresh (B, m) temporaries; with glibc's defaults each
-    large one is a new mmap, and its first-touch page faults cost more than the arithmetic on a
-    busy machine (measured here: one OT-Flow iteration 1.6 s -> 0.9 s). No effect elsewhere.
-    """
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and
-                libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1) and
-                libc.mallopt(M_TOP_PAD, 1 << 28))
-
-
 class EarlyStop(Exception):
     """Raised by the validation hook when the learning rate has been dropped --max-drops
     times and the validation loss is stale again (OT-Flow's early stopping)."""
@@ -478,7 +460,8 @@ def main(argv=None) -> int:
     # one BLAS thread unless the environment sets a count: 5 OT-Flow iterations took 57 s with
     # a threaded BLAS against 2 s with one thread, on a busy 2-core machine
     npflow.backend.limit_blas_threads(1)
-    keep_freed_memory()
+    # keep freed memory for reuse: fewer first-touch page faults of the RK4 stages' temporaries
+    npflow.backend.tune_malloc()
     from npflow.data import TOY_NAMES
     from npflow.optim import Adam, Chain, ReduceOnPlateau, StepDecay
     from npflow.training import TimeOptimizer, append_json, train

@@ -407,16 +407,9 @@ class ConcatSquashConv2d(Conv2d):
             gbar = gbar + (ybar * u).sum(axis=(0, 2, 3))
         if udotbar is not None:
             gbar = gbar + (ydotbar * udot).sum(axis=(0, 1, 3, 4))
-        bias_bar, gw_bar, gb_bar, hw_bar, tbar = squash_gates_backward(
-            t, g, s, gbar, params["gate.weight"], params["hyper_bias.weight"],
-            params.get("bias"))
-        grads = {"weight": Wbar}
-        if self.bias:
-            grads["bias"] = bias_bar
-        grads["gate.weight"] = gw_bar
-        grads["gate.bias"] = gb_bar
-        grads["hyper_bias.weight"] = hw_bar
-        return xbar, xdotbar, grads, tbar, stacked
+        gate_grads, tbar = squash_gates_backward(t, g, s, gbar, params["gate.weight"],
+                                                 params["hyper_bias.weight"], params.get("bias"))
+        return xbar, xdotbar, {"weight": Wbar, **gate_grads}, tbar, stacked
 
 
 def _stack(xbar, xdotbar, stacked, need_xdotbar=True):

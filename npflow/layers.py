@@ -348,13 +348,19 @@ def squash_gates_backward(t, g, s, gbar, w_g, w_b, b=None):
         ḡ = gbar + b ⊙ s,  ā = ḡ ⊙ g(1 − g),  b̄ = g ⊙ s,  w̄_g = t ā,  b̄_g = ā,  w̄_b = t s,
         t̄ = w_gᵀ ā + w_bᵀ s
 
-    Returns (b̄ or None, w̄_g, b̄_g, w̄_b, t̄); the inputs are not modified.
+    Returns ({"bias": b̄ (only when b is given), "gate.weight": w̄_g, "gate.bias": b̄_g,
+    "hyper_bias.weight": w̄_b}, t̄), keyed by the layers' parameter names; the inputs are not
+    modified.
     """
+    grads = {}
     if b is not None:
         gbar = gbar + b * s
+        grads["bias"] = g * s
     abar = gbar * (g * (1.0 - g))
-    bias_bar = None if b is None else g * s
-    return bias_bar, t * abar, abar, t * s, w_g @ abar + w_b @ s
+    grads["gate.weight"] = t * abar
+    grads["gate.bias"] = abar
+    grads["hyper_bias.weight"] = t * s
+    return grads, w_g @ abar + w_b @ s
 
 
 class ConcatSquashLinear(_Affine):
@@ -401,16 +407,9 @@ class ConcatSquashLinear(_Affine):
         s = get_array_module(g).empty_like(g)
         gbar = get_array_module(g).empty_like(g)
         hin, Wbar = self.backward_gated(hbar, cache, s, gbar, need_xdotbar)
-        bias_bar, gw_bar, gb_bar, hw_bar, tbar = squash_gates_backward(
-            t, g, s, gbar, params["gate.weight"], params["hyper_bias.weight"],
-            params.get("bias"))
-        grads = {"weight": Wbar}
-        if self.bias:
-            grads["bias"] = bias_bar
-        grads["gate.weight"] = gw_bar
-        grads["gate.bias"] = gb_bar
-        grads["hyper_bias.weight"] = hw_bar
-        return hin, grads, tbar
+        gate_grads, tbar = squash_gates_backward(t, g, s, gbar, params["gate.weight"],
+                                                 params["hyper_bias.weight"], params.get("bias"))
+        return hin, {"weight": Wbar, **gate_grads}, tbar
 
     # -- the gated form, for networks that compute the gates of all layers at once ----------
 

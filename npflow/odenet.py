@@ -269,13 +269,11 @@ class ODENet(Layer):
             if i > 0:   # hbar is the fresh hbar_in of layer i: the activation may overwrite it
                 hbar, _, _ = act.backward_stacked(hbar, caches[ci], out=hbar)
                 ci -= 1
-        bias_bar, gw_bar, abar, hw_bar, tbar = squash_gates_backward(t, g, S, Gbar, GW, HW, BB)
-        kgw, kgb, khw, kb = self._gate_keys
+        gate_grads, tbar = squash_gates_backward(t, g, S, Gbar, GW, HW, BB)
         for i, sl in enumerate(self._slices):
-            grads[kb[i]] = bias_bar[sl]
-            grads[kgw[i]] = gw_bar[sl]
-            grads[kgb[i]] = abar[sl]
-            grads[khw[i]] = hw_bar[sl]
+            flat = self._flat[i]
+            for name, v in gate_grads.items():
+                grads[flat[name]] = v[sl]
         if not need_xdotbar:
             return hbar[0], None, grads, tbar
         xbar, xdotbar = unstack_tangents(hbar, K)

@@ -447,6 +447,16 @@ def _check_y0(parts):
     return xp
 
 
+def _all_finite(parts) -> bool:
+    """Whether every part holds only finite values: one host synchronisation for all parts."""
+    xp = get_array_module(*parts)
+    ok = None
+    for p in parts:
+        f = xp.isfinite(p).all()
+        ok = f if ok is None else ok & f
+    return bool(ok)
+
+
 def _nonfinite_message(states, ts):
     """Where the first non-finite value appeared (error path only: host syncs are fine)."""
     for n in sorted(states):
@@ -540,7 +550,6 @@ def _solve_fixed(dyn, struct, tab, y, t0, t1, grid, store, ckpt):
     N = len(grid) - 1
     span = t1 - t0
     ts = [t0 + s * span for s in grid[:-1]] + [t1]
-    nsol = tab.n_solution_stages
     states = {0: y}
     stages = [] if store == "caches" else None
     nfe = 0
@@ -552,12 +561,7 @@ def _solve_fixed(dyn, struct, tab, y, t0, t1, grid, store, ckpt):
             stages.append((ks, caches))
         elif (n + 1) % ckpt == 0 and n + 1 < N:
             states[n + 1] = y
-    xp = get_array_module(*y)
-    ok = None
-    for p in y:
-        f = xp.isfinite(p).all()
-        ok = f if ok is None else ok & f
-    if not bool(ok):
+    if not _all_finite(y):
         where = _nonfinite_message(states, ts) if stages is None else "during the solve"
         raise SolverError(f"{tab.name}: non-finite state (NaN or Inf) integrating from "
                           f"t0={t0!r} to t1={t1!r} with {N} steps of h={(t1 - t0) / N!r}; "
@@ -640,12 +644,7 @@ def _solve_adaptive(dyn, struct, tab, y, t0, t1, rtol, atol, first_step, max_ste
     span = t1 - t0
     grid = [(tn - t0) / span for tn in ts]
     grid[0], grid[-1] = 0.0, 1.0
-    xp = get_array_module(*y)
-    ok = None
-    for p in y:
-        f = xp.isfinite(p).all()
-        ok = f if ok is None else ok & f
-    if not bool(ok):
+    if not _all_finite(y):
         raise SolverError(f"{tab.name}: non-finite final state at t1={t1!r} "
                           f"(last h={h!r}, error ratio={ratio!r}).")
     tape = _Tape(dyn, struct, tab, t0, t1, ts, grid, states, stages, ckpt, tuple(y))
