@@ -167,7 +167,7 @@ class CNF(BlockStack, FlowModel):
     dim         D, the data dimension; data x has shape (B, D)
     hidden      widths of the ODENet's hidden layers
     layer       "concatsquash" | "concat" | "linear" (ODENet layer type)
-    activation  "tanh" | "softplus" | "sigmoid" | "swish" | "logcosh"
+    activation  a name in npflow.layers.ACTIVATIONS ("tanh", "softplus", "gelu", ...)
     T           initial end time of every block (t0 = 0)
     train_T     train the end times (TO-FLOW): params gains "T" (one block) or "T0", "T1", ...
     solver      a name in npflow.tableau.TABLEAUS: fixed grid ("rk4", "rk38", "euler",

@@ -85,8 +85,9 @@ class MultiscaleCNF(BlockStack, FlowModel):
     hidden       ConvNet widths (FFJORD: 64, 64, 64); layer "concat" | "concatsquash"
     scales       number of scales (default FFJORD's: 3 for 28×28); blocks per stage (2)
     T            initial end time of every block (t0 = 0); train_T: TO-FLOW ("T0", "T1", ...)
-    solver       "rk4" | "rk38" | "euler" | "midpoint" with ``steps`` per block or
-                 ``step_size`` (RNODE: rk4, 0.25), or "dopri5" with rtol/atol
+    solver       a name in npflow.tableau.TABLEAUS: fixed grid ("rk4", "rk38", "euler",
+                 "midpoint") with ``steps`` per block or ``step_size`` (RNODE: rk4, 0.25), or
+                 adaptive ("dopri5", "bosh3") with rtol/atol
     trace        "rademacher" (FFJORD images) | "gaussian"/"hutchinson"; probes K
     kinetic, jacobian  RNODE's λ_K, λ_J; zero_last: each block starts as the identity
     alpha        logit margin (eq. 4.2; FFJORD 1e-6)
