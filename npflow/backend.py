@@ -78,12 +78,12 @@ def _load_cupy():
     except Exception as exc:  # CUDA driver missing or broken
         raise DeviceError(
             "device='gpu': CuPy is installed but no CUDA GPU is usable on this machine "
-            f"(CUDA said: {exc}). Use --device cpu, or run on a machine with an NVIDIA GPU "
+            f"(CUDA said: {exc}). Use device='cpu', or run on a machine with an NVIDIA GPU "
             "and a CUDA 12 driver.") from exc
     if n < 1:
         raise DeviceError(
             "device='gpu': CuPy is installed but it sees no GPU (device count 0). "
-            "Use --device cpu, or run on a machine with an NVIDIA GPU and a CUDA 12 driver.")
+            "Use device='cpu', or run on a machine with an NVIDIA GPU and a CUDA 12 driver.")
     return cupy
 
 
