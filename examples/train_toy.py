@@ -36,6 +36,7 @@ import common  # noqa: E402  (examples/common.py: flags, run folder, lock, signa
 from common import fail  # noqa: E402
 
 from npflow.layers import ACTIVATIONS  # noqa: E402
+from npflow.odenet import LAYER_TYPES  # noqa: E402
 from npflow.tableau import fixed_grid, solver_names  # noqa: E402
 
 METHODS = ("ffjord", "rnode", "toflow", "steer")
@@ -56,7 +57,7 @@ def build_parser():
       help="train on your own (N, 2) points instead: .npy, or .csv/.txt (comma or space "
            "separated); 10%% are held out for the test NLL")
     a("--dims", default="64-64-64", help="hidden widths of the ODENet, dash-separated")
-    a("--layer-type", default="concatsquash", choices=["concatsquash", "concat", "linear"])
+    a("--layer-type", default="concatsquash", choices=list(LAYER_TYPES))
     a("--nonlinearity", default="tanh",
       choices=list(ACTIVATIONS))
     a("--blocks", type=int, default=1, help="number of stacked CNF blocks")

@@ -35,7 +35,7 @@ import math
 from .backend import get_array_module
 from .layers import Layer, Softplus, squash_gates, squash_gates_backward
 
-__all__ = ["Conv2d", "ConcatConv2d", "ConcatSquashConv2d", "Softplus", "ConvNet",
+__all__ = ["Conv2d", "ConcatConv2d", "ConcatSquashConv2d", "Softplus", "ConvNet", "LAYER_TYPES",
            "conv_output_size"]
 
 
@@ -424,7 +424,8 @@ def _stack(xbar, xdotbar, stacked, need_xdotbar=True):
     return get_array_module(xbar).concatenate((xbar[None], xdotbar), axis=0)
 
 
-_LAYER_TYPES = {"concat": ConcatConv2d, "concatsquash": ConcatSquashConv2d, "ignore": Conv2d}
+#: The conv layers by name, for ConvNet(layer_type=...) (the layer contract's registry).
+LAYER_TYPES = {"concat": ConcatConv2d, "concatsquash": ConcatSquashConv2d, "ignore": Conv2d}
 
 
 class ConvNet(Layer):
@@ -445,16 +446,16 @@ class ConvNet(Layer):
         if len(self.in_shape) != 3:
             raise ValueError(f"ConvNet: in_shape must be (C, H, W), got {in_shape!r}")
         self.hidden_dims = tuple(int(h) for h in hidden_dims)
-        if layer_type not in _LAYER_TYPES:
+        if layer_type not in LAYER_TYPES:
             raise ValueError(f"ConvNet: unknown layer_type {layer_type!r}; "
-                             f"expected one of {sorted(_LAYER_TYPES)}")
+                             f"expected one of {sorted(LAYER_TYPES)}")
         self.layer_type = layer_type
         n = len(self.hidden_dims) + 1
         self.strides = (1,) * n if strides is None else tuple(int(s) for s in strides)
         if len(self.strides) != n or any(s not in (1, 2) for s in self.strides):
             raise ValueError(f"ConvNet: strides must be {n} entries of 1 or 2, got {strides!r}")
         self.zero_last = bool(zero_last)
-        cls = _LAYER_TYPES[layer_type]
+        cls = LAYER_TYPES[layer_type]
         dims = (self.in_shape[0],) + self.hidden_dims + (self.in_shape[0],)
         self.convs = []
         shape = self.in_shape
