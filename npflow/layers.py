@@ -69,6 +69,9 @@ class Layer:
           the unstacked interface (None tangents / cotangents allowed); StackedLayer derives
           them from the stacked rules.
 
+    The networks built from layers (npflow.odenet.ODENet, npflow.conv.ConvNet) are Layers with
+    the unstacked interface only: they chain their layers' stacked rules inside.
+
     How to add a layer (docs/layers.md, section 1, "How to add a layer"):
 
     1. Derive its rules in docs/layers.md (or docs/images.md for a convolution): forward,
