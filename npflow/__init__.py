@@ -36,7 +36,7 @@ _EXPORTS = {
 }
 _SUBMODULES = {"backend", "layers", "data", "trace", "tableau", "solvers", "cnf", "otflow",
                "optim", "checkpoint", "conv", "plotting", "training", "multiscale",
-               "odenet", "model", "images", "otflow_net"}
+               "odenet", "model", "images", "otflow_net", "parallel"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 
