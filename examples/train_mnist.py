@@ -221,11 +221,7 @@ def main(argv=None) -> int:
     from npflow.optim import Adam, Warmup
     from npflow.training import append_json, train
 
-    # one BLAS thread unless the environment sets a count (npflow.backend.limit_blas_threads),
-    # as in every example; OPENBLAS_NUM_THREADS=2 gives the convolutions' products two threads
-    npflow.backend.limit_blas_threads(1)
-    if not args.no_tune_malloc:
-        npflow.backend.tune_malloc(mmap_max=0)
+    common.tune_host(args, mmap_max=0)   # OPENBLAS_NUM_THREADS=2: two BLAS threads instead
     try:
         methods, config, steer_b = prepare(args)
     except ValueError as exc:

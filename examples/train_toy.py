@@ -202,12 +202,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = common.parse_args(parser, argv)
     comm = common.init_ranks(args)       # MPI ranks under mpiexec (docs/parallel.md), else one
+    common.tune_host(args)               # one BLAS thread (the products are small), malloc
     import npflow
-    # one BLAS thread unless the environment sets a count (npflow.backend.limit_blas_threads):
-    # the toy CNF's products are small, more cores are used by MPI ranks instead
-    npflow.backend.limit_blas_threads(1)
-    if not args.no_tune_malloc:
-        npflow.backend.tune_malloc()
     from npflow.optim import Adam, Warmup
     from npflow.training import append_json, train
 
