@@ -24,9 +24,8 @@ import numpy as np  # host-side only: the seed generator and validation messages
 from .backend import get_array_module, to_host
 from .model import FlowModel, Part, check_int, check_rows
 from .odenet import ODENet
-from .tableau import TABLEAUS
+from .tableau import TABLEAUS, fixed_grid
 from .solvers import odeint, terminal_time_gradient
-from .tableau import fixed_grid
 from . import trace as trace_mod
 
 __all__ = ["CNF", "BlockStack", "CNFState", "RegularizedCNFState", "CNFDynamics", "TRACE_KINDS"]
