@@ -11,7 +11,7 @@ Data: power | gas | hepmass | miniboone | bsds300 are read from DATA_DIR (defaul
 files of the MAF archive's data/ folder; downloaded with checksums when missing unless
 --no-download) and z-scored as in MAF; the toy names draw fresh samples from npflow.data.toy.
 
-OT-Flow settings default to OT-Flow's own per data set (shared/REFERENCE.md): RK4 steps for
+OT-Flow settings default to OT-Flow's own per data set (docs/reference.md, section 4): RK4 steps for
 training / validation / test, batch size, width m, α = (α0, α1, α2), learning rate. Tabular
 runs clamp every parameter to [−1.5, 1.5] after each step, validate every epoch with the
 validation step count, divide the learning rate by --lr-drop when the validation loss has not
@@ -54,7 +54,7 @@ MODEL_KEYS = ("data", "method", "width", "depth", "rank", "dtype", "seed", "trac
               "time_groups")
 TABULAR = ("power", "gas", "hepmass", "miniboone", "bsds300")
 
-# OT-Flow's settings (shared/REFERENCE.md; OT-Flow's detailedSetup): nt train/val/test, batch,
+# OT-Flow's settings (docs/reference.md section 4; OT-Flow's detailedSetup): nt train/val/test, batch,
 # width m, α, learning rate. gas validates with 24-28 steps; 26 is taken here.
 OTFLOW_DEFAULTS = {
     "power":     dict(nt=10, nt_val=22, nt_test=24, batch=10000, width=128,
@@ -68,7 +68,7 @@ OTFLOW_DEFAULTS = {
     "bsds300":   dict(nt=14, nt_val=30, nt_test=40, batch=300, width=512,
                       alpha=(1.0, 2000.0, 800.0), lr=0.001),
     # toy: trainToyOTflow.py's CPU defaults (batch 2048, 1000 iterations, single precision;
-    # its GPU defaults, batch 4096, 1500 iterations, are REFERENCE.md's: pass --batch-size 4096
+    # its GPU defaults, batch 4096, 1500 iterations, are docs/reference.md's: pass --batch-size 4096
     # --niters 1500 --dtype float64). Validation with the training steps, test with 4× as many.
     # One change: the lr is halved every 250 iterations, not every 100 (TOY_DROP_FREQ).
     "toy":       dict(nt=8, nt_val=8, nt_test=32, batch=2048, width=32,
@@ -84,7 +84,7 @@ OTFLOW_DEFAULTS = {
 # --drop-freq 100 restores OT-Flow's schedule.
 TOY_DROP_FREQ = 250
 
-# FFJORD's tabular configurations (shared/REFERENCE.md): activation, hidden layers, width
+# FFJORD's tabular configurations (docs/reference.md, section 2): activation, hidden layers, width
 # factor (hidden = factor·D), blocks, batch size.
 FFJORD_DEFAULTS = {
     "power":     dict(activation="tanh", layers=3, factor=10, blocks=5, batch=10000),
@@ -94,24 +94,6 @@ FFJORD_DEFAULTS = {
     "bsds300":   dict(activation="softplus", layers=3, factor=20, blocks=2, batch=10000),
     "file":      dict(activation="softplus", layers=2, factor=10, blocks=1, batch=1000),
 }
-
-
-def keep_freed_memory():
-    """Ask glibc to keep freed memory for reuse instead of returning it to the kernel.
-
-    Every RK4 stage allocates dozens of fresh (B, m) temporaries; with glibc's defaults each
-    large one is a new mmap, and its first-touch page faults cost more than the arithmetic on a
-    busy machine (measured here: one OT-Flow iteration 1.6 s -> 0.9 s). No effect elsewhere.
-    """
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and
-                libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1) and
-                libc.mallopt(M_TOP_PAD, 1 << 28))
 
 
 class EarlyStop(Exception):
@@ -502,7 +484,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = common.parse_args(parser, argv)
     comm = common.init_ranks(args)       # MPI ranks under mpiexec (docs/parallel.md), else one
-    keep_freed_memory()
+    # one BLAS thread (5 OT-Flow iterations took 57 s with a threaded BLAS against 2 s with one
+    # thread, on a busy 2-core machine) and malloc keeping freed memory (1.3-2.2x faster here)
+    common.tune_host(args)
     import npflow
     from npflow.data import TOY_NAMES
     from npflow.optim import Adam, Chain, ReduceOnPlateau, StepDecay

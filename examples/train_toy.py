@@ -36,29 +36,15 @@ import os
 import sys
 import time
 
-_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def _limit_blas_threads(argv):
-    """One BLAS thread, set before numpy loads its BLAS (a no-op once numpy is imported, and
-    when the environment already sets a thread count). The toy CNF's matrix products are small
-    (K·B × 64 by 64 × 64): on a busy 2-core machine, threaded BLAS made an iteration ~20×
-    slower than one thread (2 s against 0.1 s measured). More cores are used by MPI ranks
-    instead: ``mpiexec -n N python examples/train_toy.py ...`` (docs/parallel.md)."""
-    n = "1"
-    if "numpy" not in sys.modules and not any(v in os.environ for v in _THREAD_VARS):
-        for v in _THREAD_VARS:
-            os.environ[v] = n
-
-
-if __name__ == "__main__":
-    _limit_blas_threads(sys.argv[1:])
-
-import numpy as np  # noqa: E402  (after the thread limit)
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (examples/common.py: flags, run folder, lock, signals)
 from common import fail  # noqa: E402
+
+from npflow.layers import ACTIVATIONS  # noqa: E402
+from npflow.odenet import LAYER_TYPES  # noqa: E402
+from npflow.tableau import fixed_grid, solver_names  # noqa: E402
 
 METHODS = ("ffjord", "rnode", "toflow", "steer", "cfm", "otcfm")
 # the settings that define the model (and its data): --resume refuses a change of any
@@ -86,15 +72,15 @@ def build_parser():
       help="train on your own (N, 2) points instead: .npy, or .csv/.txt (comma or space "
            "separated); 10%% are held out for the test NLL")
     a("--dims", default="64-64-64", help="hidden widths of the ODENet, dash-separated")
-    a("--layer-type", default="concatsquash", choices=["concatsquash", "concat", "linear"])
+    a("--layer-type", default="concatsquash", choices=list(LAYER_TYPES))
     a("--nonlinearity", default="tanh",
-      choices=["tanh", "softplus", "sigmoid", "swish", "logcosh"])
+      choices=list(ACTIVATIONS))
     a("--blocks", type=int, default=1, help="number of stacked CNF blocks")
     a("--T", type=float, default=0.5, help="(initial) end time T0; t0 = 0")
     a("--train-T", action=argparse.BooleanOptionalAction, default=None,
       help="train T jointly with the weights by the same Adam (FFJORD's train_T; default: on "
            "for plain --method ffjord, as in FFJORD's toy set-up, off otherwise)")
-    a("--solver", default="dopri5", choices=["rk4", "rk38", "dopri5", "euler", "midpoint"],
+    a("--solver", default="dopri5", choices=solver_names(),
       help="training solver. dopri5 is FFJORD's toy set-up. A coarse fixed grid without "
            "RNODE's regularizers can be exploited: on checkerboard, rk4 with 8 steps trained "
            "to 2.99 nats under rk4-8 (below the log 32 = 3.47 floor) but 4.44 under dopri5")
@@ -264,9 +250,8 @@ def main(argv=None) -> int:
         parser.set_defaults(**FLOW_MATCHING_DEFAULTS[method])
         args = common.parse_args(parser, argv)
     comm = common.init_ranks(args)       # MPI ranks under mpiexec (docs/parallel.md), else one
+    common.tune_host(args)               # one BLAS thread (the products are small), malloc
     import npflow
-    if not args.no_tune_malloc:
-        npflow.backend.tune_malloc()
     from npflow.optim import Adam
     from npflow.training import append_json, train
 
@@ -304,7 +289,7 @@ def _train_and_evaluate(args, rf, run, model, optimizer, hooks, methods, cfg, tr
     import npflow
     print(f"npflow CNF on {run['data_name']}: method {'+'.join(sorted(methods))}, "
           f"{model.num_params()} parameters, solver {cfg['solver']}"
-          f"{'' if cfg['solver'] == 'dopri5' else ' ' + str(cfg['steps']) + ' steps'}, "
+          f"{' ' + str(cfg['steps']) + ' steps' if fixed_grid(cfg['solver']) else ''}, "
           f"trace {cfg['trace']}, λ_K {cfg['kinetic']}, λ_J {cfg['jacobian']}, T {cfg['T']}"
           f"{' (trained)' if cfg['train_T'] else ''}, {cfg['dtype']} on {cfg['device']}",
           flush=True)
@@ -343,7 +328,7 @@ def _train_and_evaluate(args, rf, run, model, optimizer, hooks, methods, cfg, tr
     stderr = float(lp.std() / math.sqrt(len(lp)))
     test_seconds = time.perf_counter() - t1
     nll_train_solver = None
-    if cfg["solver"] != "dopri5":
+    if fixed_grid(cfg["solver"]):
         # the same test set under the training solver: a much lower value than the dopri5
         # one means the training exploited the discretization (an unnormalised density)
         lp_fixed = model.log_prob(run["x_test"], solver=cfg["solver"], steps=cfg["steps"],
@@ -380,7 +365,7 @@ def _train_and_evaluate(args, rf, run, model, optimizer, hooks, methods, cfg, tr
         p1 = draw_toy(model, run, args, rf.path("toy.png"))
         p2 = None
         if len(h["loss"]):
-            # known entropies (shared/REFERENCE.md): no model's expected NLL is below them
+            # known entropies (docs/reference.md, section 1): no model's expected NLL is below them
             floor = ({"checkerboard": math.log(32.0), "8gaussians": 2.8318}.get(args.data)
                      if args.data_file is None and run["flow_matching"] is None else None)
             p2 = training_curves(h, rf.path("curves.png"), floor=floor,
@@ -402,7 +387,7 @@ def draw_toy(model, run, args, path, fast=False):
     from npflow.data import toy
     from npflow.plotting import density_grid, toy_figure
     kw = (dict(solver=model.config["solver"], steps=model.config["steps"]) if fast and
-          model.config["solver"] != "dopri5" else dict(solver="dopri5", rtol=1e-4, atol=1e-4))
+          fixed_grid(model.config["solver"]) else dict(solver="dopri5", rtol=1e-4, atol=1e-4))
     rng = np.random.default_rng([args.seed, 5])
     if args.data_file is None:
         data = toy(args.data, args.viz_n, rng)
