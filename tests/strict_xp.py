@@ -41,12 +41,13 @@ except Exception:  # pragma: no cover - depends on the machine
     _cupy = None
 
 __all__ = ["StrictArray", "xp", "ImplicitConversionError", "Event", "Tracker", "track",
-           "install", "uninstall", "installed", "USED_NAMES", "SYNC_REPORT", "missing_in"]
+           "install", "uninstall", "installed", "USED_NAMES", "SYNC_REPORT"]
 
 _HERE = os.path.abspath(__file__)
 _NUMPY_DIR = os.path.dirname(os.path.abspath(np.__file__))
 
-#: Every name taken from ``xp`` during the process ("tanh", "linalg.norm", "add.at", ...).
+#: Every name taken from ``xp`` during the process ("tanh", "linalg.norm", "add.at", ...);
+#: recorded only after the installed CuPy was found to have it.
 USED_NAMES: set = set()
 
 #: Host syncs per training step, by model case (filled by tests/test_strict_models.py,
@@ -221,19 +222,6 @@ def _cupy_attr(path: str):
             raise AttributeError(f"CuPy has no `cupy.{path}`: npflow would fail on a GPU here")
         obj = getattr(obj, part)
     return obj
-
-
-def missing_in(module, names):
-    """The names (dotted for submodules and ufunc methods) that ``module`` lacks."""
-    out = set()
-    for name in names:
-        obj = module
-        for part in name.split("."):
-            if not hasattr(obj, part):
-                out.add(name)
-                break
-            obj = getattr(obj, part)
-    return out
 
 
 def _function(fn, path: str):
