@@ -26,7 +26,7 @@ is skipped, with a note. Without a GPU it says so and exits 2;
 exit 1 when a check fails; 0 otherwise.
 
 The steps are functions of the device name (``device="gpu"``) so the test suite runs them
-with the strict CPU stand-in for CuPy (tests/test_gpu_check.py).
+with the strict CPU stand-in for CuPy (tests/test_strict_gpu_check.py).
 """
 from __future__ import annotations
 
@@ -226,10 +226,7 @@ def compare_float64_step(device="gpu", names=None, tol=1e-10):
         out = []
         for dev in ("cpu", device):
             model = case.build(dev, "float64")
-            x = case.batch(np.random.default_rng(1))
-            kw = {}
-            for h in case.hooks(model):
-                kw.update(h.loss_kwargs(model, np.random.default_rng(2), 0))
+            x, kw = case.loss_inputs(model)
             loss, grads, _ = model.loss_and_grad(x, np.random.default_rng(3), **kw)
             out.append((loss, {k: to_host(g) for k, g in grads.items()}))
         (l0, g0), (l1, g1) = out

@@ -59,10 +59,7 @@ def _syncs_in_loss_and_grad(case, steps=None):
     model = case.build("gpu", "float32")
     if steps is not None:
         model.config["steps"] = steps
-    x = case.batch(np.random.default_rng(1))
-    kw = {}
-    for h in case.hooks(model):
-        kw.update(h.loss_kwargs(model, np.random.default_rng(2), 0))
+    x, kw = case.loss_inputs(model)
     with strict_xp.track() as t:
         _, _, stats = model.loss_and_grad(x, np.random.default_rng(3), **kw)
     return t, stats, model
@@ -113,10 +110,7 @@ def test_float64_step_on_the_device_equals_the_numpy_step(device, name):
     out = []
     for dev in ("cpu", "gpu"):
         model = case.build(dev, "float64")
-        x = case.batch(np.random.default_rng(1))
-        kw = {}
-        for h in case.hooks(model):
-            kw.update(h.loss_kwargs(model, np.random.default_rng(2), 0))
+        x, kw = case.loss_inputs(model)
         loss, grads, _ = model.loss_and_grad(x, np.random.default_rng(3), **kw)
         out.append((loss, {k: to_host(g) for k, g in grads.items()}))
     (l0, g0), (l1, g1) = out
