@@ -9,6 +9,7 @@ and 4.1) and differentiates that map too. Arrays are batch-first: z (B, D), ever
 """
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 
@@ -102,13 +103,7 @@ class Flow:
 
     def num_params(self) -> int:
         """Total number of raw parameters per sample (the encoder's output width)."""
-        n = 0
-        for shape in self.param_shapes().values():
-            k = 1
-            for s in shape:
-                k *= s
-            n += k
-        return n
+        return sum(math.prod(shape) for shape in self.param_shapes().values())
 
     def split_params(self, theta):
         """theta (B, num_params()) -> dict name -> (B, *shape) views, in param_shapes() order."""
@@ -117,9 +112,7 @@ class Flow:
                              f"got {tuple(theta.shape)}")
         out, i = {}, 0
         for name, shape in self.param_shapes().items():
-            k = 1
-            for s in shape:
-                k *= s
+            k = math.prod(shape)
             out[name] = theta[:, i:i + k].reshape((theta.shape[0],) + tuple(shape))
             i += k
         return out
