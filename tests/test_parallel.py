@@ -228,3 +228,29 @@ def test_the_reduction_runs_on_device_arrays_with_one_host_copy(device):
         with strict_xp.track() as t:
             parallel.reduce_part(part, FakeComm(2), model_key="CNF")
         assert len(t.syncs) == 1, [str(e) for e in t.syncs]     # the buffer to the host
+
+
+def test_a_reduction_that_stays_on_the_device_copies_only_the_scalars_to_the_host(device,
+                                                                                  monkeypatch):
+    """With a CUDA-aware MPI the reduced buffer stays on the device (docs/parallel.md §4): the
+    gradients stay there, and one device-to-host copy brings the failure flag and the scalars
+    (the reduction itself stood in for by a product with the rank count)."""
+    if not device.strict:
+        pytest.skip("host syncs are observable on the strict backend only")
+    import strict_xp
+    monkeypatch.setattr(parallel, "_reduce_buffer", lambda buf, comm: buf * comm.size)
+    model = npflow.CNF(2, hidden=(6,), solver="rk4", steps=2, trace="hutchinson", train_T=True,
+                       dtype="float32", device="gpu")
+    x = npflow.data.toy("8gaussians", 8, np.random.default_rng(0))
+    part = model.loss_and_grad_part(x, np.random.default_rng(1))
+    with strict_xp.track() as t:
+        red = parallel.reduce_part(part, FakeComm(2), model_key="CNF")
+    assert len(t.syncs) == 1, [str(e) for e in t.syncs]
+    for k, g in part.grads.items():
+        assert device.is_device(red.grads[k]) and red.grads[k].dtype == g.dtype
+        np.testing.assert_allclose(npflow.backend.to_host(red.grads[k]),
+                                   2 * npflow.backend.to_host(g), rtol=1e-6)
+    for k in part.sums:
+        assert red.sums[k] == pytest.approx(2 * float(npflow.backend.to_host(part.sums[k])),
+                                            rel=1e-6)
+    assert red.same == part.same
