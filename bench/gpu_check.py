@@ -242,10 +242,9 @@ def compare_float64_step(device="gpu", names=None, tol=1e-10):
 # ----------------------------------------------------------------------------- step 4: timing
 
 def _toy_data(batch, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = np.array([(np.cos(a), np.sin(a)) for a in np.arange(8) * np.pi / 4]) * 2.0
-    x = centers[rng.integers(0, 8, batch)] + 0.5 * rng.standard_normal((batch, 2))
-    return x / 1.414
+    """The toy benchmark's batch: 8gaussians (npflow.data.toy), the same for npflow and torch."""
+    from npflow.data.toy import toy
+    return toy("8gaussians", batch, np.random.default_rng(seed))
 
 
 def time_npflow_toy(batch, iters=10, warmup=2, device="gpu"):
