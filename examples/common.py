@@ -1,5 +1,5 @@
 """What every npflow example script shares: flags, run folders, the lock, signals, exit codes
-(docs/training.md, section 8). This docstring is the contract an example author relies on.
+(docs/training.md, section 9). This docstring is the contract an example author relies on.
 
 A new example in a few lines::
 
@@ -85,8 +85,8 @@ import time
 
 __all__ = ["make_parser", "parse_args", "add_run_arguments", "add_method_arguments",
            "add_deprecated_alias", "parse_methods", "method_hooks", "parse_save_every", "fail",
-           "open_run", "Run", "main_guard", "METHODS", "RUN_FILES", "RUN_CONTROL_KEYS",
-           "LOCK_NAME"]
+           "open_run", "Run", "main_guard", "warn_constant", "METHODS", "RUN_FILES",
+           "RUN_CONTROL_KEYS", "LOCK_NAME"]
 
 METHODS = ("ffjord", "rnode", "toflow", "steer", "otflow")
 # files a run writes and --force removes before starting afresh
@@ -315,6 +315,22 @@ def method_hooks(model, methods, args, steer_b=None, comm=None) -> list:
     return hooks
 
 
+def warn_constant(x, name: str) -> bool:
+    """Print a warning (stderr) if the host array ``x`` (N, D) is constant along a feature: a
+    density on such data is degenerate there (its NLL falls without bound). True if warned."""
+    import numpy as np
+    x = np.asarray(x)
+    if x.ndim != 2 or len(x) < 2:
+        return False
+    const = [int(j) for j in np.flatnonzero(np.ptp(x, axis=0) == 0)]
+    if const:
+        which = "every feature" if len(const) == x.shape[1] else f"features {const}"
+        print(f"warning: {name} is constant in {which}: a density there is degenerate (the NLL "
+              "falls without bound as the flow contracts it); check the data or drop those "
+              "columns", file=sys.stderr, flush=True)
+    return bool(const)
+
+
 # --------------------------------------------------------------------------------------------
 # run folders
 
@@ -358,6 +374,7 @@ class Run:
         self.resume = bool(getattr(args, "resume", False))
         self.changed = {}
         self._lock_fd = lock_fd
+        self._record_before = False      # args.json before this run (None: absent)
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
@@ -398,7 +415,20 @@ class Run:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, typ, exc, tb):
+        # a run refused for bad arguments or input (exit 2, e.g. a checkpoint that does not
+        # fit) did no work: args.json goes back to what it was, so the folder's record stays
+        # the record of the runs that trained in it
+        if isinstance(exc, SystemExit) and exc.code == EXIT_BAD_ARGS and self._record_before \
+                is not False:
+            path = self.path("args.json")
+            try:
+                if self._record_before is None:
+                    os.remove(path)
+                else:
+                    _write_json_atomic(path, self._record_before)
+            except OSError:
+                pass
         self.close()
         return False
 
@@ -518,7 +548,15 @@ def _check_and_record(run, args, model_keys, extra_model, extra_training, resume
         for name in RUN_FILES:
             if os.path.exists(run.path(name)):
                 os.remove(run.path(name))
-    record = None
+    record = legacy = None
+    if os.path.exists(record_path):
+        try:
+            with open(record_path) as f:
+                run._record_before = json.load(f)
+        except (OSError, ValueError):
+            run._record_before = False           # unreadable: never rewritten from here
+    else:
+        run._record_before = None
     if resume and os.path.exists(record_path):
         try:
             with open(record_path) as f:
@@ -528,8 +566,8 @@ def _check_and_record(run, args, model_keys, extra_model, extra_training, resume
                  "new run with --force")
         if not isinstance(record, dict) or "model" not in record:
             print(f"note: {record_path} predates recorded settings; model settings are not "
-                  "checked against it", flush=True)
-            record = None
+                  "checked against it (it is kept under 'legacy')", flush=True)
+            legacy, record = record, None
     if record is not None:
         if record.get("script") not in (None, _prog()):
             fail(f"cannot resume: {folder!r} holds a run of {record['script']}, not of "
@@ -557,6 +595,8 @@ def _check_and_record(run, args, model_keys, extra_model, extra_training, resume
     else:
         record = {"script": _prog(), "model": model, "training": training,
                   "runs": [_run_entry()]}
+        if legacy is not None:
+            record["legacy"] = legacy
     _write_json_atomic(record_path, record)
 
 
@@ -582,8 +622,8 @@ def main_guard(main, argv=None):
         status = run_ranks(main, argv)
     except KeyboardInterrupt:
         signum = got.get("signal", signal.SIGINT)
-        print(f"\n{_prog()}: interrupted by {signal.Signals(signum).name} outside the training "
-              "loop; every completed checkpoint is kept", file=sys.stderr, flush=True)
+        print(f"\n{_prog()}: interrupted by {signal.Signals(signum).name}; every completed "
+              "checkpoint is kept (continue with --resume)", file=sys.stderr, flush=True)
         status = SIGNAL_STATUS[signum]
     except Exception as exc:  # noqa: BLE001 - library errors meant for users: one line
         from npflow.backend import DeviceError

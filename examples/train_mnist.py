@@ -102,7 +102,7 @@ def build_parser():
       help="solver of the test evaluation (default: the training solver)")
     a("--no-figures", action="store_true", help="skip the sample grids")
     a("--no-tune-malloc", action="store_true",
-      help="keep glibc's default malloc settings (by default npflow.backend.tune_malloc("
+      help="keep glibc's malloc settings as they are (otherwise npflow.backend.tune_malloc("
            "mmap_max=0) keeps freed memory in the heap for reuse, so the large arrays of each "
            "iteration do not page-fault in fresh, zeroed memory)")
     return p

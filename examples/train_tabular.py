@@ -302,6 +302,7 @@ def load_data(args, settings):
             raise ValueError(f"the {args.data} loader returned no {part!r} split")
         validate_data(splits[part], dim=dim, name=f"{args.data} {part} data")
         dim = splits[part].shape[1]
+    common.warn_constant(splits["train"], f"{args.data} train data")
     train = splits["train"]
     val, test = splits["val"], splits["test"]
     if args.val_n:

@@ -100,7 +100,7 @@ def build_parser():
     common.add_method_arguments(p, METHODS, t_grad_default="analytic")
     common.add_deprecated_alias(p, "--alpha", "--alpha-T", type=float)
     a("--no-tune-malloc", action="store_true",
-      help="keep glibc's default malloc settings (by default npflow.backend.tune_malloc() "
+      help="keep glibc's malloc settings as they are (otherwise npflow.backend.tune_malloc() "
            "keeps freed memory for reuse: no per-iteration page faults)")
     a("--test-n", type=int, default=10000, help="fresh samples for the final test NLL")
     a("--test-batch", type=int, default=5000)
@@ -116,13 +116,22 @@ def load_data_file(path):
     """(N, 2) float64 points from .npy or a text file."""
     if not os.path.exists(path):
         raise ValueError(f"--data-file {path!r} does not exist")
-    if path.endswith(".npy"):
-        x = np.load(path, allow_pickle=False)
-    else:
-        with open(path) as f:
-            first = f.readline()
-        delim = "," if "," in first else None
-        x = np.loadtxt(path, delimiter=delim, ndmin=2)
+    try:
+        if path.endswith(".npy"):
+            x = np.load(path, allow_pickle=False)
+        else:
+            with open(path) as f:
+                first = f.readline()
+            delim = "," if "," in first else None
+            try:
+                np.asarray(first.replace(",", " ").split(), dtype=np.float64)
+            except ValueError:
+                raise ValueError(f"its first line {first.strip()[:40]!r} is not numbers: remove "
+                                 "the header line (or comment it out with '#')") from None
+            x = np.loadtxt(path, delimiter=delim, ndmin=2)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"cannot read --data-file {path!r} as (N, 2) points (.npy, or .csv/.txt "
+                         f"numbers): {exc}") from None
     return np.asarray(x, dtype=np.float64) if x.dtype.kind in "biuf" else x
 
 
@@ -166,6 +175,7 @@ def prepare(args):
         x_all = load_data_file(args.data_file)
         validate_data(x_all, dim=2, name=f"data file {args.data_file!r} (train_toy.py trains "
                                           "on 2-D points)")
+        common.warn_constant(x_all, f"data file {args.data_file!r}")
         perm = np.random.default_rng([args.seed, 3]).permutation(len(x_all))
         n_test = max(1, len(x_all) // 10)
         if len(x_all) - n_test < 1:

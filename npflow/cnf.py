@@ -22,8 +22,9 @@ from typing import NamedTuple
 import numpy as np  # host-side only: the seed generator and validation messages
 
 from .backend import get_array_module, to_host
-from .model import FlowModel, Part, check_rows
+from .model import FlowModel, Part, check_int, check_rows
 from .odenet import ODENet
+from .tableau import TABLEAUS
 from .solvers import odeint, terminal_time_gradient
 from . import trace as trace_mod
 
@@ -255,10 +256,15 @@ class CNF(BlockStack, FlowModel):
                  T=0.5, train_T=False, solver="rk4", steps=8, rtol=1e-5, atol=1e-5,
                  trace="exact", probes=1, kinetic=0.0, jacobian=0.0, blocks=1,
                  zero_last=False, dtype="float32", device="cpu", seed=0):
-        dim, blocks, steps, probes = int(dim), int(blocks), int(steps), int(probes)
-        if dim < 1 or blocks < 1 or steps < 1 or probes < 1:
-            raise ValueError(f"dim, blocks, steps and probes must be >= 1, got dim={dim}, "
-                             f"blocks={blocks}, steps={steps}, probes={probes}")
+        dim, blocks, steps, probes = (check_int(n, v) for n, v in (
+            ("dim", dim), ("blocks", blocks), ("steps", steps), ("probes", probes)))
+        hidden = [check_int("hidden widths", h) for h in hidden]
+        if solver not in TABLEAUS:
+            raise ValueError(f"unknown solver {solver!r}: expected one of {sorted(TABLEAUS)}")
+        if not (float(rtol) > 0 and float(atol) >= 0 and math.isfinite(float(rtol))
+                and math.isfinite(float(atol))):
+            raise ValueError(f"tolerances need rtol > 0 and atol >= 0 (finite), got rtol={rtol}, "
+                             f"atol={atol}")
         if trace not in TRACE_KINDS:
             raise ValueError(f"unknown trace {trace!r}: expected one of {TRACE_KINDS}")
         if not T > 0:
@@ -343,7 +349,7 @@ class CNF(BlockStack, FlowModel):
         docs/parallel.md): loss_and_grad_part on each one's rows, loss_from_part on the sum.
         """
         part = self.loss_and_grad_part(x, rng, params=params, T=T)
-        return self.loss_from_part(part, x.shape[0], params=params, T=T)
+        return self.loss_from_part(part, len(x), params=params, T=T)   # len: lists too
 
     def loss_and_grad_part(self, x, rng, rows=None, params=None, T=None, allreduce=None):
         """The part of rows ``(lo, hi)`` of the batch x (B, D) (default: all) in the loss of
@@ -474,6 +480,6 @@ class CNF(BlockStack, FlowModel):
 
     def sample(self, n, rng, params=None, solver="dopri5", steps=None, rtol=1e-5, atol=1e-5):
         """n samples: z ~ N(0, I) drawn from rng, integrated backwards from T to 0. (n, D)."""
-        z = rng.standard_normal((int(n), self.dim))
+        z = rng.standard_normal((check_int("the number of samples n", n), self.dim))
         return self.transform(z, params, inverse=True, solver=solver, steps=steps,
                               rtol=rtol, atol=atol)

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np  # host side only: the seed generator and the sampling noise
 
 from .backend import get_array_module, to_host
-from .model import FlowModel, Part, check_rows
+from .model import FlowModel, Part, check_int, check_rows
 from .otflow_net import init_potential, param_names, potential_backward, potential_forward
 from .solvers import SolverError, odeint, terminal_time_gradient
 
@@ -117,8 +117,9 @@ class OTFlow(FlowModel):
 
     def __init__(self, dim, width=32, depth=2, rank=None, alpha=(1.0, 100.0, 5.0), steps=8,
                  T=1.0, train_T=False, dtype="float32", device="cpu", seed=0):
-        dim, width, depth, steps = int(dim), int(width), int(depth), int(steps)
-        rank = min(10, dim + 1) if rank is None else int(rank)
+        dim, width, depth, steps = (check_int(n, v, lo) for n, v, lo in (
+            ("dim", dim, 1), ("width", width, 1), ("depth", depth, 1), ("steps", steps, 1)))
+        rank = min(10, dim + 1) if rank is None else check_int("rank", rank)
         alpha = [float(a) for a in alpha]
         if dim < 1 or width < 1 or depth < 2:
             raise ValueError(f"OTFlow needs dim >= 1, width >= 1 and depth >= 2; got dim={dim}, "
@@ -198,7 +199,7 @@ class OTFlow(FlowModel):
         docs/parallel.md): loss_and_grad_part on each one's rows, loss_from_part on the sum.
         """
         part = self.loss_and_grad_part(x, rng, params=params)
-        return self.loss_from_part(part, x.shape[0], params=params)
+        return self.loss_from_part(part, len(x), params=params)   # len: lists too
 
     def loss_and_grad_part(self, x, rng=None, rows=None, params=None, allreduce=None):
         """The part of rows ``(lo, hi)`` of the batch x (B, d) (default: all) in the loss of
@@ -298,5 +299,5 @@ class OTFlow(FlowModel):
 
     def sample(self, n, rng, params=None, steps=None):
         """n samples: z ~ N(0, I) drawn from rng (host), integrated from T back to 0. (n, d)."""
-        z = rng.standard_normal((int(n), self.dim))
+        z = rng.standard_normal((check_int("the number of samples n", n), self.dim))
         return self.transform(z, params, inverse=True, steps=steps)

@@ -84,17 +84,28 @@ class _Structure:
             self.kind = None
             self.n = 1
 
-    def unpack(self, y, what="state"):
-        """y -> tuple of parts (None parts kept)."""
+    def unpack(self, y, what="state", like=None):
+        """y -> tuple of parts (None parts kept). like: parts whose shapes y's must have (the
+        state a dynamics output belongs to); a host-side shape check, no synchronisation."""
         if self.kind is None:
             if isinstance(y, tuple):
                 raise ValueError(f"{what}: expected a single array like y0, got a tuple of "
                                  f"{len(y)}")
-            return (y,)
-        if not isinstance(y, tuple) or len(y) != self.n:
-            raise ValueError(f"{what}: expected a tuple of {self.n} arrays like y0, "
-                             f"got {type(y).__name__}")
-        return tuple(y)
+            parts = (y,)
+        else:
+            if not isinstance(y, tuple) or len(y) != self.n:
+                raise ValueError(f"{what}: expected a tuple of {self.n} arrays like y0, "
+                                 f"got {type(y).__name__}")
+            parts = tuple(y)
+        if like is not None:
+            for i, (p, q) in enumerate(zip(parts, like)):
+                ps, qs = getattr(p, "shape", None), getattr(q, "shape", None)
+                if p is not None and q is not None and tuple(ps or ()) != tuple(qs or ()):
+                    part = "" if self.kind is None else f" (part {i})"
+                    raise ValueError(f"{what} has shape {ps} but the state{part} has shape "
+                                     f"{qs}: dynamics.forward(t, y) must return dy/dt of y's "
+                                     "shape")
+        return parts
 
     def pack(self, parts):
         if self.kind is None:
@@ -155,7 +166,7 @@ def _stages(dynamics, struct, tab, t, h, y, n, k1=None, cache1=None):
             continue
         Y = y if not rows[i] else _combine(y, [(h * a, ks[j]) for j, a in rows[i]])
         dydt, cache = dynamics.forward(t + c[i] * h, struct.pack(Y))
-        ks.append(struct.unpack(dydt, "dynamics.forward output"))
+        ks.append(struct.unpack(dydt, "dynamics.forward output", like=Y))
         caches.append(cache)
         nfe += 1
     return ks, caches, nfe
@@ -623,7 +634,7 @@ def _solve_adaptive(dyn, struct, tab, y, t0, t1, rtol, atol, first_step, max_ste
                         n_rejected=0, tape=tape)
     direction = 1.0 if t1 > t0 else -1.0
     f0, cache0 = dyn.forward(t0, struct.pack(y))
-    k1 = struct.unpack(f0, "dynamics.forward output")
+    k1 = struct.unpack(f0, "dynamics.forward output", like=y)
     nfe = 1
     if first_step is None:
         # torchdiffeq passes order − 1 (the embedded order, 4 for dopri5): exponent 1/5

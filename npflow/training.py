@@ -16,7 +16,8 @@ two the toy example uses. Their state goes into the checkpoint with the optimize
 generator's and the loss history, so ``resume=True`` continues exactly (section 7).
 
 Host synchronisation: one float per iteration for the loss (the model returns it) and one for
-the gradient norm (the non-finite check must decide); nothing else per step.
+the gradient norm (the non-finite check must decide); nothing else per step, apart from one
+finiteness check of all parameters per log line and per checkpoint.
 """
 from __future__ import annotations
 
@@ -250,11 +251,12 @@ class TrainResult:
 
 
 def _all_finite(params) -> bool:
-    for a in params.values():
-        xp = get_array_module(a)
-        if not bool(xp.isfinite(a).all()):
-            return False
-    return True
+    """True if every parameter array is finite: one host synchronisation for all of them."""
+    arrays = list(params.values())
+    if not arrays:
+        return True
+    xp = get_array_module(arrays[0])
+    return bool(xp.stack([xp.isfinite(a).all() for a in arrays]).all())
 
 
 def _restore(model, optimizer, rng, hooks, path, print_fn):
@@ -320,9 +322,9 @@ def _restore(model, optimizer, rng, hooks, path, print_fn):
 
 
 class _Signals:
-    """SIGINT / SIGTERM -> a flag the loop reads after each iteration (section 7.3). A second
-    signal raises KeyboardInterrupt at once. Installed only in the main thread; the previous
-    handlers come back on exit."""
+    """SIGINT / SIGTERM -> a flag the loop reads after each iteration (docs/training.md,
+    section 7.1). A second signal raises KeyboardInterrupt at once. Installed only in the main
+    thread; the previous handlers come back on exit."""
 
     def __init__(self, print_fn):
         self.print_fn, self.got, self.old = print_fn, None, {}
@@ -364,10 +366,10 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
     hooks: TrainHook objects (STEER, TO-FLOW); on_log: callables receiving each log record;
     checkpoint_every: iterations between checkpoints (default log_every); checkpoint_seconds:
     also checkpoint when this many seconds passed since the last one (None: off);
-    explode: divergence threshold of section 7.4 (stop with status "diverged" when
+    explode: divergence threshold of eq. 5.2 (stop with status "diverged" when
     loss − min loss > explode·(|first loss| + 1); None: off); print_fn: where progress lines go.
 
-    SIGINT / SIGTERM (section 7.3): the iteration in progress finishes, a checkpoint is written
+    SIGINT / SIGTERM (section 7.1): the iteration in progress finishes, a checkpoint is written
     and the result has status "interrupted" and ``signal`` set; no exception, no exit.
 
     comm: the MPI ranks that share every batch (npflow.parallel.Comm; None: this process
@@ -543,11 +545,11 @@ def _as_arrays(hist: dict) -> dict:
 
 
 def time_left(seconds, nfe, remaining: int, recent: int = 50) -> float:
-    """Seconds left (section 7.5): the mean time of the last ``recent`` iterations, scaled by
+    """Seconds left (section 5, eq. 5.3): the mean time of the last ``recent`` iterations, scaled by
     the NFE trend. With s̄ the recent seconds per iteration, n̄ the recent NFE per iteration
     and g ≥ 0 the least-squares slope of NFE per iteration over the last ``4·recent``
     iterations, the remaining R iterations are estimated to take
-        s̄ · Σ_{j=1..R} (n̄ + g·j)/n̄ = s̄ · R · (1 + g·(R + 1)/(2 n̄))          (eq. 7.1)
+        s̄ · Σ_{j=1..R} (n̄ + g·j)/n̄ = s̄ · R · (1 + g·(R + 1)/(2 n̄))          (eq. 5.3)
     seconds, nfe: per-iteration sequences (oldest first)."""
     if remaining <= 0 or not len(seconds):
         return 0.0
@@ -563,7 +565,7 @@ def time_left(seconds, nfe, remaining: int, recent: int = 50) -> float:
 
 def _log_record(window, row, T, optimizer, n_iters, done, logged, hist):
     sec = float(numpy.mean([w["seconds"] for w in window]))
-    nfe = [f + b for f, b in zip(hist["nfe_forward"], hist["nfe_backward"])]
+    nfe = [f + b for f, b in zip(hist["nfe_forward"][-200:], hist["nfe_backward"][-200:])]
     rec = {
         "iteration": done,
         "loss": row["loss"],
@@ -575,7 +577,7 @@ def _log_record(window, row, T, optimizer, n_iters, done, logged, hist):
         "grad_norm": row["grad_norm"],
         "lr": optimizer.current_lr(),
         "sec_per_iter": sec,
-        "time_left_s": time_left(hist["seconds"], nfe, n_iters - done),
+        "time_left_s": time_left(hist["seconds"][-200:], nfe, n_iters - done),
     }
     for k in ("kinetic", "jacobian"):
         if math.isfinite(row[k]):
