@@ -247,17 +247,11 @@ def _toy_data(batch, seed=0):
     return toy("8gaussians", batch, np.random.default_rng(seed))
 
 
-def time_npflow_toy(batch, iters=10, warmup=2, device="gpu"):
-    """Median seconds of one npflow toy training step (loss_and_grad + Adam) on ``device``."""
-    import npflow
-    from npflow.backend import to_device
+def _time_training_steps(m, x, xp, iters, warmup):
+    """(median seconds, losses) of npflow training steps on the batch x: loss_and_grad and an
+    Adam step (lr 1e-3), the device synchronised after each."""
     from npflow.optim import Adam
-    xp = device_module(device)
-    reset_peak_memory(xp)
-    m = npflow.CNF(2, hidden=(64, 64, 64), layer="concatsquash", activation="tanh", T=0.5,
-                   solver="rk38", steps=8, trace="exact", dtype="float32", device=device)
     opt = Adam(m.params, lr=1e-3)
-    x = to_device(_toy_data(batch), xp, np.float32)
     rng = np.random.default_rng(0)
     losses = []
 
@@ -266,6 +260,19 @@ def time_npflow_toy(batch, iters=10, warmup=2, device="gpu"):
         m.params = opt.step(m.params, g)
         losses.append(loss)
     med, _ = _median_time(step, lambda: synchronize(xp), iters, warmup)
+    return med, losses
+
+
+def time_npflow_toy(batch, iters=10, warmup=2, device="gpu"):
+    """Median seconds of one npflow toy training step (loss_and_grad + Adam) on ``device``."""
+    import npflow
+    from npflow.backend import to_device
+    xp = device_module(device)
+    reset_peak_memory(xp)
+    m = npflow.CNF(2, hidden=(64, 64, 64), layer="concatsquash", activation="tanh", T=0.5,
+                   solver="rk38", steps=8, trace="exact", dtype="float32", device=device)
+    med, losses = _time_training_steps(m, to_device(_toy_data(batch), xp, np.float32), xp,
+                                       iters, warmup)
     return {"median_s": med, "iters": iters, "peak_bytes": peak_memory(xp),
             "loss_first": losses[0], "loss_last": losses[-1]}
 
@@ -320,23 +327,14 @@ def _images(batch, shape, seed=0):
 def time_npflow_mnist(iters=3, warmup=1, device="gpu", config=None):
     """Median seconds of one default-MNIST training step (multiscale CNF, batch 200)."""
     from npflow.multiscale import MultiscaleCNF
-    from npflow.optim import Adam
     c = dict(MNIST, **(config or {}))
     xp = device_module(device)
     reset_peak_memory(xp)
     m = MultiscaleCNF(c["image_shape"], hidden=c["hidden"], layer="concat", blocks=c["blocks"],
                       T=1.0, solver="rk38", steps=c["steps"], trace="rademacher",
                       dtype="float32", device=device)
-    opt = Adam(m.params, lr=1e-3)
-    x = _images(c["batch"], c["image_shape"])
-    rng = np.random.default_rng(0)
-    losses = []
-
-    def step():
-        loss, g, _ = m.loss_and_grad(x, rng)
-        m.params = opt.step(m.params, g)
-        losses.append(loss)
-    med, _ = _median_time(step, lambda: synchronize(xp), iters, warmup)
+    med, losses = _time_training_steps(m, _images(c["batch"], c["image_shape"]), xp, iters,
+                                       warmup)
     return {"median_s": med, "iters": iters, "peak_bytes": peak_memory(xp),
             "bpd_first": losses[0], "bpd_last": losses[-1]}
 
