@@ -16,8 +16,8 @@ import warnings
 from npflow.backend import get_array_module
 
 __all__ = ["Flow", "Planar", "Orthogonal", "Householder", "Triangular", "FlowSequence",
-           "make_flows", "planar_reparameterize", "orthogonalize", "orthogonalize_backward", "householder_product",
-           "triangular_factors", "triangular_factors_backward", "eta_forward", "eta_backward",
+           "make_flows", "planar_reparameterize", "orthogonalize", "orthogonalize_backward",
+           "householder_product", "triangular_factors", "triangular_factors_backward", "eta_forward", "eta_backward",
            "FLOW_KINDS"]
 
 FLOW_KINDS = ("planar", "orthogonal", "householder", "triangular")
@@ -234,7 +234,8 @@ def _strict_upper_mask(M, dtype, xp):
 
 def triangular_factors(R_full, diag_R, diag_R_tilde):
     """eq. 2.2: R = triu₁(F) + diag(tanh d), R̃ = triu₁(Fᵀ) + diag(tanh d̃), from the raw
-    F (B, M, M), d (B, M), d̃ (B, M). Returns R, R̃ (B, M, M) and r = tanh d, r̃ = tanh d̃ (B, M)."""
+    F (B, M, M), d (B, M), d̃ (B, M). Returns R, R̃ (B, M, M) and r = tanh d, r̃ = tanh d̃
+    (B, M)."""
     xp = get_array_module(R_full)
     M = R_full.shape[-1]
     eye = xp.eye(M, dtype=R_full.dtype)

@@ -305,11 +305,11 @@ def reduce_part(part, comm, failure=None, model_key=None):
 
 def loss_and_grad(model, x, rng, comm=None, **kwargs):
     """``model.loss_and_grad(x, rng, **kwargs)`` computed by all the ranks of ``comm`` together
-    (docs/parallel.md, eq. 1.2): x is the whole batch (every rank draws it alike), each rank
-    computes the rows ``row_range(B, comm)`` with ``model.loss_and_grad_part`` (the random
-    numbers of the whole batch drawn from rng on every rank), one Allreduce sums the parts,
-    and ``model.loss_from_part`` gives (loss, grads, stats), the same on every rank. With no
-    comm or one rank this is model.loss_and_grad itself.
+    (docs/parallel.md, eq. 1.2): x (B, ...) is the whole batch (every rank draws it alike),
+    each rank computes the rows ``row_range(B, comm)`` with ``model.loss_and_grad_part`` (the
+    random numbers of the whole batch drawn from rng on every rank), one Allreduce sums the
+    parts, and ``model.loss_from_part`` gives (loss, grads, stats), the same on every rank.
+    With no comm or one rank this is model.loss_and_grad itself.
 
     A FloatingPointError or SolverError on any rank makes every rank raise FloatingPointError
     (the training loop's non-finite stop, taken by all ranks together)."""
@@ -333,9 +333,9 @@ def loss_and_grad(model, x, rng, comm=None, **kwargs):
 
 
 def time_gradient(model, x, rng, comm=None, kind="analytic"):
-    """``model.time_gradient(x, rng, kind=kind)`` (TO-FLOW's ∂L/∂T_b, a list of floats)
-    computed by all the ranks of comm together: each rank's share of its rows, summed by one
-    Allreduce (with the failure flag of reduce_part)."""
+    """``model.time_gradient(x, rng, kind=kind)`` (TO-FLOW's ∂L/∂T_b, a list of floats, one
+    per block) for the whole batch x (B, ...), computed by all the ranks of comm together: each
+    rank's share of its rows, summed by one Allreduce (with the failure flag of reduce_part)."""
     if comm is None or comm.size == 1:
         return model.time_gradient(x, rng, kind=kind)
     from .solvers import SolverError
