@@ -3,10 +3,10 @@
 
 For d = 2, 8, 32, 64, 128 on the same potential network (width m, depth M + 1, batch B):
 
-  otflow        potential_forward: ∇Φ and tr ∇ₓ²Φ by the OT-Flow recursion (eq. 5.7-5.10)
+  otflow        potential_forward: ∇Φ and tr ∇ₓ²Φ by the OT-Flow recursion (eq. 2.3-2.6)
   grad only     potential_forward(need_trace=False): the gradient sweep alone (the floor)
   basis-stacked potential_hvp with the d basis tangents e_1..e_d stacked into one pass of
-                d·B rows (forward-over-reverse Hessian-vector products, eq. 5.32-5.34): the
+                d·B rows (forward-over-reverse Hessian-vector products, eq. 5.1-5.3): the
                 best a basis-tangent method can do with batched matrix products
   basis-loop    d separate Hessian-vector passes, one basis vector each (what d reverse or
                 forward-over-reverse sweeps of an AD framework do)
@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from npflow.backend import tune_malloc  # noqa: E402
 from npflow.otflow_net import (basis_tangent_trace, init_potential,  # noqa: E402
                                potential_forward, potential_hvp)
 
@@ -68,12 +69,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--json", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
-    try:                                        # keep freed memory (see train_tabular.py)
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30), libc.mallopt(-1, (1 << 31) - 1), libc.mallopt(-2, 1 << 28)
-    except OSError:
-        pass
+    tune_malloc(mmap_threshold=1 << 30)         # keep freed memory for reuse (glibc only)
     dims = [int(v) for v in args.dims.split(",")]
     dtype = np.dtype(args.dtype)
     rows = []

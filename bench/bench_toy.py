@@ -33,7 +33,7 @@ import os
 import sys
 
 # Threads: 2 for every library unless --threads says otherwise. The environment variables must
-# be set before numpy / torch are imported; set_blas_threads() also adjusts OpenBLAS at run time
+# be set before numpy / torch are imported; set_blas_threads() also adjusts the BLAS at run time
 # (when this module is imported after numpy, e.g. by the tests).
 _THREADS = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv[:-1] else "2"
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -71,7 +71,7 @@ from npflow.backend import get_blas_threads, set_blas_threads, tune_malloc  # no
 
 # ------------------------------------------------------------------------------------ data
 def sample_8gaussians(n, rng):
-    """8gaussians: npflow.data.toy when available, else the same recipe (shared/REFERENCE.md)."""
+    """8gaussians: npflow.data.toy when available, else the same recipe (docs/data.md, section 1)."""
     try:
         from npflow.data.toy import toy
     except ImportError:
@@ -319,7 +319,7 @@ def count_torch_ops(runner, i=0):
 
 def count_torch_profiler_ops(runner, i=0):
     """aten:: events that torch.profiler records in one iteration (composite ops such as
-    aten::linear and the ops they call are both counted; the measure of shared/REFERENCE.md)."""
+    aten::linear and the ops they call are both counted; the measure of docs/reference.md, section 1)."""
     import torch
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -301,6 +301,17 @@ def init_ranks(args):
     return comm
 
 
+def tune_host(args, mmap_max=None):
+    """The host settings every example makes once, before it computes: one BLAS thread unless
+    the environment sets a count (npflow.backend.limit_blas_threads; more cores come from MPI
+    ranks), and glibc's malloc keeping freed memory (npflow.backend.tune_malloc, with
+    ``mmap_max``) unless --no-tune-malloc."""
+    import npflow.backend
+    npflow.backend.limit_blas_threads(1)
+    if not getattr(args, "no_tune_malloc", False):
+        npflow.backend.tune_malloc(mmap_max=mmap_max)
+
+
 def method_hooks(model, methods, args, steer_b=None, comm=None) -> list:
     """The training hooks of the chosen methods: STEER's end-time draw (half-width
     ``steer_b``) and TO-FLOW's T step (from --lr-T, --alpha-T, --eps-T, --T-grad; its ∂L/∂T

@@ -41,6 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (examples/common.py: flags, run folder, lock, signals)
 from common import fail  # noqa: E402
 
+from npflow.tableau import fixed_grid, solver_names  # noqa: E402
+
 METHODS = ("ffjord", "rnode", "toflow", "steer")
 # the settings that define the model (and its data): --resume refuses a change of any
 MODEL_KEYS = ("data", "labels", "dims", "num_blocks", "scales", "layer_type", "T", "method",
@@ -71,7 +73,7 @@ def build_parser():
       help="number of scales (default FFJORD's: 3 for 28×28, 4 for 32×32)")
     a("--layer-type", default="concat", choices=["concat", "concatsquash"])
     a("--T", type=float, default=1.0, help="(initial) end time of every block; t0 = 0")
-    a("--solver", default="rk4", choices=["rk4", "rk38", "dopri5", "euler", "midpoint"])
+    a("--solver", default="rk4", choices=solver_names())
     a("--steps", type=int, default=4, help="steps per block of a fixed-grid solver")
     a("--step-size", type=float, default=None,
       help="fixed-grid step size (RNODE: 0.25); overrides --steps")
@@ -98,7 +100,7 @@ def build_parser():
     a("--test-n", type=int, default=None,
       help="test images for the final bits/dim (default: all, or --subset if given)")
     a("--test-batch", type=int, default=200)
-    a("--test-solver", default=None, choices=["rk4", "rk38", "dopri5", "euler", "midpoint"],
+    a("--test-solver", default=None, choices=solver_names(),
       help="solver of the test evaluation (default: the training solver)")
     a("--no-figures", action="store_true", help="skip the sample grids")
     a("--no-tune-malloc", action="store_true",
@@ -219,8 +221,7 @@ def main(argv=None) -> int:
     from npflow.optim import Adam, Warmup
     from npflow.training import append_json, train
 
-    if not args.no_tune_malloc:
-        npflow.backend.tune_malloc(mmap_max=0)
+    common.tune_host(args, mmap_max=0)   # OPENBLAS_NUM_THREADS=2: two BLAS threads instead
     try:
         methods, config, steer_b = prepare(args)
     except ValueError as exc:
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
 def _train_and_test(args, rf, model, optimizer, hooks, methods, config, x_train, x_test, train,
                     append_json, to_host, comm):
     cfg = model.config
-    solver_txt = cfg["solver"] if cfg["solver"] == "dopri5" else (
+    solver_txt = cfg["solver"] if not fixed_grid(cfg["solver"]) else (
         f"{cfg['solver']} " + (f"step {cfg['step_size']}" if cfg["step_size"]
                                else f"{cfg['steps']} steps"))
     print(f"npflow multiscale CNF on {args.data} ({len(x_train)} training images): method "

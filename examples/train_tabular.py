@@ -11,7 +11,7 @@ Data: power | gas | hepmass | miniboone | bsds300 are read from DATA_DIR (defaul
 files of the MAF archive's data/ folder; downloaded with checksums when missing unless
 --no-download) and z-scored as in MAF; the toy names draw fresh samples from npflow.data.toy.
 
-OT-Flow settings default to OT-Flow's own per data set (shared/REFERENCE.md): RK4 steps for
+OT-Flow settings default to OT-Flow's own per data set (docs/reference.md, section 4): RK4 steps for
 training / validation / test, batch size, width m, α = (α0, α1, α2), learning rate. Tabular
 runs clamp every parameter to [−1.5, 1.5] after each step, validate every epoch with the
 validation step count, divide the learning rate by --lr-drop when the validation loss has not
@@ -22,6 +22,8 @@ validated parameters and --nt-test RK4 steps (more than training).
 FFJORD / RNODE / TO-FLOW use npflow.CNF with FFJORD's tabular architecture (ConcatSquash
 layers, hidden = factor·D, blocks), Hutchinson's trace and dopri5 (atol 1e-8, rtol 1e-6); RNODE
 adds λ_K = λ_J = 0.01 with fixed-grid RK4 and a fixed T; TO-FLOW trains T by its own Adam.
+CFM / OT-CFM (--method cfm|otcfm) train the same CNF by (OT-)conditional flow matching
+(docs/cfm.md): no ODE solve in training, T = 1 on toy data; evaluated as the CNFs are.
 
 Outputs in --save DIR: checkpoint.h5 (the training state; --resume continues from it),
 best.h5 (the best validated model, loadable with npflow.load), result.json. --log-json PATH
@@ -44,13 +46,15 @@ import common  # noqa: E402  (examples/common.py: flags, run folder, lock, signa
 from common import fail  # noqa: E402
 from npflow.training import TrainHook  # noqa: E402
 
-METHODS = ("otflow", "ffjord", "rnode", "toflow", "steer")
+METHODS = ("otflow", "ffjord", "rnode", "toflow", "steer", "cfm", "otcfm")
+FLOW_MATCHING = {"cfm": "independent", "otcfm": "ot"}    # npflow.cfm, docs/cfm.md
 MODELS = METHODS              # old name
 # the settings that define the model (and its data): --resume refuses a change of any
-MODEL_KEYS = ("data", "method", "width", "depth", "rank", "dtype", "seed", "trace")
+MODEL_KEYS = ("data", "method", "width", "depth", "rank", "dtype", "seed", "trace", "sigma",
+              "time_groups")
 TABULAR = ("power", "gas", "hepmass", "miniboone", "bsds300")
 
-# OT-Flow's settings (shared/REFERENCE.md; OT-Flow's detailedSetup): nt train/val/test, batch,
+# OT-Flow's settings (docs/reference.md section 4; OT-Flow's detailedSetup): nt train/val/test, batch,
 # width m, α, learning rate. gas validates with 24-28 steps; 26 is taken here.
 OTFLOW_DEFAULTS = {
     "power":     dict(nt=10, nt_val=22, nt_test=24, batch=10000, width=128,
@@ -64,7 +68,7 @@ OTFLOW_DEFAULTS = {
     "bsds300":   dict(nt=14, nt_val=30, nt_test=40, batch=300, width=512,
                       alpha=(1.0, 2000.0, 800.0), lr=0.001),
     # toy: trainToyOTflow.py's CPU defaults (batch 2048, 1000 iterations, single precision;
-    # its GPU defaults, batch 4096, 1500 iterations, are REFERENCE.md's: pass --batch-size 4096
+    # its GPU defaults, batch 4096, 1500 iterations, are docs/reference.md's: pass --batch-size 4096
     # --niters 1500 --dtype float64). Validation with the training steps, test with 4× as many.
     # One change: the lr is halved every 250 iterations, not every 100 (TOY_DROP_FREQ).
     "toy":       dict(nt=8, nt_val=8, nt_test=32, batch=2048, width=32,
@@ -80,7 +84,7 @@ OTFLOW_DEFAULTS = {
 # --drop-freq 100 restores OT-Flow's schedule.
 TOY_DROP_FREQ = 250
 
-# FFJORD's tabular configurations (shared/REFERENCE.md): activation, hidden layers, width
+# FFJORD's tabular configurations (docs/reference.md, section 2): activation, hidden layers, width
 # factor (hidden = factor·D), blocks, batch size.
 FFJORD_DEFAULTS = {
     "power":     dict(activation="tanh", layers=3, factor=10, blocks=5, batch=10000),
@@ -90,24 +94,6 @@ FFJORD_DEFAULTS = {
     "bsds300":   dict(activation="softplus", layers=3, factor=20, blocks=2, batch=10000),
     "file":      dict(activation="softplus", layers=2, factor=10, blocks=1, batch=1000),
 }
-
-
-def keep_freed_memory():
-    """Ask glibc to keep freed memory for reuse instead of returning it to the kernel.
-
-    Every RK4 stage allocates dozens of fresh (B, m) temporaries; with glibc's defaults each
-    large one is a new mmap, and its first-touch page faults cost more than the arithmetic on a
-    busy machine (measured here: one OT-Flow iteration 1.6 s -> 0.9 s). No effect elsewhere.
-    """
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and
-                libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1) and
-                libc.mallopt(M_TOP_PAD, 1 << 28))
 
 
 class EarlyStop(Exception):
@@ -129,6 +115,9 @@ def build_parser():
     a("--no-download", action="store_true", help="never download; fail if files are missing")
     common.add_method_arguments(p, METHODS, default="otflow", t_grad_default="analytic")
     common.add_deprecated_alias(p, "--model", "--method")
+    a("--sigma", type=float, default=0.0, help="cfm/otcfm: path width σ (docs/cfm.md eq. 2.2)")
+    a("--time-groups", type=int, default=16,
+      help="cfm/otcfm: row groups sharing one stratified time (docs/cfm.md eq. 2.6)")
     a("--batch-size", type=int, default=None, help="default: the method's per-set value")
     a("--lr", type=float, default=None, help="default: OT-Flow per set; CNF 1e-3")
     a("--weight-decay", type=float, default=None, help="default: OT-Flow 0, CNF 1e-6")
@@ -212,8 +201,9 @@ def resolve_settings(args, is_toy):
         s["clamp"] = args.clamp if args.clamp is not None else (0.0 if is_toy else 1.5)
     else:
         if is_toy:
+            fm = args._method in FLOW_MATCHING
             s.update(hidden=(64, 64, 64), activation="tanh", blocks=1,
-                     batch=pick(args.batch_size, 100), T=0.5)
+                     batch=pick(args.batch_size, 256 if fm else 100), T=1.0 if fm else 0.5)
         else:
             d = FFJORD_DEFAULTS[key]
             s.update(hidden=None, factor=d["factor"], layers=d["layers"],
@@ -323,6 +313,19 @@ def build_model(args, settings, dim, is_toy):
                              alpha=settings["alpha"], steps=settings["nt"], T=1.0,
                              dtype=settings["dtype"], device=args.device, seed=args.seed)
     hidden = settings["hidden"] or (settings["factor"] * dim,) * settings["layers"]
+    if args._method in FLOW_MATCHING:
+        from npflow.cfm import FlowMatchingCNF
+        if args.time_groups < 1 or not args.sigma >= 0:
+            raise ValueError(f"need --time-groups >= 1 and --sigma >= 0, got "
+                             f"{args.time_groups} and {args.sigma}")
+        return FlowMatchingCNF(dim, hidden=hidden, layer="concatsquash",
+                               activation=settings["activation"], T=settings["T"],
+                               solver="dopri5", rtol=args.rtol, atol=args.atol,
+                               trace=args.trace or ("exact" if is_toy else "hutchinson"),
+                               blocks=settings["blocks"], dtype=settings["dtype"],
+                               device=args.device, seed=args.seed, sigma=args.sigma,
+                               coupling=FLOW_MATCHING[args._method],
+                               time_groups=args.time_groups)
     rnode = args._method == "rnode"
     kinetic = args.kinetic if args.kinetic is not None else (0.01 if rnode else 0.0)
     jacobian = args.jacobian if args.jacobian is not None else (0.01 if rnode else 0.0)
@@ -481,7 +484,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = common.parse_args(parser, argv)
     comm = common.init_ranks(args)       # MPI ranks under mpiexec (docs/parallel.md), else one
-    keep_freed_memory()
+    # one BLAS thread (5 OT-Flow iterations took 57 s with a threaded BLAS against 2 s with one
+    # thread, on a busy 2-core machine) and malloc keeping freed memory (1.3-2.2x faster here)
+    common.tune_host(args)
     import npflow
     from npflow.data import TOY_NAMES
     from npflow.optim import Adam, Chain, ReduceOnPlateau, StepDecay

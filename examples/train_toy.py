@@ -20,6 +20,12 @@ Methods (docs/training.md §6):
           analytic ∂L/∂T at the updated weights, temporal regularization α|T| and clipping
           to [t0 + ε, 2T0 − t0 − ε]
   steer   each training step integrates to T' ~ U[T − b, T + b]
+  cfm     conditional flow matching (docs/cfm.md): regress f onto the straight-path velocity,
+          no ODE solve in training; evaluation is the same exact log-likelihood
+  otcfm   the same with data and noise paired by exact optimal transport in each batch
+          (cfm/otcfm change the defaults of --T, --niters, --batch-size, --lr,
+          --lr-halve-every;
+          see FLOW_MATCHING_DEFAULTS)
 """
 from __future__ import annotations
 
@@ -30,34 +36,28 @@ import os
 import sys
 import time
 
-_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def _limit_blas_threads(argv):
-    """One BLAS thread, set before numpy loads its BLAS (a no-op once numpy is imported, and
-    when the environment already sets a thread count). The toy CNF's matrix products are small
-    (K·B × 64 by 64 × 64): on a busy 2-core machine, threaded BLAS made an iteration ~20×
-    slower than one thread (2 s against 0.1 s measured). More cores are used by MPI ranks
-    instead: ``mpiexec -n N python examples/train_toy.py ...`` (docs/parallel.md)."""
-    n = "1"
-    if "numpy" not in sys.modules and not any(v in os.environ for v in _THREAD_VARS):
-        for v in _THREAD_VARS:
-            os.environ[v] = n
-
-
-if __name__ == "__main__":
-    _limit_blas_threads(sys.argv[1:])
-
-import numpy as np  # noqa: E402  (after the thread limit)
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (examples/common.py: flags, run folder, lock, signals)
 from common import fail  # noqa: E402
 
-METHODS = ("ffjord", "rnode", "toflow", "steer")
+from npflow.layers import ACTIVATIONS  # noqa: E402
+from npflow.odenet import LAYER_TYPES  # noqa: E402
+from npflow.tableau import fixed_grid, solver_names  # noqa: E402
+
+METHODS = ("ffjord", "rnode", "toflow", "steer", "cfm", "otcfm")
 # the settings that define the model (and its data): --resume refuses a change of any
 MODEL_KEYS = ("data", "data_file", "dims", "layer_type", "nonlinearity", "blocks", "T",
-              "train_T", "method", "seed", "dtype", "trace", "kinetic", "jacobian")
+              "train_T", "method", "seed", "dtype", "trace", "kinetic", "jacobian", "sigma",
+              "time_groups")
+
+# defaults of the flow-matching methods (docs/cfm.md, section 6: OT-CFM measured 2.848 nats on
+# 8gaussians, 3.623 on checkerboard, 6 min of training each); explicit flags still win
+FLOW_MATCHING_DEFAULTS = {
+    "cfm": dict(T=1.0, niters=80000, batch_size=128, lr=2e-3, lr_halve_every=20000),
+    "otcfm": dict(T=1.0, niters=80000, batch_size=128, lr=2e-3, lr_halve_every=20000),
+}
 
 
 def build_parser():
@@ -72,15 +72,15 @@ def build_parser():
       help="train on your own (N, 2) points instead: .npy, or .csv/.txt (comma or space "
            "separated); 10%% are held out for the test NLL")
     a("--dims", default="64-64-64", help="hidden widths of the ODENet, dash-separated")
-    a("--layer-type", default="concatsquash", choices=["concatsquash", "concat", "linear"])
+    a("--layer-type", default="concatsquash", choices=list(LAYER_TYPES))
     a("--nonlinearity", default="tanh",
-      choices=["tanh", "softplus", "sigmoid", "swish", "logcosh"])
+      choices=list(ACTIVATIONS))
     a("--blocks", type=int, default=1, help="number of stacked CNF blocks")
     a("--T", type=float, default=0.5, help="(initial) end time T0; t0 = 0")
     a("--train-T", action=argparse.BooleanOptionalAction, default=None,
       help="train T jointly with the weights by the same Adam (FFJORD's train_T; default: on "
            "for plain --method ffjord, as in FFJORD's toy set-up, off otherwise)")
-    a("--solver", default="dopri5", choices=["rk4", "rk38", "dopri5", "euler", "midpoint"],
+    a("--solver", default="dopri5", choices=solver_names(),
       help="training solver. dopri5 is FFJORD's toy set-up. A coarse fixed grid without "
            "RNODE's regularizers can be exploited: on checkerboard, rk4 with 8 steps trained "
            "to 2.99 nats under rk4-8 (below the log 32 = 3.47 floor) but 4.44 under dopri5")
@@ -96,9 +96,15 @@ def build_parser():
     a("--weight-decay-mode", default="l2", choices=["l2", "adamw"],
       help="l2: added to the gradient (torch.optim.Adam, FFJORD); adamw: decoupled")
     a("--warmup", type=int, default=0, help="linear learning-rate warm-up iterations")
+    a("--lr-halve-every", type=int, default=0,
+      help="halve the learning rate every N iterations (0: constant)")
     a("--grad-clip", type=float, default=None, help="max global gradient norm (default: off)")
     common.add_method_arguments(p, METHODS, t_grad_default="analytic")
     common.add_deprecated_alias(p, "--alpha", "--alpha-T", type=float)
+    a("--sigma", type=float, default=0.0,
+      help="cfm/otcfm: width σ of the Gaussian path around the straight line (docs/cfm.md)")
+    a("--time-groups", type=int, default=16,
+      help="cfm/otcfm: row groups sharing one stratified time per batch (docs/cfm.md eq. 2.6)")
     a("--no-tune-malloc", action="store_true",
       help="keep glibc's malloc settings as they are (otherwise npflow.backend.tune_malloc() "
            "keeps freed memory for reuse: no per-iteration page faults)")
@@ -157,6 +163,9 @@ def prepare(args):
                              f"got {v}")
     if not args.T > 0:
         raise ValueError(f"--T must be > 0, got {args.T}")
+    if args.lr_halve_every < 0:
+        raise ValueError(f"--lr-halve-every must be >= 0 (0: constant lr), got "
+                         f"{args.lr_halve_every}")
     try:
         hidden = tuple(int(h) for h in args.dims.split("-"))
     except ValueError:
@@ -201,6 +210,16 @@ def prepare(args):
                   name="training batch")
     validate_data(x_test, dim=2, name="test data")
 
+    if methods & set(FLOW_MATCHING_DEFAULTS):
+        (m,) = methods
+        if args.time_groups < 1:
+            raise ValueError(f"--time-groups must be >= 1, got {args.time_groups}")
+        if not args.sigma >= 0:
+            raise ValueError(f"--sigma must be >= 0, got {args.sigma}")
+        flow_matching = dict(sigma=args.sigma, time_groups=args.time_groups,
+                             coupling="ot" if m == "otcfm" else "independent")
+    else:
+        flow_matching = None
     rnode = "rnode" in methods
     kinetic = args.kinetic if args.kinetic is not None else (0.01 if rnode else 0.0)
     jacobian = args.jacobian if args.jacobian is not None else (0.01 if rnode else 0.0)
@@ -219,17 +238,21 @@ def prepare(args):
                   kinetic=kinetic, jacobian=jacobian, blocks=args.blocks, dtype=args.dtype,
                   device=args.device, seed=args.seed)
     return dict(methods=methods, config=config, sample_batch=sample_batch, x_test=x_test,
-                data_name=data_name, limits=limits, steer_b=steer_b)
+                data_name=data_name, limits=limits, steer_b=steer_b,
+                flow_matching=flow_matching)
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = common.parse_args(parser, argv)
+    method = str(args.method).strip().lower()
+    if method in FLOW_MATCHING_DEFAULTS:            # the method's own defaults, flags win
+        parser.set_defaults(**FLOW_MATCHING_DEFAULTS[method])
+        args = common.parse_args(parser, argv)
     comm = common.init_ranks(args)       # MPI ranks under mpiexec (docs/parallel.md), else one
+    common.tune_host(args)               # one BLAS thread (the products are small), malloc
     import npflow
-    if not args.no_tune_malloc:
-        npflow.backend.tune_malloc()
-    from npflow.optim import Adam, Warmup
+    from npflow.optim import Adam
     from npflow.training import append_json, train
 
     try:
@@ -237,7 +260,11 @@ def main(argv=None) -> int:
     except ValueError as exc:
         fail(exc)
     try:
-        model = npflow.CNF(**run["config"])
+        if run["flow_matching"] is not None:
+            from npflow.cfm import FlowMatchingCNF
+            model = FlowMatchingCNF(**run["config"], **run["flow_matching"])
+        else:
+            model = npflow.CNF(**run["config"])
     except ValueError as exc:
         fail(f"cannot build the model: {exc}")
     except npflow.DeviceError as exc:
@@ -249,7 +276,7 @@ def main(argv=None) -> int:
                    if not ("toflow" in methods and k in time_names)}
     optimizer = Adam(weight_keys, lr=args.lr, weight_decay=args.weight_decay,
                      decoupled=args.weight_decay_mode == "adamw",
-                     schedule=Warmup(args.warmup) if args.warmup else None)
+                     schedule=_schedule(args))
     hooks = common.method_hooks(model, methods, args, run["steer_b"], comm=comm)
 
     with common.open_run(args, model_keys=MODEL_KEYS, comm=comm) as rf:
@@ -262,7 +289,7 @@ def _train_and_evaluate(args, rf, run, model, optimizer, hooks, methods, cfg, tr
     import npflow
     print(f"npflow CNF on {run['data_name']}: method {'+'.join(sorted(methods))}, "
           f"{model.num_params()} parameters, solver {cfg['solver']}"
-          f"{'' if cfg['solver'] == 'dopri5' else ' ' + str(cfg['steps']) + ' steps'}, "
+          f"{' ' + str(cfg['steps']) + ' steps' if fixed_grid(cfg['solver']) else ''}, "
           f"trace {cfg['trace']}, λ_K {cfg['kinetic']}, λ_J {cfg['jacobian']}, T {cfg['T']}"
           f"{' (trained)' if cfg['train_T'] else ''}, {cfg['dtype']} on {cfg['device']}",
           flush=True)
@@ -301,7 +328,7 @@ def _train_and_evaluate(args, rf, run, model, optimizer, hooks, methods, cfg, tr
     stderr = float(lp.std() / math.sqrt(len(lp)))
     test_seconds = time.perf_counter() - t1
     nll_train_solver = None
-    if cfg["solver"] != "dopri5":
+    if fixed_grid(cfg["solver"]):
         # the same test set under the training solver: a much lower value than the dopri5
         # one means the training exploited the discretization (an unnormalised density)
         lp_fixed = model.log_prob(run["x_test"], solver=cfg["solver"], steps=cfg["steps"],
@@ -338,13 +365,21 @@ def _train_and_evaluate(args, rf, run, model, optimizer, hooks, methods, cfg, tr
         p1 = draw_toy(model, run, args, rf.path("toy.png"))
         p2 = None
         if len(h["loss"]):
-            # known entropies (shared/REFERENCE.md): no model's expected NLL is below them
+            # known entropies (docs/reference.md, section 1): no model's expected NLL is below them
             floor = ({"checkerboard": math.log(32.0), "8gaussians": 2.8318}.get(args.data)
-                     if args.data_file is None else None)
+                     if args.data_file is None and run["flow_matching"] is None else None)
             p2 = training_curves(h, rf.path("curves.png"), floor=floor,
                                  title=f"{run['data_name']}, {final['method']}")
         print("figures:", p1, p2 or "(no training curves: no iterations)")
     return 0
+
+
+def _schedule(args):
+    """Warm-up and/or halving every --lr-halve-every iterations (npflow.optim, eq. 3.1-3.4)."""
+    from npflow.optim import Chain, StepDecay, Warmup
+    parts = ([Warmup(args.warmup)] if args.warmup else []) + (
+        [StepDecay(args.lr_halve_every, 0.5)] if args.lr_halve_every else [])
+    return None if not parts else parts[0] if len(parts) == 1 else Chain(*parts)
 
 
 def draw_toy(model, run, args, path, fast=False):
@@ -352,7 +387,7 @@ def draw_toy(model, run, args, path, fast=False):
     from npflow.data import toy
     from npflow.plotting import density_grid, toy_figure
     kw = (dict(solver=model.config["solver"], steps=model.config["steps"]) if fast and
-          model.config["solver"] != "dopri5" else dict(solver="dopri5", rtol=1e-4, atol=1e-4))
+          fixed_grid(model.config["solver"]) else dict(solver="dopri5", rtol=1e-4, atol=1e-4))
     rng = np.random.default_rng([args.seed, 5])
     if args.data_file is None:
         data = toy(args.data, args.viz_n, rng)

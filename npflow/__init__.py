@@ -20,6 +20,7 @@ _EXPORTS = {
     "CNF": "npflow.cnf",
     "OTFlow": "npflow.otflow",
     "MultiscaleCNF": "npflow.multiscale",
+    "FlowMatchingCNF": "npflow.cfm",
     "make_flows": "npflow.flows",
     "load": "npflow.checkpoint",
     "CheckpointError": "npflow.checkpoint",
@@ -34,7 +35,7 @@ _EXPORTS = {
     "get_array_module": "npflow.backend",
     "tune_malloc": "npflow.backend",
 }
-_SUBMODULES = {"backend", "layers", "data", "trace", "tableau", "solvers", "cnf", "otflow",
+_SUBMODULES = {"cfm", "backend", "layers", "data", "trace", "tableau", "solvers", "cnf", "otflow",
                "optim", "checkpoint", "conv", "plotting", "training", "multiscale",
                "odenet", "model", "images", "otflow_net", "parallel"}
 

@@ -12,12 +12,15 @@ is registered for that device. Nothing is registered in production.
 """
 from __future__ import annotations
 
+import os
+
 import numpy
 
 __all__ = [
     "DeviceError", "get_array_module", "array_module", "resolve_dtype", "to_host",
     "to_device", "check_finite", "register_array_module", "unregister_array_module",
-    "tune_malloc", "get_blas_threads", "set_blas_threads",
+    "tune_malloc", "get_blas_threads", "set_blas_threads", "blas_threads", "limit_blas_threads",
+    "blas_controller",
 ]
 
 #: Registered stand-in array modules: [(array type, module, device or None)], newest first.
@@ -142,46 +145,53 @@ def check_finite(x, name: str = "input"):
 
 
 # ---------------------------------------------------------------- host-side tuning
-def _openblas_functions():
-    """(get, set) of the OpenBLAS that numpy loaded, through ctypes; (None, None) if not found."""
-    import ctypes
+_BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
-    try:
-        with open("/proc/self/maps") as fh:
-            paths = sorted({ln.split()[-1] for ln in fh if "openblas" in ln.lower()
-                            and ln.split()[-1].startswith("/")})
-    except OSError:
-        return None, None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for pre, suf in (("scipy_openblas_", "64_"), ("openblas_", ""), ("openblas_", "64_"),
-                         ("scipy_openblas_", "")):
-            get = getattr(lib, f"{pre}get_num_threads{suf}", None)
-            set_ = getattr(lib, f"{pre}set_num_threads{suf}", None)
-            if get is not None and set_ is not None:
-                get.restype = ctypes.c_int
-                return get, set_
-    return None, None
+
+def blas_controller():
+    """threadpoolctl's ThreadpoolController of the BLAS libraries loaded now (OpenBLAS, MKL,
+    BLIS, ...); ``blas_controller().limit(limits=n)`` limits them (a context manager), cheaply
+    enough for every iteration once the controller is kept."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(user_api="blas")
 
 
 def get_blas_threads():
-    """numpy's OpenBLAS thread count, or None if OpenBLAS was not found (another BLAS)."""
-    get, _ = _openblas_functions()
-    return None if get is None else int(get())
+    """Threads of the loaded BLAS (the largest count if several are loaded; threadpoolctl), or
+    None when no BLAS is found."""
+    counts = [lib.num_threads for lib in blas_controller().lib_controllers]
+    return max(counts) if counts else None
 
 
 def set_blas_threads(n):
-    """Set numpy's OpenBLAS thread count to n (if found); return the count now in force or None."""
-    get, set_ = _openblas_functions()
-    if get is None:
+    """Limit every loaded BLAS to ``n`` threads (threadpoolctl, whole process, from now on);
+    return the count now in force, or None when no BLAS is found."""
+    ctl = blas_controller()
+    if not ctl.lib_controllers:
         return None
-    import ctypes
+    ctl.limit(limits=int(n))
+    return get_blas_threads()
 
-    set_(ctypes.c_int(int(n)))
-    return int(get())
+
+def blas_threads(n):
+    """Context manager: every loaded BLAS limited to ``n`` threads inside the block, restored
+    after it (threadpoolctl). ``with blas_threads(1): ...``."""
+    return blas_controller().limit(limits=int(n))
+
+
+def limit_blas_threads(n: int = 1):
+    """The examples' default: ``set_blas_threads(n)`` unless the environment already sets a
+    thread count (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or MKL_NUM_THREADS, which then rules).
+
+    The CNFs' matrix products are small (K·B rows by 64 columns): on a busy 2-core machine a
+    threaded BLAS made a toy iteration ~20× slower than one thread (2 s against 0.1 s) and 5
+    OT-Flow iterations took 57 s against 2 s. More cores are used by npflow's own row blocks
+    (CNF.threads / CNF.processes) instead. Returns the count in force (None: no BLAS found).
+    """
+    if any(v in os.environ for v in _BLAS_ENV):
+        return get_blas_threads()
+    return set_blas_threads(n)
 
 
 def tune_malloc(mmap_threshold: int = 32 * 1024 * 1024, trim_threshold: int = 2**31 - 1,
@@ -199,6 +209,14 @@ def tune_malloc(mmap_threshold: int = 32 * 1024 * 1024, trim_threshold: int = 2*
     blocks are still mapped afresh each time; ``mmap_max=0`` (M_MMAP_MAX) takes every block
     from the heap instead, for models whose arrays are larger (the image CNFs: tens of MiB per
     activation at batch 200).
+
+    Measured (issue 15, busy 2-core machine, medians of 3 interleaved runs each, noisy): an
+    OT-Flow iteration (d = 8, width 128, batch 1000, 8 RK4 steps) took 1.3-2.2x longer without
+    this setting; the toy CNF at batch 1000 showed no difference beyond the noise. This is the
+    one place npflow tunes malloc (the examples call it). Outside Python the same settings are
+    the environment variable
+    ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2147483647``
+    (read when the process starts; measured as fast as this call).
 
     Returns True when both settings were applied; False (and changes nothing) when the C
     library is not glibc (macOS, Windows, musl) or mallopt is unavailable or refuses.

@@ -27,6 +27,7 @@ import os
 import numpy
 
 from .backend import array_module, to_device, to_host
+from .layers import upgrade_param_name
 from .model import model_class, params_mismatch
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "save", "load", "load_training_state",
@@ -250,7 +251,18 @@ def read_params(path) -> dict:
         if missing:
             raise CheckpointError(f"checkpoint {os.fspath(path)!r} is damaged: parameters "
                                   f"{missing} are listed but not stored")
-        return {n: by_name[n] for n in names}
+        # older checkpoints: the conv layers' former parameter names (npflow.layers)
+        return {upgrade_param_name(n): by_name[n] for n in names}
+
+
+def _upgrade_names(tree):
+    """Older parameter names -> today's (npflow.layers.upgrade_param_name) in a tree's dict keys
+    and lists of strings: the optimizer's moments and key list of an older checkpoint."""
+    if isinstance(tree, dict):
+        return {upgrade_param_name(k): _upgrade_names(v) for k, v in tree.items()}
+    if isinstance(tree, list) and all(isinstance(v, str) for v in tree):
+        return [upgrade_param_name(v) for v in tree]
+    return tree
 
 
 def load(path, device: str | None = None):
@@ -291,7 +303,7 @@ def load_training_state(path) -> dict:
     with _open(path) as f, _guard(path, "the training state"):
         rng_json = json.loads(f.attrs["rng"])
         it = int(f.attrs["iteration"])
-        opt = _read_tree(f["optimizer"]) if "optimizer" in f else None
+        opt = _upgrade_names(_read_tree(f["optimizer"])) if "optimizer" in f else None
         extra = _read_tree(f["extra"]) if "extra" in f else None
     return {
         "optimizer": opt,

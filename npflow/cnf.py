@@ -1,18 +1,18 @@
 """Continuous normalizing flows: FFJORD, RNODE, TO-FLOW and STEER (docs/cnf.md).
 
-The augmented state of one CNF block (eq. 3.1), with z(t0) = x, ℓ(t0) = 0:
+The augmented state of one CNF block (eq. 1.1), with z(t0) = x, ℓ(t0) = 0:
 
     dz/dt = f(z, t; θ)                    z        (B, *event_shape)
-    dℓ/dt = tr ∂f/∂z   (exact or Hutchinson, eq. 3.3-3.4)          ℓ        (B,)
-    dE/dt = ‖f‖² / D          (kinetic energy, RNODE, eq. 3.6)     E        (B,)
-    dn/dt = ‖∂f/∂z ε‖² / D    (Jacobian Frobenius, RNODE, eq. 3.7) n        (B,)
+    dℓ/dt = tr ∂f/∂z   (exact or Hutchinson, eq. 2.1-2.2)          ℓ        (B,)
+    dE/dt = ‖f‖² / D          (kinetic energy, RNODE, eq. 3.1)     E        (B,)
+    dn/dt = ‖∂f/∂z ε‖² / D    (Jacobian Frobenius, RNODE, eq. 3.2) n        (B,)
 
-log p(x) = log N(z(T); 0, I) + ℓ(T)                                (eq. 3.2)
-loss     = mean_b [ ½‖z(T)‖² + (D/2) log 2π − ℓ(T) ] + λ_K mean E(T) + λ_J mean n(T)   (eq. 3.8)
+log p(x) = log N(z(T); 0, I) + ℓ(T)                                (eq. 1.2)
+loss     = mean_b [ ½‖z(T)‖² + (D/2) log 2π − ℓ(T) ] + λ_K mean E(T) + λ_J mean n(T)   (eq. 4.1)
 
 Every derivative comes from the layers' tangent/adjoint rules (docs/layers.md) and the solver's
 discrete adjoint (docs/solvers.md); the end time's gradient comes out of the same pass
-(∂L/∂T, eq. 3.10), and the analytic terminal formula of TO-FLOW (eq. 3.11) is reported beside it.
+(∂L/∂T, eq. 6.1), and the analytic terminal formula of TO-FLOW (eq. 6.2) is reported beside it.
 """
 from __future__ import annotations
 
@@ -24,14 +24,13 @@ import numpy as np  # host-side only: the seed generator and validation messages
 from .backend import get_array_module, to_host
 from .model import FlowModel, Part, check_int, check_rows
 from .odenet import ODENet
-from .tableau import TABLEAUS
+from .tableau import TABLEAUS, fixed_grid
 from .solvers import odeint, terminal_time_gradient
 from . import trace as trace_mod
 
 __all__ = ["CNF", "BlockStack", "CNFState", "RegularizedCNFState", "CNFDynamics", "TRACE_KINDS"]
 
 TRACE_KINDS = ("exact", "hutchinson", "gaussian", "rademacher")
-_FIXED_GRID = ("euler", "midpoint", "rk4", "rk38")
 
 
 class CNFState(NamedTuple):
@@ -54,7 +53,7 @@ def _sum_features(a):
 
 
 class CNFDynamics:
-    """The augmented CNF vector field F(y, t) of eq. 3.1 for npflow.odeint.
+    """The augmented CNF vector field F(y, t) of eq. 1.1 for npflow.odeint.
 
     Built once per solve with its probes ε fixed (drawn before the solve, reused by every stage
     and by the backward pass); never mutated.
@@ -64,8 +63,8 @@ class CNFDynamics:
     params  dict of the network's parameters
     eps     probes (K, B, ...) with the shape of z behind the K axis, or None (no trace:
             the state is z alone, used for sampling)
-    weight  trace weight: 1 for the exact basis, 1/K for Hutchinson (eq. 3.3-3.4)
-    regularized  carry E and n (eq. 3.6-3.7)
+    weight  trace weight: 1 for the exact basis, 1/K for Hutchinson (eq. 2.1-2.2)
+    regularized  carry E and n (eq. 3.1-3.2)
     """
 
     def __init__(self, net, params, eps=None, weight=1.0, regularized=False):
@@ -88,17 +87,17 @@ class CNFDynamics:
         K, B = Jeps.shape[0], Jeps.shape[1]
         xp = get_array_module(Jeps)
         dlogdet = xp.einsum("kbd,kbd->b", self.eps.reshape(K, B, -1),
-                            Jeps.reshape(K, B, -1))                                 # eq. 3.3
+                            Jeps.reshape(K, B, -1))                                 # eq. 2.1
         if self.weight != 1.0:
             dlogdet *= self.weight
         if not self.regularized:
             return CNFState(f, dlogdet), (cache, f, Jeps)
-        dkin = _sum_features(f * f) / D                                            # eq. 3.6
-        djac = self.weight * _sum_features((Jeps * Jeps).sum(axis=0)) / D           # eq. 3.7
+        dkin = _sum_features(f * f) / D                                            # eq. 3.1
+        djac = self.weight * _sum_features((Jeps * Jeps).sum(axis=0)) / D           # eq. 3.2
         return RegularizedCNFState(f, dlogdet, dkin, djac), (cache, f, Jeps)
 
     def backward(self, cache, ybar):
-        """Adjoint of forward (eq. 3.9): cotangents of dydt -> (y_bar, params_bar, t_bar).
+        """Adjoint of forward (eq. 5.1): cotangents of dydt -> (y_bar, params_bar, t_bar).
 
         y_bar's ℓ (and E, n) parts are None: F does not depend on them (zero cotangent)."""
         ncache, f, Jeps = cache
@@ -162,9 +161,9 @@ class BlockStack:
         return {k[len(pre):]: v for k, v in params.items() if k.startswith(pre)}
 
     # ---- what CNF and MultiscaleCNF share: the final cotangent, the block-reverse loop and
-    # ---- the end-time gradients (docs/cnf.md, eq. 3.9-3.11)
+    # ---- the end-time gradients (docs/cnf.md, eq. 5.1-6.2)
     def _terminal_cotangent(self, y, zbar, c, B):
-        """∂loss/∂y(T) (eq. 3.9a) for the rows of y of a batch of B samples: z̄ = ``zbar``,
+        """∂loss/∂y(T) (eq. 5.1a) for the rows of y of a batch of B samples: z̄ = ``zbar``,
         ℓ̄ = −c (c = 1/B, or 1/(B·D ln 2) for bits/dim), Ē = λ_K/B, n̄ = λ_J/B."""
         xp = self.xp
         dt = zbar.dtype
@@ -176,11 +175,11 @@ class BlockStack:
         return CNFState(zbar, lbar)
 
     def _reverse(self, tape, ybar, Ts, other=None):
-        """The block-reverse loop (eq. 3.9): walk ``tape`` backwards from the cotangent ybar of
+        """The block-reverse loop (eq. 5.1): walk ``tape`` backwards from the cotangent ybar of
         the final state. A ("block", b, dyn, sol) entry runs block b's discrete adjoint; any
         other entry goes to ``other(entry, ybar) -> ybar`` (squeeze, factor-out). With trained
-        end times, grads gets the discrete ∂L/∂T_b (eq. 3.10) under ``time_names[b]`` and sums
-        the analytic one (eq. 3.11) under "dL_dT_analytic:b".
+        end times, grads gets the discrete ∂L/∂T_b (eq. 6.1) under ``time_names[b]`` and sums
+        the analytic one (eq. 6.2) under "dL_dT_analytic:b".
 
         Returns (grads: dict like params, sums: dict, nfe_backward: int)."""
         train_T = self.config["train_T"]
@@ -213,8 +212,8 @@ class BlockStack:
         share of ``rows`` (lo, hi) of the batch x when given (docs/parallel.md; the shares of
         a split batch add up); ``allreduce`` as in odeint.
 
-        kind "analytic": the terminal formula λ(T)·F(y(T), T) (eq. 3.11); "discrete": the exact
-        derivative of the discrete loss (eq. 3.10). Returns a list of floats, one per block.
+        kind "analytic": the terminal formula λ(T)·F(y(T), T) (eq. 6.2); "discrete": the exact
+        derivative of the discrete loss (eq. 6.1). Returns a list of floats, one per block.
         """
         if kind not in ("analytic", "discrete"):
             raise ValueError(f"unknown time-gradient kind {kind!r}: 'analytic' or 'discrete'")
@@ -242,13 +241,14 @@ class CNF(BlockStack, FlowModel):
     dim         D, the data dimension; data x has shape (B, D)
     hidden      widths of the ODENet's hidden layers
     layer       "concatsquash" | "concat" | "linear" (ODENet layer type)
-    activation  "tanh" | "softplus" | "sigmoid" | "swish" | "logcosh"
+    activation  a name in npflow.layers.ACTIVATIONS ("tanh", "softplus", "gelu", ...)
     T           initial end time of every block (t0 = 0)
     train_T     train the end times (TO-FLOW): params gains "T" (one block) or "T0", "T1", ...
-    solver      "rk4" | "rk38" | "euler" | "midpoint" (fixed grid, `steps` steps) | "dopri5"
+    solver      a name in npflow.tableau.TABLEAUS: fixed grid ("rk4", "rk38", "euler",
+                "midpoint"; `steps` steps) or adaptive ("dopri5", "bosh3")
     trace       "exact" (basis probes) | "hutchinson"/"gaussian" | "rademacher"
     probes      K, the number of Hutchinson probes (ignored for "exact")
-    kinetic, jacobian  RNODE's λ_K, λ_J (eq. 3.8)
+    kinetic, jacobian  RNODE's λ_K, λ_J (eq. 4.1)
     zero_last   zero the last layer of every block so the flow starts as the identity (RNODE)
     """
 
@@ -297,7 +297,7 @@ class CNF(BlockStack, FlowModel):
         return self.prepare_data(x, (self.dim,))
 
     def _probes(self, kind, rng, B):
-        """Probes (K, B, D) and their trace weight (eq. 3.3-3.4)."""
+        """Probes (K, B, D) and their trace weight (eq. 2.1-2.2)."""
         kind = "gaussian" if kind == "hutchinson" else kind
         K = self.dim if kind == "exact" else self.config["probes"]
         eps = trace_mod.probes(kind, K, (B, self.dim), rng, self.dtype, self.xp)
@@ -305,7 +305,7 @@ class CNF(BlockStack, FlowModel):
 
     def _solver_kwargs(self, solver, steps, rtol, atol):
         kw = dict(method=solver, rtol=rtol, atol=atol)
-        if solver in _FIXED_GRID:
+        if fixed_grid(solver):
             kw["steps"] = steps
         return kw
 
@@ -317,7 +317,7 @@ class CNF(BlockStack, FlowModel):
         return CNFState(x, zero)
 
     def _flow(self, x, rng, params, Ts, regularized, trace, kw):
-        """Solve every block forward from x (B, D) with fresh probes per block (eq. 3.1).
+        """Solve every block forward from x (B, D) with fresh probes per block (eq. 1.1).
 
         Returns (y(T) of the last block, the solutions, the dynamics), one per block."""
         y = self._initial_state(x, regularized)
@@ -332,19 +332,19 @@ class CNF(BlockStack, FlowModel):
         return y, sols, dyns
 
     def _nll(self, z, logdet):
-        """Per-sample −log p(x) = ½‖z‖² + (D/2) log 2π − ℓ (eq. 3.2)."""
+        """Per-sample −log p(x) = ½‖z‖² + (D/2) log 2π − ℓ (eq. 1.2)."""
         return 0.5 * _sum_features(z * z) + 0.5 * self.dim * math.log(2 * math.pi) - logdet
 
     # ---------------------------------------------------------------- training
     def loss_and_grad(self, x, rng, params=None, T=None):
-        """Loss of eq. 3.8 on a batch and its exact gradient (discrete adjoint).
+        """Loss of eq. 4.1 on a batch and its exact gradient (discrete adjoint).
 
         x       data (B, D) (host or device array)
         rng     numpy.random.Generator for the Hutchinson probes
         params  parameter dict (default self.params)
         T       optional end-time override (STEER, a float or one per block)
         Returns (loss: float, grads: dict like params, stats: dict). When T is trained, grads
-        holds the discrete ∂L/∂T (eq. 3.10) and stats both it and the analytic one (eq. 3.11).
+        holds the discrete ∂L/∂T (eq. 6.1) and stats both it and the analytic one (eq. 6.2).
         Data-parallel training splits the same computation over processes (npflow.parallel,
         docs/parallel.md): loss_and_grad_part on each one's rows, loss_from_part on the sum.
         """
@@ -353,9 +353,9 @@ class CNF(BlockStack, FlowModel):
 
     def loss_and_grad_part(self, x, rng, rows=None, params=None, T=None, allreduce=None):
         """The part of rows ``(lo, hi)`` of the batch x (B, D) (default: all) in the loss of
-        eq. 3.8 and its gradient: a model.Part with sums "nll" (and "kinetic", "jacobian") of
+        eq. 4.1 and its gradient: a model.Part with sums "nll" (and "kinetic", "jacobian") of
         per-sample terms over the rows, their gradient with the whole batch's cotangent
-        (eq. 3.9a, 1/B per row) and, with trained end times, ∂L/∂T (eq. 3.10-3.11).
+        (eq. 5.1a, 1/B per row) and, with trained end times, ∂L/∂T (eq. 6.1-6.2).
 
         The probes are drawn from rng for the whole batch (the same draws whatever the rows)
         and the rows keep theirs (docs/parallel.md, eq. 1.3); ``allreduce`` (see odeint) makes an
@@ -370,14 +370,14 @@ class CNF(BlockStack, FlowModel):
         regularized = cfg["kinetic"] > 0 or cfg["jacobian"] > 0
         Ts = self.end_times(params, T)
         kw = self._solver_kwargs(cfg["solver"], cfg["steps"], cfg["rtol"], cfg["atol"])
-        kw["store"] = "caches" if cfg["solver"] in _FIXED_GRID else "states"
+        kw["store"] = "caches" if fixed_grid(cfg["solver"]) else "states"
         kw["allreduce"] = allreduce
         y, tape = self._flow_rows(x, rng, (lo, hi), params, Ts, regularized, kw)
         sums = {"nll": self._nll(y.z, y.logdet).sum()}
         if regularized:
             sums["kinetic"] = y.kinetic.sum()
             sums["jacobian"] = y.jacobian.sum()
-        ybar = self._terminal_cotangent(y, y.z / B, 1.0 / B, B)                 # eq. 3.9a
+        ybar = self._terminal_cotangent(y, y.z / B, 1.0 / B, B)                 # eq. 5.1a
         grads, dT_sums, nfe_b = self._reverse(tape, ybar, Ts)
         sums.update(dT_sums)
         same = {"nfe_forward": float(sum(e[3].nfe for e in tape)), "nfe_backward": float(nfe_b)}
@@ -405,7 +405,7 @@ class CNF(BlockStack, FlowModel):
 
     def _flow_rows(self, x, rng, rows, params, Ts, regularized, kw):
         """Solve every block forward from the rows lo:hi of x (B, D), the probes drawn for all
-        B rows and sliced (eq. 3.1): returns (y(T) of the last block, the tape
+        B rows and sliced (eq. 1.1): returns (y(T) of the last block, the tape
         [("block", b, dyn, sol), ...])."""
         lo, hi = rows
         xr = x[lo:hi]
@@ -421,7 +421,7 @@ class CNF(BlockStack, FlowModel):
         return y, tape
 
     def _analytic_time_gradient(self, x, rng, params, rows, allreduce):
-        """One block: one forward solve and the terminal formula (eq. 3.11), no backward."""
+        """One block: one forward solve and the terminal formula (eq. 6.2), no backward."""
         if len(self.nets) > 1:
             return None
         params = self.params if params is None else params
@@ -439,7 +439,7 @@ class CNF(BlockStack, FlowModel):
     # ---------------------------------------------------------------- evaluation
     def log_prob(self, x, params=None, solver="dopri5", steps=None, rtol=1e-5, atol=1e-5,
                  trace="exact", rng=None, batch_size=10000, return_nfe=False):
-        """log p(x) (eq. 3.2) for x (N, D), by default with dopri5 and the exact trace.
+        """log p(x) (eq. 1.2) for x (N, D), by default with dopri5 and the exact trace.
 
         Returns an array (N,) on the model's device (and the mean NFE per batch if asked).
         """

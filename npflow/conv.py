@@ -1,11 +1,16 @@
 """Convolutional layers with tangents and adjoints (docs/images.md, section 1).
 
-Same mechanism as npflow/layers.py (docs/layers.md): a stateless description plus
+The layer contract of npflow.layers (npflow.layers.Layer, docs/layers.md section 1): a
+stateless description plus
 
-    forward  :: (params, x, xdot, t)   -> (y, ydot, cache)
-    backward :: (ybar, ydotbar, cache) -> (xbar, xdotbar, params_bar, tbar)
+    forward          :: (params, x, xdot, t)   -> (y, ydot, cache)
+    backward         :: (ybar, ydotbar, cache) -> (xbar, xdotbar, params_bar, tbar)
+    forward_stacked  :: (params, h, t)         -> (h_out, cache)
+    backward_stacked :: (hbar, cache, need_xdotbar=True) -> (hbar_in, params_bar, tbar)
 
-with x (B, C, H, W), xdot (K, B, C, H, W) or None, t a scalar.
+with x (B, C, H, W), xdot (K, B, C, H, W) or None, h = [x; xdot] (K+1, B, C, H, W), t a scalar,
+and the parameters named as the dense layers name them (weight, bias, gate.weight, gate.bias,
+hyper_bias.weight).
 
 A convolution is linear in x, so the tangents go through the same map without the bias
 (eq. 1.3). The primal and the K tangents are therefore stacked into one batch of R = (K+1)·B
@@ -28,9 +33,9 @@ from __future__ import annotations
 import math
 
 from .backend import get_array_module
-from .layers import Layer, Softplus
+from .layers import Layer, Softplus, squash_gates, squash_gates_backward
 
-__all__ = ["Conv2d", "ConcatConv2d", "ConcatSquashConv2d", "Softplus", "ConvNet",
+__all__ = ["Conv2d", "ConcatConv2d", "ConcatSquashConv2d", "Softplus", "ConvNet", "LAYER_TYPES",
            "conv_output_size"]
 
 
@@ -113,6 +118,13 @@ class Conv2d(Layer):
                 f"padding={padding}")
 
     # -- description ---------------------------------------------------------------------------
+    def param_names(self):
+        return ("weight", "bias") if self.bias else ("weight",)
+
+    def out_shape(self, in_shape):
+        """(B, C_in, H, W) -> (B, C_out, Ho, Wo) (eq. 1.1), the layer contract's form."""
+        return (in_shape[0],) + self.output_shape(tuple(in_shape[1:]))
+
     def output_shape(self, in_shape):
         """(C_in, H, W) -> (C_out, Ho, Wo) (eq. 1.1)."""
         C, H, W = in_shape
@@ -177,12 +189,17 @@ class Conv2d(Layer):
 
     def forward(self, params, x, xdot, t):
         """eq. 1.3: y = W ⋆ x + b;  eq. 1.4: ydot_k = W ⋆ xdot_k.  Shapes in the class doc."""
-        H, cache = self.forward_stacked(params, x, xdot, t)
+        H, cache = self._forward(params, x, xdot, t)
         return H[0], (H[1:] if H.shape[0] > 1 else None), cache
 
-    def forward_stacked(self, params, x, xdot, t):
-        """forward with the output stacked: H (K+1, B, C_out, Ho, Wo), H[0] = y, H[1:] = ydot
-        (one array, as the activations' stacked rules take it: no copy between layers)."""
+    def forward_stacked(self, params, h, t):
+        """eq. 1.3-1.4 on the stack: h (K+1, B, C_in, H, W) = [x; xdot] ->
+        H (K+1, B, C_out, Ho, Wo), H[0] = y, H[1:] = ydot (one array, as the activations'
+        stacked rules take it: no copy between layers; h is copied once, into the padded
+        buffer of eq. 1.2)."""
+        return self._forward(params, h[0], h[1:] if h.shape[0] > 1 else None, t)
+
+    def _forward(self, params, x, xdot, t):
         Y, cache = self._linear_forward(params["weight"], x, xdot, t)
         B, K = cache[2], cache[3]
         if self.bias:
@@ -301,6 +318,15 @@ class Conv2d(Layer):
         eq. 1.7: tbar = Σ (gradient reaching the time channel) (ConcatConv2d only)."""
         return self.backward_parts(ybar, ydotbar, cache, need_xdotbar)[:4]
 
+    def backward_stacked(self, hbar, cache, need_xdotbar=True):
+        """backward on the stack: hbar (K+1, B, C_out, Ho, Wo) = [ybar; ydotbar] ->
+        (hbar_in (K+1, B, C_in, H, W) = [xbar; xdotbar], params_bar, tbar); need_xdotbar=False:
+        hbar_in is (1, B, C_in, H, W), the primal block only."""
+        K = hbar.shape[0] - 1
+        xbar, xdotbar, grads, tbar, stacked = self.backward_parts(
+            hbar[0], hbar[1:] if K else None, cache, need_xdotbar)
+        return _stack(xbar, xdotbar, stacked, need_xdotbar), grads, tbar
+
     def backward_parts(self, ybar, ydotbar, cache, need_xdotbar=True):
         """backward, plus the input cotangents stacked (K+1, B, C, H, W) as one array when both
         were formed (xbar and xdotbar are its views; else None), for ConvNet's activation."""
@@ -324,73 +350,82 @@ class ConcatConv2d(Conv2d):
     time_channels = 1
 
 
-def _sigmoid(a, xp):
-    return 0.5 * (xp.tanh(0.5 * a) + 1)
-
-
 class ConcatSquashConv2d(Conv2d):
-    """y = (W ⋆ x + b) ⊙ g(t) + W_b t, g(t) = sigmoid(W_g t + b_g), per output channel
+    """y = (W ⋆ x + b) ⊙ g(t) + w_b t, g(t) = sigmoid(w_g t + b_g), per output channel
     (FFJORD's ConcatSquashConv2d; eq. 1.8).
 
-    params: weight (C_out, C_in, k, k), bias (C_out,), gate_weight (C_out,), gate_bias (C_out,),
-    hyper_bias (C_out,).
-    Forward eq. 1.8: y = c ⊙ g + W_b t, ydot_k = ċ_k ⊙ g with c = W ⋆ x + b, ċ_k = W ⋆ xdot_k.
-    Backward eq. 1.9-1.10.
+    params (named as ConcatSquashLinear's): weight (C_out, C_in, k, k), bias (C_out,),
+    gate.weight w_g (C_out,), gate.bias b_g (C_out,), hyper_bias.weight w_b (C_out,).
+    Forward eq. 1.8: with u = W ⋆ x and u̇_k = W ⋆ xdot_k, y = u ⊙ g + c, ydot_k = u̇_k ⊙ g, where
+    g and c = b ⊙ g + t w_b come from npflow.layers.squash_gates (the dense layer's routine).
+    Backward eq. 1.9-1.10, the gate terms by npflow.layers.squash_gates_backward.
     """
+
+    def param_names(self):
+        return super().param_names() + ("gate.weight", "gate.bias", "hyper_bias.weight")
 
     def init_params(self, rng, dtype, xp):
         p = super().init_params(rng, dtype, xp)
         # torch.nn.Linear(1, C_out) default: U(−1, 1) for weight and bias; hyper_bias no bias.
-        p["gate_weight"] = xp.asarray(rng.uniform(-1, 1, (self.c_out,)), dtype=dtype)
-        p["gate_bias"] = xp.asarray(rng.uniform(-1, 1, (self.c_out,)), dtype=dtype)
-        p["hyper_bias"] = xp.asarray(rng.uniform(-1, 1, (self.c_out,)), dtype=dtype)
+        p["gate.weight"] = xp.asarray(rng.uniform(-1, 1, (self.c_out,)), dtype=dtype)
+        p["gate.bias"] = xp.asarray(rng.uniform(-1, 1, (self.c_out,)), dtype=dtype)
+        p["hyper_bias.weight"] = xp.asarray(rng.uniform(-1, 1, (self.c_out,)), dtype=dtype)
         return p
 
-    def forward_stacked(self, params, x, xdot, t):
+    def _forward(self, params, x, xdot, t):
         """eq. 1.8 with the output stacked: H (K+1, B, C_out, Ho, Wo), H[0] = y, H[1:] = ydot."""
         Y, lin_cache = self._linear_forward(params["weight"], x, xdot, t)
         xp = get_array_module(Y)
         B, K = lin_cache[2], lin_cache[3]
-        c = Y[:B]
-        if self.bias:
-            c += params["bias"][:, None, None]             # Y is this call's own array
-        g = _sigmoid(params["gate_weight"] * t + params["gate_bias"], xp)
-        H = xp.empty((K + 1,) + c.shape, dtype=c.dtype)
-        xp.multiply(c, g[:, None, None], out=H[0])
-        H[0] += (params["hyper_bias"] * t)[:, None, None]
-        cdot = Y[B:].reshape((K,) + c.shape) if K else None
+        g, c, t = squash_gates(t, params["gate.weight"], params["gate.bias"],
+                               params["hyper_bias.weight"], params.get("bias"))
+        u = Y[:B]                                   # u = W ⋆ x (unbiased), for ḡ (eq. 1.10)
+        udot = Y[B:].reshape((K,) + u.shape) if K else None
+        H = xp.empty((K + 1,) + u.shape, dtype=u.dtype)
+        xp.multiply(u, g[:, None, None], out=H[0])
+        H[0] += c[:, None, None]
         if K:
-            xp.multiply(cdot, g[:, None, None], out=H[1:])
-        return H, (lin_cache, c, cdot, g, t, params["gate_weight"], params["hyper_bias"])
+            xp.multiply(udot, g[:, None, None], out=H[1:])
+        return H, (lin_cache, u, udot, g, t, params)
 
     def backward_parts(self, ybar, ydotbar, cache, need_xdotbar=True):
-        """eq. 1.9: cbar = ybar ⊙ g, ċbar_k = ydotbar_k ⊙ g;
-        eq. 1.10: ḡ = Σ ybar ⊙ c + Σ_k ydotbar_k ⊙ ċ_k (per channel), ā = ḡ g(1−g),
-        W̄_g = ā t, b̄_g = ā, W̄_b = t Σ ybar, tbar = Σ ā W_g + Σ W_b Σ ybar (+ conv's eq. 1.7,
-        zero here: no time channel)."""
-        lin_cache, c, cdot, g, t, Wg, Wb = cache
-        xp = get_array_module(c)
+        """eq. 1.9: ubar = ybar ⊙ g, u̇bar_k = ydotbar_k ⊙ g through the convolution's adjoint;
+        eq. 1.10 per channel: s = Σ ybar, ḡ = Σ ybar ⊙ u + Σ_k ydotbar_k ⊙ u̇_k (+ b ⊙ s inside
+        squash_gates_backward, which gives ā, b̄, w̄_g, b̄_g, w̄_b and tbar; the convolution adds
+        no t term here: no time channel)."""
+        lin_cache, u, udot, g, t, params = cache
+        xp = get_array_module(u)
         gb = g[:, None, None]
-        cbar = None if ybar is None else ybar * gb
-        cdotbar = None if (ydotbar is None or cdot is None) else ydotbar * gb
-        xbar, xdotbar, grads, _, stacked = super().backward_parts(cbar, cdotbar, lin_cache,
-                                                                  need_xdotbar)
+        ubar = None if ybar is None else ybar * gb
+        udotbar = None if (ydotbar is None or udot is None) else ydotbar * gb
+        xbar, xdotbar, Wbar, _, stacked = self._linear_backward(ubar, udotbar, lin_cache,
+                                                                need_xdotbar)
         gbar = xp.zeros_like(g)
-        ysum = xp.zeros_like(g)
+        s = xp.zeros_like(g)
         if ybar is not None:
-            ysum = ybar.sum(axis=(0, 2, 3))
-            gbar = gbar + (ybar * c).sum(axis=(0, 2, 3))
-        if cdotbar is not None:
-            gbar = gbar + (ydotbar * cdot).sum(axis=(0, 1, 3, 4))
-        abar = gbar * g * (1 - g)
-        grads["gate_weight"] = abar * t
-        grads["gate_bias"] = abar
-        grads["hyper_bias"] = ysum * t
-        tbar = (abar * Wg).sum() + (ysum * Wb).sum()
-        return xbar, xdotbar, grads, tbar, stacked
+            s = ybar.sum(axis=(0, 2, 3))
+            gbar = gbar + (ybar * u).sum(axis=(0, 2, 3))
+        if udotbar is not None:
+            gbar = gbar + (ydotbar * udot).sum(axis=(0, 1, 3, 4))
+        gate_grads, tbar = squash_gates_backward(t, g, s, gbar, params["gate.weight"],
+                                                 params["hyper_bias.weight"], params.get("bias"))
+        return xbar, xdotbar, {"weight": Wbar, **gate_grads}, tbar, stacked
 
 
-_LAYER_TYPES = {"concat": ConcatConv2d, "concatsquash": ConcatSquashConv2d, "ignore": Conv2d}
+def _stack(xbar, xdotbar, stacked, need_xdotbar=True):
+    """[xbar; xdotbar] as one (K+1, B, ...) array: ``stacked`` when the backward formed it,
+    else stacked here (xbar[None] without tangent cotangents); xbar None means zeros."""
+    if stacked is not None:
+        return stacked
+    if xbar is None:
+        xbar = get_array_module(xdotbar).zeros_like(xdotbar[0])
+    if xdotbar is None or not need_xdotbar:
+        return xbar[None]
+    return get_array_module(xbar).concatenate((xbar[None], xdotbar), axis=0)
+
+
+#: The conv layers by name, for ConvNet(layer_type=...) (the layer contract's registry).
+LAYER_TYPES = {"concat": ConcatConv2d, "concatsquash": ConcatSquashConv2d, "ignore": Conv2d}
 
 
 class ConvNet(Layer):
@@ -411,16 +446,16 @@ class ConvNet(Layer):
         if len(self.in_shape) != 3:
             raise ValueError(f"ConvNet: in_shape must be (C, H, W), got {in_shape!r}")
         self.hidden_dims = tuple(int(h) for h in hidden_dims)
-        if layer_type not in _LAYER_TYPES:
+        if layer_type not in LAYER_TYPES:
             raise ValueError(f"ConvNet: unknown layer_type {layer_type!r}; "
-                             f"expected one of {sorted(_LAYER_TYPES)}")
+                             f"expected one of {sorted(LAYER_TYPES)}")
         self.layer_type = layer_type
         n = len(self.hidden_dims) + 1
         self.strides = (1,) * n if strides is None else tuple(int(s) for s in strides)
         if len(self.strides) != n or any(s not in (1, 2) for s in self.strides):
             raise ValueError(f"ConvNet: strides must be {n} entries of 1 or 2, got {strides!r}")
         self.zero_last = bool(zero_last)
-        cls = _LAYER_TYPES[layer_type]
+        cls = LAYER_TYPES[layer_type]
         dims = (self.in_shape[0],) + self.hidden_dims + (self.in_shape[0],)
         self.convs = []
         shape = self.in_shape
@@ -468,16 +503,15 @@ class ConvNet(Layer):
         Each conv layer hands its output to the activation stacked (K+1, B, ...), as one array."""
         self.validate(x, xdot)
         caches = []
-        h, hdot = x, xdot
-        last = len(self.convs) - 1
-        for i, conv in enumerate(self.convs):
-            H, c = conv.forward_stacked(self._sub(params, i), h, hdot, t)
+        # the first layer reads x and xdot into its padded buffer directly (no stacking copy)
+        H, c = self.convs[0]._forward(self._sub(params, 0), x, xdot, t)
+        caches.append(c)
+        for i, conv in enumerate(self.convs[1:], start=1):
+            H, c = self.act.forward_stacked({}, H, t)
             caches.append(c)
-            if i < last:
-                H, c = self.act.forward_stacked({}, H, t)
-                caches.append(c)
-            h, hdot = H[0], (H[1:] if H.shape[0] > 1 else None)
-        return h, hdot, tuple(caches)
+            H, c = conv.forward_stacked(self._sub(params, i), H, t)
+            caches.append(c)
+        return H[0], (H[1:] if H.shape[0] > 1 else None), tuple(caches)
 
     def backward(self, ybar, ydotbar, cache, need_xdotbar=True):
         """Reverse of eq. 1.12 layer by layer; tbar summed over layers.
@@ -496,10 +530,9 @@ class ConvNet(Layer):
             for name, v in g.items():
                 grads[f"{i}.{name}"] = v
             if i > 0:
-                if Hbar is None:          # no tangents (or no primal cotangent): stack them
-                    Hbar = (hbar[None] if hdotbar is None else
-                            get_array_module(hbar).concatenate((hbar[None], hdotbar), axis=0))
-                Hin, _, _ = self.act.backward_stacked(Hbar, cache[ci])
+                Hbar = _stack(hbar, hdotbar, Hbar)
+                # Hbar is this layer's fresh input cotangent: the activation may overwrite it
+                Hin, _, _ = self.act.backward_stacked(Hbar, cache[ci], out=Hbar)
                 hbar, hdotbar = Hin[0], (Hin[1:] if Hin.shape[0] > 1 else None)
                 ci -= 1
         return hbar, (hdotbar if need_xdotbar else None), grads, tbar

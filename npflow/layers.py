@@ -1,36 +1,38 @@
 """Layers with tangents and adjoints (docs/layers.md, section 1).
 
-Every layer is a stateless description (sizes, choices) plus two pure functions over an
-explicit parameter dict, the rules side by side as in JAX's custom_jvp/custom_vjp:
+The layer contract (docs/layers.md, section 1, "The layer contract"; ``Layer`` below) is one
+protocol for the dense layers of this module and the convolutions of npflow.conv: a stateless
+description (sizes, choices) plus pure functions over an explicit parameter dict, the rules side
+by side as in JAX's custom_jvp/custom_vjp:
 
-    forward  :: (params, x, xdot, t)   -> (y, ydot, cache)
-    backward :: (ybar, ydotbar, cache) -> (xbar, xdotbar, params_bar, tbar)
+    forward          :: (params, x, xdot, t)   -> (y, ydot, cache)                  (eq. 1.1)
+    backward         :: (ybar, ydotbar, cache) -> (xbar, xdotbar, params_bar, tbar) (eq. 1.2)
+    forward_stacked  :: (params, h, t)         -> (h_out, cache)                    (eq. 1.1a)
+    backward_stacked :: (hbar, cache)          -> (hbar_in, params_bar, tbar)       (eq. 1.1a)
 
 Shapes: x (B, ...) the primal, xdot (K, B, ...) K tangents (directions), t a scalar (Python
-float or 0-d array). y = g(x, t; θ) and ydot_k = ∂g/∂x · xdot_k (eq. 1.1). The backward is the
-exact reverse of that forward map (x, xdot, θ, t) -> (y, ydot), second-order terms included
-(eq. 1.2): xbar collects ∂/∂x of <ybar, y> + <ydotbar, ydot>, which for a nonlinear layer
-involves ∂²g/∂x².
+float or 0-d array); the stacked forms take h = [x; xdot] of shape (K+1, B, ...). y = g(x, t; θ)
+and ydot_k = ∂g/∂x · xdot_k (eq. 1.1). The backward is the exact reverse of that forward map
+(x, xdot, θ, t) -> (y, ydot), second-order terms included (eq. 1.2): xbar collects ∂/∂x of
+<ybar, y> + <ydotbar, ydot>, which for a nonlinear layer involves ∂²g/∂x².
 
 Conventions:
 - ``xdot`` may be None (no tangents; ``ydot`` is then None); ``ybar``/``ydotbar`` may be None
   (zero cotangent). Caches are values (a tuple), so one network may be evaluated several times
-  before any backward runs. Inputs and cotangents are never mutated.
+  before any backward runs. Inputs and cotangents are never mutated (except ``hbar`` when a
+  caller that owns it passes ``out=hbar`` to an activation's backward_stacked).
 - ``params_bar`` has the same keys as the layer's params; ``tbar`` is a scalar (0.0 when the
   layer does not depend on t, else a 0-d array).
+- Parameters are named alike in every layer, after PyTorch's sub-modules as FFJORD names them:
+  ``weight``, ``bias``, and for the ConcatSquash layers ``gate.weight``, ``gate.bias``,
+  ``hyper_bias.weight`` (dense and conv alike; ``upgrade_param_name`` maps the older conv
+  names of saved checkpoints).
 - The array module comes from the inputs: ``xp = get_array_module(x)``.
 
-The stacked form (docs/layers.md, eq. 1.1a). The layers of this module (subclasses of
-``StackedLayer``) do their work on one array h of shape (K+1, B, n) holding the primal in h[0]
-and the K tangents in h[1:]:
-
-    forward_stacked  :: (params, h, t)  -> (h_out, cache)
-    backward_stacked :: (hbar, cache)   -> (hbar_in, params_bar, tbar)
-
-so that an affine layer maps primal and tangents with ONE matrix product over (K+1)·B rows
-(forward, input cotangent and weight cotangent alike: eq. 1.5 is then hbarᵀ h). ``forward`` /
-``backward`` are the public interface above, built on the stacked rules; npflow.odenet.ODENet
-chains the stacked rules directly and so stacks only once per network call.
+With the stacked rules an affine layer maps primal and tangents with ONE matrix product over
+(K+1)·B rows (forward, input cotangent and weight cotangent alike: eq. 1.5 is then hbarᵀ h).
+``StackedLayer`` builds ``forward``/``backward`` from the stacked rules; npflow.odenet.ODENet
+and npflow.conv.ConvNet chain the stacked rules directly and so stack only once per call.
 """
 from __future__ import annotations
 
@@ -39,13 +41,51 @@ import math
 from .backend import get_array_module
 
 __all__ = ["Layer", "StackedLayer", "Linear", "ConcatLinear", "ConcatSquashLinear",
-           "Activation", "Tanh", "Softplus", "Sigmoid", "Swish", "LogCosh",
+           "Activation", "Tanh", "Softplus", "Sigmoid", "Swish", "LogCosh", "GELU",
            "ACTIVATIONS", "get_activation", "stack_tangents", "stack_cotangents",
-           "unstack_tangents"]
+           "unstack_tangents", "as_time", "sigmoid", "squash_gates", "squash_gates_backward",
+           "upgrade_param_name"]
 
 
 class Layer:
-    """Base class: a layer's description and its parameter initialisation."""
+    """Base class of every layer, dense (this module) and convolutional (npflow.conv).
+
+    The contract (docs/layers.md, section 1, "The layer contract"): a layer is a stateless
+    description plus these methods, forward, tangent and adjoint side by side:
+
+      init_params(rng, dtype, xp) -> {name: array}   fresh parameters (names as in the module
+                                                     doc: weight, bias, gate.weight, ...)
+      param_names()               -> tuple           the keys init_params returns
+      out_shape(in_shape)         -> tuple           y's shape (B, ...) for x of ``in_shape``
+      forward_stacked(params, h, t) -> (h_out, cache)
+          h (K+1, B, ...) = [x; xdot]: h_out[0] = g(x, t; θ), h_out[k] = ∂g/∂x · xdot_k
+          (eq. 1.1, 1.1a)
+      backward_stacked(hbar, cache, need_xdotbar=True) -> (hbar_in, params_bar, tbar)
+          the reverse of forward_stacked, second-order terms included (eq. 1.2):
+          hbar (K+1, B, ...) = [ybar; ydotbar] -> hbar_in = [xbar; xdotbar], params_bar
+          {name: array like params[name]}, tbar a scalar (0.0 without t);
+          need_xdotbar=False: hbar_in may hold the primal block only (shape (1, B, ...))
+      forward(params, x, xdot, t) / backward(ybar, ydotbar, cache)
+          the unstacked interface (None tangents / cotangents allowed); StackedLayer derives
+          them from the stacked rules.
+
+    The networks built from layers (npflow.odenet.ODENet, npflow.conv.ConvNet) are Layers with
+    the unstacked interface only: they chain their layers' stacked rules inside.
+
+    How to add a layer (docs/layers.md, section 1, "How to add a layer"):
+
+    1. Derive its rules in docs/layers.md (or docs/images.md for a convolution): forward,
+       tangent (eq. 1.1) and the adjoint of the pair (eq. 1.2), each a numbered equation.
+    2. Subclass ``StackedLayer`` (``Activation`` for an elementwise σ: then only σ and its
+       derivatives, see Activation) and write ``init_params``, ``param_names``, ``out_shape``,
+       ``forward_stacked`` and ``backward_stacked``, citing the equations; name parameters as
+       the existing layers do; take the array module from the inputs.
+    3. Register it where networks pick layers by name (``ACTIVATIONS`` below,
+       npflow.odenet.LAYER_TYPES, npflow.conv's layer types); the examples' choices follow.
+    4. Test it in tests/test_layers.py (or test_conv.py) with ``check_all``: the tangent and
+       every cotangent against central differences and the dot-product test, float64,
+       hypothesis-drawn sizes (the activations' tests run over every entry of ACTIVATIONS).
+    """
 
     def init_params(self, rng, dtype, xp) -> dict:
         """Fresh parameters (dict name -> array of ``dtype`` in module ``xp``).
@@ -53,6 +93,20 @@ class Layer:
         ``rng`` is a numpy.random.Generator (host); arrays are drawn on the host and moved once.
         """
         return {}
+
+    def param_names(self):
+        """The keys of ``init_params``' dict."""
+        return ()
+
+    def out_shape(self, in_shape):
+        """Shape of y (B, ...) for x of shape ``in_shape`` (B, ...)."""
+        raise NotImplementedError
+
+    def forward_stacked(self, params, h, t):
+        raise NotImplementedError
+
+    def backward_stacked(self, hbar, cache, need_xdotbar=True):
+        raise NotImplementedError
 
     def forward(self, params, x, xdot, t):
         raise NotImplementedError
@@ -104,7 +158,7 @@ def unstack_tangents(h, K):
     return h[0], (h[1:] if K > 0 else None)
 
 
-def _as_time(t, dtype, xp):
+def as_time(t, dtype, xp):
     """t as a Python float, or a 0-d array of the parameters' dtype (so float32 stays float32)."""
     if isinstance(t, (int, float)):
         return float(t)
@@ -113,16 +167,6 @@ def _as_time(t, dtype, xp):
 
 class StackedLayer(Layer):
     """A layer given by its stacked rules; ``forward``/``backward`` follow from them."""
-
-    def forward_stacked(self, params, h, t):
-        raise NotImplementedError
-
-    def backward_stacked(self, hbar, cache):
-        raise NotImplementedError
-
-    def out_shape(self, in_shape):
-        """Shape of y (B, ...) for x of shape ``in_shape`` (B, ...)."""
-        raise NotImplementedError
 
     def _check_input(self, x):
         """Cheap shape check of x (no device synchronisation)."""
@@ -207,7 +251,7 @@ class Linear(_Affine):
             out[0] += params["bias"]
         return out, (W, h)
 
-    def backward_stacked(self, hbar, cache):
+    def backward_stacked(self, hbar, cache, need_xdotbar=True):
         """eq. 1.5: xbar = ybar W, xdotbar_k = ydotbar_k W  (hbar W);
         Wbar = ybarᵀ x + Σ_k ydotbar_kᵀ xdot_k  (hbarᵀ h), bbar = Σ_b ybar."""
         W, h = cache
@@ -215,6 +259,8 @@ class Linear(_Affine):
         grads = {"weight": hb.T @ _rows(h)}
         if self.bias:
             grads["bias"] = hbar[0].sum(axis=0)
+        if not need_xdotbar:
+            return (hbar[0] @ W)[None], grads, 0.0
         return (hb @ W).reshape(h.shape), grads, 0.0
 
 
@@ -238,7 +284,7 @@ class ConcatLinear(_Affine):
     def forward_stacked(self, params, h, t):
         """eq. 1.9: y = x W_xᵀ + t w_t + b;  eq. 1.10: ydot_k = xdot_k W_xᵀ."""
         W = params["weight"]
-        t = _as_time(t, W.dtype, get_array_module(W))
+        t = as_time(t, W.dtype, get_array_module(W))
         Wx, wt = W[:, :self.n_in], W[:, self.n_in]
         out = (_rows(h) @ Wx.T).reshape(h.shape[:-1] + (self.n_out,))
         shift = t * wt
@@ -247,7 +293,7 @@ class ConcatLinear(_Affine):
         out[0] += shift
         return out, (W, h, t)
 
-    def backward_stacked(self, hbar, cache):
+    def backward_stacked(self, hbar, cache, need_xdotbar=True):
         """eq. 1.11: xbar = ybar W_x, xdotbar_k = ydotbar_k W_x;
         W̄_x = ybarᵀ x + Σ_k ydotbar_kᵀ xdot_k, w̄_t = t Σ_b ybar, b̄ = Σ_b ybar,
         tbar = w_tᵀ Σ_b ybar."""
@@ -262,15 +308,62 @@ class ConcatLinear(_Affine):
         grads = {"weight": Wbar}
         if self.bias:
             grads["bias"] = s
+        if not need_xdotbar:
+            return (hbar[0] @ W[:, :n])[None], grads, s @ W[:, n]
         return (hb @ W[:, :n]).reshape(h.shape), grads, s @ W[:, n]
 
 
-def _sigmoid(a, xp):
-    """sigmoid(a) = ½(1 + tanh(a/2)): one transcendental, no overflow for any a."""
-    s = xp.tanh(0.5 * a)
+def sigmoid(a, xp, out=None):
+    """sigmoid(a) = ½(1 + tanh(a/2)) (eq. 1.15): one transcendental, no overflow for any a.
+    ``out``: an array of a's shape to write into (it may be ``a`` itself)."""
+    s = xp.tanh(0.5 * a, out=out)
     s += 1.0
     s *= 0.5
     return s
+
+
+def squash_gates(t, w_g, b_g, w_b, b=None):
+    """The gate and shift of ConcatSquash layers (eq. 1.12), dense and conv alike:
+
+        g = sigmoid(t w_g + b_g),   c = t w_b + b ⊙ g    (c = t w_b without a bias)
+
+    w_g, b_g, w_b, b: (n,) vectors, one entry per output unit or channel, of one layer or of
+    several layers concatenated (npflow.odenet.ODENet, eq. 2.4); t a scalar.
+    Returns (g (n,), c (n,), t) with t cast by ``as_time`` (keep it for the backward).
+    """
+    xp = get_array_module(w_g)
+    t = as_time(t, w_g.dtype, xp)
+    a = w_g * t
+    a += b_g
+    g = sigmoid(a, xp, out=a)
+    c = w_b * t
+    if b is not None:
+        c += b * g
+    return g, c, t
+
+
+def squash_gates_backward(t, g, s, gbar, w_g, w_b, b=None):
+    """The gate terms of eq. 1.14 for ``squash_gates``' outputs, given s = Σ ybar (n,) (the
+    cotangent of the shift c, summed over the batch and pixels) and gbar (n,) the cotangent that
+    reaches g through the product with the unbiased layer output (rowsum(W ⊙ G) for a dense
+    layer, eq. 1.14; per-channel sums for a convolution, docs/images.md eq. 1.10):
+
+        ḡ = gbar + b ⊙ s,  ā = ḡ ⊙ g(1 − g),  b̄ = g ⊙ s,  w̄_g = t ā,  b̄_g = ā,  w̄_b = t s,
+        t̄ = w_gᵀ ā + w_bᵀ s
+
+    Returns ({"bias": b̄ (only when b is given), "gate.weight": w̄_g, "gate.bias": b̄_g,
+    "hyper_bias.weight": w̄_b}, t̄), keyed by the layers' parameter names; the inputs are not
+    modified.
+    """
+    grads = {}
+    if b is not None:
+        gbar = gbar + b * s
+        grads["bias"] = g * s
+    abar = gbar * (g * (1.0 - g))
+    grads["gate.weight"] = t * abar
+    grads["gate.bias"] = abar
+    grads["hyper_bias.weight"] = t * s
+    return grads, w_g @ abar + w_b @ s
 
 
 class ConcatSquashLinear(_Affine):
@@ -300,41 +393,26 @@ class ConcatSquashLinear(_Affine):
         return p
 
     def forward_stacked(self, params, h, t):
-        """eq. 1.12: y = x (diag(g) W)ᵀ + b ⊙ g + t w_b;  eq. 1.13: ydot_k = xdot_k (diag(g) W)ᵀ."""
-        W = params["weight"]
-        xp = get_array_module(W)
-        t = _as_time(t, W.dtype, xp)
-        g = _sigmoid(t * params["gate.weight"] + params["gate.bias"], xp)
-        Wg = W * g[:, None]
-        out = (_rows(h) @ Wg.T).reshape(h.shape[:-1] + (self.n_out,))
-        shift = t * params["hyper_bias.weight"]
-        if self.bias:
-            shift = shift + params["bias"] * g
-        out[0] += shift
-        return out, (params, Wg, g, h, t)
+        """eq. 1.12: y = x (diag(g) W)ᵀ + b ⊙ g + t w_b;  eq. 1.13: ydot_k = xdot_k (diag(g) W)ᵀ.
+        The gate and shift by ``squash_gates``, the product by ``forward_gated``."""
+        g, c, t = squash_gates(t, params["gate.weight"], params["gate.bias"],
+                               params["hyper_bias.weight"], params.get("bias"))
+        out, cache = self.forward_gated(params["weight"], h, g, c)
+        return out, (cache, params, t)
 
-    def backward_stacked(self, hbar, cache):
-        """eq. 1.14, with G = hbarᵀ h = ybarᵀ x + Σ_k ydotbar_kᵀ xdot_k (n_out, n_in) and
-        s = Σ_b ybar:  xbar = ybar W_g, xdotbar_k = ydotbar_k W_g;  W̄ = diag(g) G;
-        ḡ = rowsum(W ⊙ G) + b ⊙ s;  ā = ḡ ⊙ g(1 − g);  b̄ = g ⊙ s;  w̄_g = t ā;  b̄_g = ā;
-        w̄_b = t s;  tbar = w_gᵀ ā + w_bᵀ s."""
-        params, Wg, g, h, t = cache
-        W = params["weight"]
-        hb = _rows(hbar)
-        G = hb.T @ _rows(h)
-        s = hbar[0].sum(axis=0)
-        gbar = (W * G).sum(axis=1)
-        if self.bias:
-            gbar += params["bias"] * s
-        abar = gbar * (g * (1.0 - g))
-        grads = {"weight": G * g[:, None]}
-        if self.bias:
-            grads["bias"] = g * s
-        grads["gate.weight"] = t * abar
-        grads["gate.bias"] = abar
-        grads["hyper_bias.weight"] = t * s
-        tbar = params["gate.weight"] @ abar + params["hyper_bias.weight"] @ s
-        return (hb @ Wg).reshape(h.shape), grads, tbar
+    def backward_stacked(self, hbar, cache, need_xdotbar=True):
+        """eq. 1.14 with G = hbarᵀ h = ybarᵀ x + Σ_k ydotbar_kᵀ xdot_k (n_out, n_in) and
+        s = Σ_b ybar: xbar = ybar W_g, xdotbar_k = ydotbar_k W_g, W̄ = diag(g) G
+        (``backward_gated``), and the gate terms ḡ, ā, b̄, w̄_g, b̄_g, w̄_b, tbar by
+        ``squash_gates_backward``."""
+        cache, params, t = cache
+        g = cache[2]
+        s = get_array_module(g).empty_like(g)
+        gbar = get_array_module(g).empty_like(g)
+        hin, Wbar = self.backward_gated(hbar, cache, s, gbar, need_xdotbar)
+        gate_grads, tbar = squash_gates_backward(t, g, s, gbar, params["gate.weight"],
+                                                 params["hyper_bias.weight"], params.get("bias"))
+        return hin, {"weight": Wbar, **gate_grads}, tbar
 
     # -- the gated form, for networks that compute the gates of all layers at once ----------
 
@@ -382,13 +460,19 @@ class Activation(StackedLayer):
     Backward: xbar = σ'(x) ⊙ ybar + σ''(x) ⊙ Σ_k xdot_k ⊙ ydotbar_k,
               xdotbar_k = σ'(x) ⊙ ydotbar_k                                    (eq. 1.7)
 
-    A subclass implements
+    How to add an activation (docs/layers.md, section 1, "How to add a layer", step 2): derive
+    σ', σ'' and σ''' in docs/layers.md, then subclass and implement
       ``_value_d1(x, xp, out)`` -> (σ(x) written into ``out``, σ'(x), aux)  (the forward's work)
       ``_higher(x, y, d1, aux, xp, order)`` -> (σ'', ..., σ^(order)) from the cached values,
-    so σ'' is computed only in the backward, and only when there are tangents.
+    so σ'' is computed only in the backward, and only when there are tangents; add the class to
+    ``ACTIVATIONS``. Nothing else: the stacked rules, the in-place backward, ODENet, ConvNet,
+    the examples' choices and the tests (tests/test_layers.py runs over ACTIVATIONS) follow.
     """
 
     max_order = 3
+
+    def param_names(self):
+        return ()
 
     def out_shape(self, in_shape):
         return tuple(in_shape)
@@ -419,17 +503,35 @@ class Activation(StackedLayer):
             xp.multiply(d1, h[1:], out=out[1:])
         return out, (x, y, d1, aux, h)
 
-    def backward_stacked(self, hbar, cache):
-        """eq. 1.7 on the stack: hbar_in = σ'(x) ⊙ hbar, then hbar_in[0] += σ''(x) ⊙ Σ_k xdot_k ⊙ ydotbar_k."""
+    def backward_stacked(self, hbar, cache, need_xdotbar=True, out=None):
+        """eq. 1.7 on the stack: s = Σ_k xdot_k ⊙ ydotbar_k (block by block, no (K, B, ...)
+        temporary), hbar_in = σ'(x) ⊙ hbar, then hbar_in[0] += σ''(x) ⊙ s.
+        ``out``: an array of hbar's shape to write hbar_in into; it may be hbar itself when the
+        caller owns hbar (ODENet's and ConvNet's chains), saving one block-sized allocation."""
         x, y, d1, aux, h = cache
         xp = get_array_module(hbar)
-        hin = d1 * hbar
-        if h.shape[0] > 1:
-            s = (h[1:] * hbar[1:]).sum(axis=0)
+        s = _tangent_pairing(h, hbar, xp)
+        hin = xp.multiply(d1, hbar, out=out)
+        if s is not None:
             (d2,) = self._higher(x, y, d1, aux, xp, 2)
             s *= d2
             hin[0] += s
         return hin, {}, 0.0
+
+
+def _tangent_pairing(h, hbar, xp):
+    """Σ_k h[k] ⊙ hbar[k] over the tangent blocks k = 1..K (None when K = 0), block by block;
+    an hbar of the primal block only (zero tangent cotangents) gives None."""
+    K = min(h.shape[0], hbar.shape[0]) - 1
+    if K == 0:
+        return None
+    s = h[1] * hbar[1]
+    if K > 1:
+        tmp = xp.empty_like(s)
+        for k in range(2, K + 1):
+            xp.multiply(h[k], hbar[k], out=tmp)
+            s += tmp
+    return s
 
 
 class Tanh(Activation):
@@ -447,24 +549,16 @@ class Tanh(Activation):
             return (d2,)
         return d2, -2.0 * d1 * (1.0 - 3.0 * y * y)
 
-    def backward_stacked(self, hbar, cache, out=None):
+    def backward_stacked(self, hbar, cache, need_xdotbar=True, out=None):
         """eq. 1.7 on the stack with σ'' = −2σσ' (eq. 1.8) folded in (eq. 1.7a):
         hbar_in = σ' ⊙ hbar, so hbar_in[k] = xdotbar_k, then
         hbar_in[0] += −2σ ⊙ Σ_k xdot_k ⊙ xdotbar_k   (= σ'' ⊙ Σ_k xdot_k ⊙ ydotbar_k).
-        No σ'' array is formed; the sum over k runs block by block (no (K, B, n) temporary):
-        2K + 3 array operations, two block-sized temporaries. ``out``: an array of hbar's shape
-        to write hbar_in into; it may be hbar itself when the caller owns hbar (ODENet's chain)."""
+        No σ'' array is formed: 2K + 3 array operations, two block-sized temporaries."""
         x, y, d1, aux, h = cache
-        hin = d1 * hbar if out is None else get_array_module(hbar).multiply(d1, hbar, out=out)
-        K = h.shape[0] - 1
-        if K > 0:
-            s = h[1] * hin[1]
-            if K > 1:
-                xp = get_array_module(s)
-                tmp = xp.empty_like(s)
-                for k in range(2, K + 1):
-                    xp.multiply(h[k], hin[k], out=tmp)
-                    s += tmp
+        xp = get_array_module(hbar)
+        hin = xp.multiply(d1, hbar, out=out)
+        s = _tangent_pairing(h, hin, xp)
+        if s is not None:
             s *= y
             s *= -2.0
             hin[0] += s
@@ -476,9 +570,7 @@ class Sigmoid(Activation):
     σ''' = σ'((1 − 2σ)² − 2σ') (eq. 1.15)."""
 
     def _value_d1(self, x, xp, out):
-        y = xp.tanh(0.5 * x, out=out)
-        y += 1.0
-        y *= 0.5
+        y = sigmoid(x, xp, out=out)
         d1 = y * (1.0 - y)
         return y, d1, None
 
@@ -500,7 +592,7 @@ class Softplus(Activation):
         xp.exp(e, out=e)
         y = xp.log1p(e, out=out)
         y += xp.maximum(x, 0.0)
-        s = _sigmoid(x, xp)
+        s = sigmoid(x, xp)
         return y, s, None
 
     def _higher(self, x, y, s, aux, xp, order):
@@ -516,7 +608,7 @@ class Swish(Activation):
     (eq. 1.17)."""
 
     def _value_d1(self, x, xp, out):
-        s = _sigmoid(x, xp)
+        s = sigmoid(x, xp)
         y = xp.multiply(x, s, out=out)
         d1 = 1.0 - s
         d1 *= y
@@ -551,13 +643,62 @@ class LogCosh(Activation):
         return d2, -2.0 * d1 * d2
 
 
+class GELU(Activation):
+    """GELU in its tanh form (Hendrycks & Gimpel; PyTorch's GELU(approximate="tanh")), written
+    with tanh only so that it runs on NumPy and CuPy alike (eq. 1.19):
+
+        σ = ½ x (1 + T),  T = tanh u,  u = k (x + a x³),  k = √(2/π),  a = 0.044715;
+        with S = 1 − T², u' = k (1 + 3a x²), u'' = 6 k a x, u''' = 6 k a:
+        T' = S u',  T'' = S (u'' − 2 T u'²),  T''' = S (u''' − 6 T u' u'' − 2 u'³ (S − 2T²)),
+        σ' = ½ (1 + T) + ½ x T',  σ'' = T' + ½ x T'',  σ''' = (3/2) T'' + ½ x T'''.
+    """
+
+    k = math.sqrt(2.0 / math.pi)
+    a = 0.044715
+
+    def _value_d1(self, x, xp, out):
+        u = x * x
+        u1 = u * (3.0 * self.a)          # u' = k (1 + 3a x²)
+        u1 += 1.0
+        u1 *= self.k
+        u *= self.a                      # u = k x (1 + a x²)
+        u += 1.0
+        u *= x
+        u *= self.k
+        T = xp.tanh(u, out=u)
+        S = T * T
+        xp.subtract(1.0, S, out=S)       # S = 1 − T²
+        y = xp.add(1.0, T, out=out)
+        y *= 0.5
+        d1 = x * S
+        d1 *= u1
+        d1 *= 0.5
+        d1 += y                          # σ' = ½(1 + T) + ½ x S u'
+        y *= x                           # σ = ½ x (1 + T)
+        return y, d1, (T, S, u1)
+
+    def _higher(self, x, y, d1, aux, xp, order):
+        T, S, u1 = aux
+        u2 = (6.0 * self.k * self.a) * x
+        T1 = S * u1
+        T2 = S * (u2 - 2.0 * T * u1 * u1)
+        d2 = T1 + 0.5 * x * T2
+        if order == 2:
+            return (d2,)
+        u3 = 6.0 * self.k * self.a
+        T3 = S * (u3 - 6.0 * T * u1 * u2 - 2.0 * u1 ** 3 * (S - 2.0 * T * T))
+        return d2, 1.5 * T2 + 0.5 * x * T3
+
+
+#: The activations by name: the one registry that ODENet, ConvNet, the models' ``activation=``
+#: and the examples' ``--nonlinearity`` choices read (add a new Activation here, and only here).
 ACTIVATIONS = {"tanh": Tanh, "softplus": Softplus, "sigmoid": Sigmoid, "swish": Swish,
-               "logcosh": LogCosh}
+               "logcosh": LogCosh, "gelu": GELU}
 
 
 def get_activation(name) -> Activation:
-    """An activation layer by name: "tanh", "softplus", "sigmoid", "swish", "logcosh"
-    (an Activation instance is returned as is)."""
+    """An activation layer by its name in ``ACTIVATIONS`` (case, "-" and "_" ignored; "silu" is
+    "swish"); an Activation instance is returned as is."""
     if isinstance(name, Activation):
         return name
     key = str(name).lower().replace("-", "").replace("_", "")
@@ -566,3 +707,19 @@ def get_activation(name) -> Activation:
     if key not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}: expected one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[key]()
+
+
+#: Parameter names of older checkpoints (npflow.conv's ConcatSquashConv2d before the dense and
+#: conv layers were named alike): old suffix -> the name used now.
+_LEGACY_SUFFIXES = {".gate_weight": ".gate.weight", ".gate_bias": ".gate.bias",
+                    ".hyper_bias": ".hyper_bias.weight"}
+
+
+def upgrade_param_name(name: str) -> str:
+    """A parameter name as saved by an older npflow -> the name used now (others unchanged):
+    "b0.1.gate_weight" -> "b0.1.gate.weight", "...gate_bias" -> "...gate.bias",
+    "...hyper_bias" -> "...hyper_bias.weight" (npflow.checkpoint applies it when reading)."""
+    for old, new in _LEGACY_SUFFIXES.items():
+        if name.endswith(old):
+            return name[:-len(old)] + new
+    return name

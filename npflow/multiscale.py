@@ -1,6 +1,6 @@
 """FFJORD's multiscale CNF for images (docs/images.md, section 3).
 
-For a (1, 28, 28) image and three scales (FFJORD's ODENVP, REFERENCE.md):
+For a (1, 28, 28) image and three scales (FFJORD's ODENVP, docs/reference.md section 2):
 
     (1,28,28) -> 2 blocks -> squeeze -> (4,14,14) -> 2 blocks -> factor out half
     (2,14,14) -> 2 blocks -> squeeze -> (8,7,7)   -> 2 blocks -> factor out half
@@ -34,11 +34,11 @@ from .images import (ALPHA, LOG2_256, dequantize, factor_in, factor_out, logit_i
                      logit_transform, squeeze, unsqueeze)
 from .model import FlowModel, Part, check_rows
 from .solvers import odeint
+from .tableau import fixed_grid
 from . import trace as trace_mod
 
 __all__ = ["MultiscaleCNF", "multiscale_plan", "default_scales"]
 
-_FIXED_GRID = ("euler", "midpoint", "rk4", "rk38")
 
 
 def default_scales(H: int, W: int) -> int:
@@ -85,8 +85,9 @@ class MultiscaleCNF(BlockStack, FlowModel):
     hidden       ConvNet widths (FFJORD: 64, 64, 64); layer "concat" | "concatsquash"
     scales       number of scales (default FFJORD's: 3 for 28×28); blocks per stage (2)
     T            initial end time of every block (t0 = 0); train_T: TO-FLOW ("T0", "T1", ...)
-    solver       "rk4" | "rk38" | "euler" | "midpoint" with ``steps`` per block or
-                 ``step_size`` (RNODE: rk4, 0.25), or "dopri5" with rtol/atol
+    solver       a name in npflow.tableau.TABLEAUS: fixed grid ("rk4", "rk38", "euler",
+                 "midpoint") with ``steps`` per block or ``step_size`` (RNODE: rk4, 0.25), or
+                 adaptive ("dopri5", "bosh3") with rtol/atol
     trace        "rademacher" (FFJORD images) | "gaussian"/"hutchinson"; probes K
     kinetic, jacobian  RNODE's λ_K, λ_J; zero_last: each block starts as the identity
     alpha        logit margin (eq. 4.2; FFJORD 1e-6)
@@ -144,7 +145,7 @@ class MultiscaleCNF(BlockStack, FlowModel):
         solver = cfg["solver"] if solver is None else solver
         kw = dict(method=solver, rtol=cfg["rtol"] if rtol is None else rtol,
                   atol=cfg["atol"] if atol is None else atol)
-        if solver in _FIXED_GRID:
+        if fixed_grid(solver):
             step_size = cfg["step_size"] if step_size is None and steps is None else step_size
             if step_size is not None:
                 kw["step_size"] = step_size
@@ -239,7 +240,7 @@ class MultiscaleCNF(BlockStack, FlowModel):
         Ts = self.end_times(params, T)
         kw = self._solver_kwargs()
         kw["allreduce"] = allreduce
-        store = cfg["store"] if cfg["solver"] in _FIXED_GRID else "states"
+        store = cfg["store"] if fixed_grid(cfg["solver"]) else "states"
         y, parts, tape = self._flow(y0, Ts, params, rng, regularized, kw, store=store,
                                     rows=(lo, hi))
         nll = self._nll(parts, y.logdet)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 
 from .backend import check_finite, get_array_module, resolve_dtype
-from .layers import (ConcatLinear, ConcatSquashLinear, Layer, Linear, Tanh, _as_time, _sigmoid,
-                     get_activation, stack_cotangents, stack_tangents, unstack_tangents)
+from .layers import (ConcatLinear, ConcatSquashLinear, Layer, Linear, get_activation,
+                     squash_gates, squash_gates_backward, stack_cotangents, stack_tangents,
+                     unstack_tangents)
 
 __all__ = ["ODENet", "LAYER_TYPES"]
 
@@ -37,8 +38,8 @@ class ODENet(Layer):
     hidden       widths of the hidden layers, e.g. (64, 64, 64); () gives one affine layer
     layer        "concatsquash" (default) | "concat" (t as an extra input column) |
                  "linear" (t ignored)
-    activation   name for npflow.layers.get_activation: "tanh" (default), "softplus",
-                 "sigmoid", "swish", "logcosh"
+    activation   a name in npflow.layers.ACTIVATIONS ("tanh", the default, "softplus",
+                 "sigmoid", "swish", "logcosh", "gelu", ...)
     """
 
     def __init__(self, n_in: int, hidden=(64, 64, 64), n_out: int | None = None,
@@ -63,7 +64,6 @@ class ODENet(Layer):
         self._flat = [dict(keys) for keys in self._keys]    # local name -> flat name
         # ConcatSquash layers: the gates and shifts of all layers in one pass (eq. 2.4-2.5)
         self._gated = layer == "concatsquash" and all(lay.bias for lay in self.layers)
-        self._act_in_place = isinstance(self.activation, Tanh)
         if self._gated:
             n = len(self.layers)
             self._gate_keys = tuple(tuple(f"{i}.{name}" for i in range(n)) for name in (
@@ -190,19 +190,15 @@ class ODENet(Layer):
     def _forward_gated(self, params, h, K, x, t):
         """eq. 2.1-2.2 for ConcatSquash layers with the gates of all L layers at once (eq. 2.4):
         with w_g, b_g, w_b, b the layers' vectors concatenated (Σ n_out,),
-        g = sigmoid(t w_g + b_g), c = t w_b + b ⊙ g; layer i uses the slices g_i, c_i."""
+        g = sigmoid(t w_g + b_g), c = t w_b + b ⊙ g (npflow.layers.squash_gates, the routine
+        the layer itself uses); layer i uses the slices g_i, c_i."""
         xp = get_array_module(h)
         if type(params) is _PreparedParams:
             Ws, (GW, GB, HW, BB) = params.gated
         else:
             Ws, (gw, gb, hw, bb) = self._gate_params(params)
             GW, GB, HW, BB = (xp.concatenate(v) for v in (gw, gb, hw, bb))
-        t = _as_time(t, GW.dtype, xp)
-        a = GW * t
-        a += GB
-        g = _sigmoid(a, xp)
-        c = HW * t
-        c += BB * g
+        g, c, t = squash_gates(t, GW, GB, HW, BB)
         caches = []
         act = self.activation
         last = len(self.layers) - 1
@@ -236,22 +232,26 @@ class ODENet(Layer):
         ci = len(caches) - 1
         act = self.activation
         for i in range(len(self.layers) - 1, -1, -1):
-            hbar, g, tb = self.layers[i].backward_stacked(hbar, caches[ci])
+            hbar, g, tb = self.layers[i].backward_stacked(hbar, caches[ci],
+                                                          need_xdotbar or i > 0)
             ci -= 1
             tbar = tbar + tb
             flat = self._flat[i]
             for name, v in g.items():
                 grads[flat[name]] = v
-            if i > 0:
-                hbar, _, _ = act.backward_stacked(hbar, caches[ci])
+            if i > 0:   # hbar is the fresh hbar_in of layer i: the activation may overwrite it
+                hbar, _, _ = act.backward_stacked(hbar, caches[ci], out=hbar)
                 ci -= 1
+        if not need_xdotbar:
+            return hbar[0], None, grads, tbar
         xbar, xdotbar = unstack_tangents(hbar, K)
-        return xbar, (xdotbar if need_xdotbar else None), grads, tbar
+        return xbar, xdotbar, grads, tbar
 
     def _backward_gated(self, hbar, caches, K, gated, xp, need_xdotbar=True):
         """eq. 2.3 for ConcatSquash layers with the gate terms of eq. 1.14 for all layers at
         once (eq. 2.5): the layers write s_i = Σ_b ybar_i and rowsum(W_i ⊙ G_i) into slices of
-        s and ḡ (Σ n_out,), then ḡ += b ⊙ s, ā = ḡ ⊙ g(1 − g), b̄ = g ⊙ s, w̄_g = t ā, b̄_g = ā,
+        s and ḡ (Σ n_out,), then npflow.layers.squash_gates_backward (the routine the layer
+        itself uses) gives ḡ += b ⊙ s, ā = ḡ ⊙ g(1 − g), b̄ = g ⊙ s, w̄_g = t ā, b̄_g = ā,
         w̄_b = t s and tbar = w_gᵀ ā + w_bᵀ s (the sum of the layers' terms)."""
         g, t, GW, HW, BB = gated
         S = xp.empty(GW.shape, dtype=GW.dtype)
@@ -266,24 +266,14 @@ class ODENet(Layer):
                                                        need_xdotbar or i > 0, ones)
             ci -= 1
             grads[self._weight_keys[i]] = Wbar
-            if i > 0:
-                if self._act_in_place:    # hbar is the fresh hbar_in of layer i: reuse it
-                    hbar, _, _ = act.backward_stacked(hbar, caches[ci], out=hbar)
-                else:
-                    hbar, _, _ = act.backward_stacked(hbar, caches[ci])
+            if i > 0:   # hbar is the fresh hbar_in of layer i: the activation may overwrite it
+                hbar, _, _ = act.backward_stacked(hbar, caches[ci], out=hbar)
                 ci -= 1
-        Gbar += BB * S
-        abar = Gbar * (g * (1.0 - g))
-        bias_bar = g * S
-        gw_bar = t * abar
-        hw_bar = t * S
-        tbar = GW @ abar + HW @ S
-        kgw, kgb, khw, kb = self._gate_keys
+        gate_grads, tbar = squash_gates_backward(t, g, S, Gbar, GW, HW, BB)
         for i, sl in enumerate(self._slices):
-            grads[kb[i]] = bias_bar[sl]
-            grads[kgw[i]] = gw_bar[sl]
-            grads[kgb[i]] = abar[sl]
-            grads[khw[i]] = hw_bar[sl]
+            flat = self._flat[i]
+            for name, v in gate_grads.items():
+                grads[flat[name]] = v[sl]
         if not need_xdotbar:
             return hbar[0], None, grads, tbar
         xbar, xdotbar = unstack_tangents(hbar, K)

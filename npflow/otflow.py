@@ -2,7 +2,7 @@
 Onken et al. 2021).
 
 The velocity is v = −∇ₓΦ/α0 with Φ the potential network of npflow/otflow_net.py, and the
-augmented state (x, ℓ, L, R) of eq. 5.25 is integrated by npflow.odeint with classical RK4 on
+augmented state (x, ℓ, L, R) of eq. 4.1 is integrated by npflow.odeint with classical RK4 on
 [0, T], data at t = 0 flowing to z(T) ~ N(0, I):
 
     ẋ = −∇ₓΦ(x, t)/α0                                  x          (B, d)
@@ -10,11 +10,11 @@ augmented state (x, ℓ, L, R) of eq. 5.25 is integrated by npflow.odeint with c
     L̇ = ½‖ẋ‖²                     (transport cost)      transport  (B,)
     Ṙ = |∂ₜΦ − ‖∇ₓΦ‖²/(2α0)|      (HJB penalty)         hjb        (B,)
 
-log p(x) = log N(z(T); 0, I) + ℓ(T)                                                (eq. 5.26)
-loss = α0·mean L(T) + α1·mean C + α2·mean R(T),  C = ½‖z(T)‖² + (d/2) log 2π − ℓ(T) (eq. 5.27)
+log p(x) = log N(z(T); 0, I) + ℓ(T)                                                (eq. 4.2)
+loss = α0·mean L(T) + α1·mean C + α2·mean R(T),  C = ½‖z(T)‖² + (d/2) log 2π − ℓ(T) (eq. 4.3)
 
 The sign of the HJB residual follows OT-Flow (its odefun: dr = |−∂ₜΦ + α0·½‖ẋ‖²|): with
-v = −∇Φ/α0 the optimal potential satisfies −∂ₜΦ + ‖∇Φ‖²/(2α0) = 0 (docs/otflow.md, eq. 5.25).
+v = −∇Φ/α0 the optimal potential satisfies −∂ₜΦ + ‖∇Φ‖²/(2α0) = 0 (docs/otflow.md, eq. 4.1).
 All derivatives are hand-written (otflow_net.potential_backward, OTFlowDynamics.backward) and
 the time integration is differentiated by the solver's discrete adjoint.
 """
@@ -42,7 +42,7 @@ class OTFlowState(NamedTuple):
 
 
 class OTFlowDynamics:
-    """The OT-Flow vector field F(y, t) of eq. 5.25 for npflow.odeint.
+    """The OT-Flow vector field F(y, t) of eq. 4.1 for npflow.odeint.
 
     params  the potential's parameters (otflow_net.param_names), no "T"
     dim     d, the dimension of x
@@ -58,7 +58,7 @@ class OTFlowDynamics:
         self.augmented = augmented
 
     def forward(self, t, y):
-        """F(y, t) -> (dydt, cache) (eq. 5.25). y an OTFlowState, or x (B, d) if not augmented."""
+        """F(y, t) -> (dydt, cache) (eq. 4.1). y an OTFlowState, or x (B, d) if not augmented."""
         d, a0 = self.dim, self.alpha0
         x = y.x if self.augmented else y
         s = _concat(x, x[:, :1] * 0 + t)
@@ -73,7 +73,7 @@ class OTFlowDynamics:
         return out, (ncache, v, gx, r)
 
     def backward(self, cache, ybar):
-        """Adjoint of forward (eq. 5.28): cotangents of dydt -> (y_bar, params_bar, t_bar)."""
+        """Adjoint of forward (eq. 4.4): cotangents of dydt -> (y_bar, params_bar, t_bar)."""
         ncache, v, gx, r = cache
         d, a0 = self.dim, self.alpha0
         if not self.augmented:
@@ -109,7 +109,7 @@ class OTFlow(FlowModel):
     width    m, the ResNet width (OT-Flow's m)
     depth    number of K layers (OT-Flow's nTh ≥ 2): an opening layer and depth−1 residual ones
     rank     r of A ∈ R^{r×(d+1)}; default min(10, d + 1)
-    alpha    (α0, α1, α2): weights of transport L, NLL C and HJB penalty R (eq. 5.27)
+    alpha    (α0, α1, α2): weights of transport L, NLL C and HJB penalty R (eq. 4.3)
     steps    RK4 steps on [0, T] used by loss_and_grad (log_prob/sample may use more)
     T        end time (t0 = 0); with train_T it starts there and params gains "T" (0-d)
     dtype, device, seed   precision, "cpu"/"gpu", seed of the initial parameters
@@ -174,7 +174,7 @@ class OTFlow(FlowModel):
         return OTFlowState(x, zero, zero, zero)
 
     def _nll(self, z, logdet):
-        """Per-sample C = −log p(x) = ½‖z‖² + (d/2) log 2π − ℓ (eq. 5.26)."""
+        """Per-sample C = −log p(x) = ½‖z‖² + (d/2) log 2π − ℓ (eq. 4.2)."""
         return 0.5 * (z * z).sum(axis=1) + 0.5 * self.dim * math.log(2 * math.pi) - logdet
 
     def _check_steps(self, steps):
@@ -185,7 +185,7 @@ class OTFlow(FlowModel):
 
     # ---------------------------------------------------------------- training
     def loss_and_grad(self, x, rng=None, params=None):
-        """Loss of eq. 5.27 on a batch and its exact gradient (discrete adjoint of RK4).
+        """Loss of eq. 4.3 on a batch and its exact gradient (discrete adjoint of RK4).
 
         x       data (B, d) (host or device array)
         rng     unused (OT-Flow's loss is deterministic); accepted for the common interface
@@ -194,7 +194,8 @@ class OTFlow(FlowModel):
         which npflow.training treats as a non-finite loss.
         Returns (loss: float, grads: dict like params, stats: dict with nll, transport, hjb,
         nfe_forward, nfe_backward, T and, when T is trained, dL_dT_discrete (= grads["T"],
-        eq. 5.30) and dL_dT_analytic (the terminal formula λ(T)·F(y(T), T), eq. 5.31)).
+        docs/solvers.md, eq. 2.10) and dL_dT_analytic (the terminal formula λ(T)·F(y(T), T),
+        eq. 4.6)).
         Data-parallel training splits the same computation over processes (npflow.parallel,
         docs/parallel.md): loss_and_grad_part on each one's rows, loss_from_part on the sum.
         """
@@ -203,10 +204,10 @@ class OTFlow(FlowModel):
 
     def loss_and_grad_part(self, x, rng=None, rows=None, params=None, allreduce=None):
         """The part of rows ``(lo, hi)`` of the batch x (B, d) (default: all) in the loss of
-        eq. 5.27 and its gradient: a model.Part with the row sums "nll", "transport", "hjb",
-        their gradient with the whole batch's cotangent (eq. 5.29, 1/B per row) and, with a
-        trained T, ∂L/∂T (eq. 5.30-5.31). rng and allreduce are unused (no randomness, fixed
-        RK4 grid); accepted for the common interface."""
+        eq. 4.3 and its gradient: a model.Part with the row sums "nll", "transport", "hjb",
+        their gradient with the whole batch's cotangent (eq. 4.5, 1/B per row) and, with a
+        trained T, ∂L/∂T (docs/solvers.md eq. 2.10; eq. 4.6). rng and allreduce are unused (no
+        randomness, fixed RK4 grid); accepted for the common interface."""
         params = self.params if params is None else params
         a0, a1, a2 = self.config["alpha"]
         x = self._prepare(x)
@@ -226,7 +227,7 @@ class OTFlow(FlowModel):
         sums = {"nll": self._nll(y.x, y.logdet).sum(), "transport": y.transport.sum(),
                 "hjb": y.hjb.sum()}
         dt = x.dtype
-        ybar = OTFlowState(y.x * (a1 / B), xp.full((b,), -a1 / B, dtype=dt),   # eq. 5.29
+        ybar = OTFlowState(y.x * (a1 / B), xp.full((b,), -a1 / B, dtype=dt),   # eq. 4.5
                            xp.full((b,), a0 / B, dtype=dt), xp.full((b,), a2 / B, dtype=dt))
         g = sol.backward(ybar)
         grads = dict(g.params)
@@ -253,7 +254,7 @@ class OTFlow(FlowModel):
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, x, params=None, steps=None, batch_size=10000):
         """Mean costs on x (N, d) with `steps` RK4 steps (default: the training steps):
-        dict of loss, nll, transport, hjb (eq. 5.27), floats."""
+        dict of loss, nll, transport, hjb (eq. 4.3), floats."""
         params = self.params if params is None else params
         steps = self._check_steps(steps)
         a0, a1, a2 = self.config["alpha"]
@@ -272,7 +273,7 @@ class OTFlow(FlowModel):
         return out
 
     def log_prob(self, x, params=None, steps=None, batch_size=10000):
-        """log p(x) (eq. 5.26) for x (N, d) with `steps` RK4 steps (default: the training
+        """log p(x) (eq. 4.2) for x (N, d) with `steps` RK4 steps (default: the training
         steps; evaluation usually takes more). Returns (N,) on the model's device."""
         params = self.params if params is None else params
         steps = self._check_steps(steps)

@@ -1,14 +1,14 @@
 """OT-Flow's potential network Φ, its gradient, its exact Laplacian, and their reverse
 (docs/otflow.md, sections 1-3; Onken et al. 2021, eqs. 9-14).
 
-    Φ(s) = wᵀN(s) + ½ sᵀ(AᵀA)s + cᵀs,     s = (x, t) ∈ R^{d+1}, time last     (eq. 5.1)
+    Φ(s) = wᵀN(s) + ½ sᵀ(AᵀA)s + cᵀs,     s = (x, t) ∈ R^{d+1}, time last     (eq. 1.1)
 
 with N a ResNet of width m and depth M+1 (an opening layer and M residual layers, h = 1/M):
 
-    a_0 = K_0 s + b_0,      u_0 = σ(a_0)                                       (eq. 5.2)
-    a_i = K_i u_{i−1} + b_i, u_i = u_{i−1} + h σ(a_i),  i = 1..M                (eq. 5.3)
+    a_0 = K_0 s + b_0,      u_0 = σ(a_0)                                       (eq. 1.2)
+    a_i = K_i u_{i−1} + b_i, u_i = u_{i−1} + h σ(a_i),  i = 1..M                (eq. 1.3)
 
-σ(a) = log(eᵃ + e⁻ᵃ), σ' = tanh, σ'' = 1 − tanh², σ''' = −2 tanh (1 − tanh²)     (eq. 5.4)
+σ(a) = log(eᵃ + e⁻ᵃ), σ' = tanh, σ'' = 1 − tanh², σ''' = −2 tanh (1 − tanh²)     (eq. 1.4)
 
 Three pure functions, the rules side by side:
 
@@ -46,7 +46,7 @@ def param_names(depth: int) -> list:
 
 
 def logcosh(a, xp):
-    """σ(a) = log(eᵃ + e⁻ᵃ) = |a| + log(1 + e^{−2|a|}), overflow-free (eq. 5.4)."""
+    """σ(a) = log(eᵃ + e⁻ᵃ) = |a| + log(1 + e^{−2|a|}), overflow-free (eq. 1.4)."""
     b = xp.abs(a)
     return b + xp.log1p(xp.exp(-2 * b))
 
@@ -79,10 +79,11 @@ def init_potential(d, width, depth, rank, rng, dtype, xp) -> dict:
     for i in range(1, depth):
         p[f"K{i}"] = put(K1)
         p[f"b{i}"] = put(b1)
-    p["w"] = put(rng.uniform(1.0, 1.0, (m,)))
+    p["w"] = xp.ones((m,), dtype=dtype)
+    rng.random(m)   # the m draws earlier versions spent on w: a seed keeps giving the same A
     xb = math.sqrt(6.0 / (r + d + 1))
     p["A"] = put(rng.uniform(-xb, xb, (r, d + 1)))
-    p["c"] = put(rng.uniform(0.0, 0.0, (d + 1,)))
+    p["c"] = xp.zeros((d + 1,), dtype=dtype)
     return p
 
 
@@ -94,7 +95,7 @@ def _depth(params) -> int:
 
 
 def potential_value(params, s):
-    """Φ(s) alone (eq. 5.1-5.3), s (B, d+1) -> (B,). For tests and diagnostics."""
+    """Φ(s) alone (eq. 1.1-1.3), s (B, d+1) -> (B,). For tests and diagnostics."""
     xp = get_array_module(s)
     M = _depth(params)
     h = 1.0 / M
@@ -107,12 +108,12 @@ def potential_value(params, s):
 
 
 def potential_forward(params, s, d, need_trace=True):
-    """Φ, ∇_sΦ and tr ∇ₓ²Φ at s (docs/otflow.md eqs. 5.1-5.10).
+    """Φ, ∇_sΦ and tr ∇ₓ²Φ at s (docs/otflow.md eqs. 1.1-2.6).
 
-    Gradient by the reverse sweep (eq. 5.5-5.6):
+    Gradient by the reverse sweep (eq. 2.1-2.2):
         z_{M+1} = w,  z_i = z_{i+1} + h K_iᵀ(σ'(a_i) ⊙ z_{i+1}),  z_0 = K_0ᵀ(σ'(a_0) ⊙ z_1),
         ∇_sΦ = z_0 + AᵀA s + c.
-    Trace by the OT-Flow recursion (eq. 5.7-5.10), E = first d columns of I_{d+1}:
+    Trace by the OT-Flow recursion (eq. 2.3-2.6), E = first d columns of I_{d+1}:
         J_0 = diag σ'(a_0) K_0E,               t_0 = (σ''(a_0) ⊙ z_1)ᵀ((K_0E)⊙(K_0E))1,
         P_i = K_i J_{i−1},  t_i = (σ''(a_i) ⊙ z_{i+1})ᵀ(P_i ⊙ P_i)1,  J_i = J_{i−1} + h diag σ'(a_i) P_i,
         tr = t_0 + h Σ_{i=1..M} t_i + Σ_{k≤d} (AᵀA)_kk.
@@ -131,7 +132,7 @@ def potential_forward(params, s, d, need_trace=True):
     m = K[0].shape[0]
     w, A, c = params["w"], params["A"], params["c"]
 
-    # ResNet forward, eqs. 5.2-5.3: keep a_i's σ' = tanh and σ'' = 1 − tanh², and u_i.
+    # ResNet forward, eqs. 1.2-1.3: keep a_i's σ' = tanh and σ'' = 1 − tanh², and u_i.
     th, d2, u = [], [], []
     a = s @ K[0].T + params["b0"]
     u.append(logcosh(a, xp))
@@ -146,7 +147,7 @@ def potential_forward(params, s, d, need_trace=True):
     sS = s @ S
     phi = u[M] @ w + 0.5 * (sS * s).sum(axis=1) + s @ c
 
-    # Gradient, eq. 5.5-5.6 (z[i] is the adjoint of u_{i−1}; z[M+1] = w).
+    # Gradient, eq. 2.1-2.2 (z[i] is the adjoint of u_{i−1}; z[M+1] = w).
     z = [None] * (M + 2)
     z[M + 1] = xp.broadcast_to(w, (B, m))
     g = [None] * (M + 1)                       # g_i = σ'(a_i) ⊙ z_{i+1}
@@ -159,7 +160,7 @@ def potential_forward(params, s, d, need_trace=True):
     trace = None
     Js, Ps = [], []
     if need_trace:
-        # Trace, eq. 5.7-5.10: J_i = ∂u_i/∂x as (d, B, m); P_i = ∂a_i/∂x.
+        # Trace, eq. 2.3-2.6: J_i = ∂u_i/∂x as (d, B, m); P_i = ∂a_i/∂x.
         KE_T = xp.ascontiguousarray(K[0][:, :d].T)   # (d, m) = (K_0 E)ᵀ, unit inner stride
         q = (KE_T * KE_T).sum(axis=0)          # (m,)  ((K_0E)⊙(K_0E))1
         trace = (d2[0] * z[1]) @ q             # t_0
@@ -183,18 +184,18 @@ def _add(acc, v):
 
 
 def potential_backward(cache, phi_bar, grad_bar, trace_bar):
-    """Reverse of (s, θ) -> (Φ, ∇_sΦ, tr ∇ₓ²Φ) (docs/otflow.md eqs. 5.11-5.24).
+    """Reverse of (s, θ) -> (Φ, ∇_sΦ, tr ∇ₓ²Φ) (docs/otflow.md eqs. 3.1-3.14).
 
     phi_bar (B,), grad_bar (B, d+1), trace_bar (B,): cotangents, any may be None (zero).
     Returns s_bar (B, d+1) and params_bar (dict with the keys of params).
 
     Order (each step only uses adjoints already complete):
-      1. reverse of the trace recursion (eqs. 5.11-5.15): adjoints of P_i, J_i, σ'(a_i),
+      1. reverse of the trace recursion (eqs. 3.1-3.5): adjoints of P_i, J_i, σ'(a_i),
          σ''(a_i), z_{i+1}, K_i, K_0E and of AᵀA;
-      2. reverse of the gradient sweep, i = 0..M (eqs. 5.16-5.18): z̄_i is complete when reached;
-      3. reverse of Φ and of the ResNet, i = M..0 (eqs. 5.19-5.22), where the adjoints of
-         σ(a_i), σ'(a_i) and σ''(a_i) meet: ā_i = σ'σ̄ + σ''σ̄' + σ'''σ̄'' (eq. 5.21);
-      4. Ā = A(S̄ + S̄ᵀ) for S = AᵀA (eq. 5.23).
+      2. reverse of the gradient sweep, i = 0..M (eqs. 3.6-3.8): z̄_i is complete when reached;
+      3. reverse of Φ and of the ResNet, i = M..0 (eqs. 3.9-3.12), where the adjoints of
+         σ(a_i), σ'(a_i) and σ''(a_i) meet: ā_i = σ'σ̄ + σ''σ̄' + σ'''σ̄'' (eq. 3.11);
+      4. Ā = A(S̄ + S̄ᵀ) for S = AᵀA (eq. 3.13).
     """
     params, s, d, M, h, u, th, d2, z, g, sS, Js, Ps = cache
     xp = get_array_module(s)
@@ -212,7 +213,7 @@ def potential_backward(cache, phi_bar, grad_bar, trace_bar):
     c_bar = xp.zeros((D,), dtype=s.dtype)
     w_bar = xp.zeros_like(w)
 
-    # 1. Trace (eqs. 5.11-5.15).
+    # 1. Trace (eqs. 3.1-3.5).
     if trace_bar is not None:
         if not Ps:
             raise ValueError("potential_backward got a trace cotangent but the forward ran "
@@ -224,20 +225,20 @@ def potential_backward(cache, phi_bar, grad_bar, trace_bar):
         for i in range(M, 0, -1):
             P, Jprev = Ps[i - 1], Js[i - 1]
             ci = d2[i] * z[i + 1]
-            ci_bar = tb * (P * P).sum(axis=0)                  # eq. 5.11
+            ci_bar = tb * (P * P).sum(axis=0)                  # eq. 3.1
             P_bar = (2 * tb * ci)[None] * P
-            if J_bar is not None:                              # eq. 5.12, J_i = J_{i−1} + h σ' P
+            if J_bar is not None:                              # eq. 3.2, J_i = J_{i−1} + h σ' P
                 P_bar = P_bar + h * (th[i][None] * J_bar)
                 th_bar[i] = _add(th_bar[i], h * (J_bar * P).sum(axis=0))
             d2_bar[i] = _add(d2_bar[i], ci_bar * z[i + 1])
             z_bar[i + 1] = _add(z_bar[i + 1], ci_bar * d2[i])
-            Pf = P_bar.reshape(d * B, m)                       # eq. 5.13, P_i = K_i J_{i−1}
+            Pf = P_bar.reshape(d * B, m)                       # eq. 3.3, P_i = K_i J_{i−1}
             Kb[i] = Kb[i] + Pf.T @ Jprev.reshape(d * B, m)
             J_bar = _add(J_bar, (Pf @ K[i]).reshape(d, B, m))
-        KE_T = xp.ascontiguousarray(K[0][:, :d].T)             # eq. 5.14, J_0 = σ'(a_0) K_0E
+        KE_T = xp.ascontiguousarray(K[0][:, :d].T)             # eq. 3.4, J_0 = σ'(a_0) K_0E
         th_bar[0] = _add(th_bar[0], (J_bar * KE_T[:, None, :]).sum(axis=0))
         KE_bar = (J_bar * th[0][None]).sum(axis=1).T           # (m, d)
-        c0 = d2[0] * z[1]                                      # eq. 5.15, t_0 = c_0ᵀ q
+        c0 = d2[0] * z[1]                                      # eq. 3.5, t_0 = c_0ᵀ q
         q = (KE_T * KE_T).sum(axis=0)
         c0_bar = trace_bar[:, None] * q[None, :]
         d2_bar[0] = _add(d2_bar[0], c0_bar * z[1])
@@ -245,17 +246,17 @@ def potential_backward(cache, phi_bar, grad_bar, trace_bar):
         KE_bar = KE_bar + 2 * (trace_bar @ c0)[:, None] * KE_T.T
         Kb[0] = Kb[0] + xp.concatenate([KE_bar, xp.zeros((m, 1), dtype=s.dtype)], axis=1)
 
-    # 2. Gradient sweep (eqs. 5.16-5.18).
+    # 2. Gradient sweep (eqs. 3.6-3.8).
     if grad_bar is not None:
         S = A.T @ A
-        s_bar = s_bar + grad_bar @ S                           # eq. 5.16, ∇Φ = z_0 + Ss + c
+        s_bar = s_bar + grad_bar @ S                           # eq. 3.6, ∇Φ = z_0 + Ss + c
         S_bar = S_bar + s.T @ grad_bar
         c_bar = c_bar + grad_bar.sum(axis=0)
-        g0_bar = grad_bar @ K[0].T                             # eq. 5.17, z_0 = K_0ᵀ g_0
+        g0_bar = grad_bar @ K[0].T                             # eq. 3.7, z_0 = K_0ᵀ g_0
         Kb[0] = Kb[0] + g[0].T @ grad_bar
         th_bar[0] = _add(th_bar[0], g0_bar * z[1])
         z_bar[1] = _add(z_bar[1], g0_bar * th[0])
-    for i in range(1, M + 1):                                  # eq. 5.18
+    for i in range(1, M + 1):                                  # eq. 3.8
         zb = z_bar[i]
         if zb is None:
             continue
@@ -267,17 +268,17 @@ def potential_backward(cache, phi_bar, grad_bar, trace_bar):
     if z_bar[M + 1] is not None:
         w_bar = w_bar + z_bar[M + 1].sum(axis=0)
 
-    # 3. Φ and the ResNet (eqs. 5.19-5.22).
+    # 3. Φ and the ResNet (eqs. 3.9-3.12).
     ub = None
     if phi_bar is not None:
-        ub = phi_bar[:, None] * w[None, :]                     # eq. 5.19
+        ub = phi_bar[:, None] * w[None, :]                     # eq. 3.9
         w_bar = w_bar + phi_bar @ u[M]
         s_bar = s_bar + phi_bar[:, None] * (sS + params["c"])
         S_bar = S_bar + 0.5 * ((s * phi_bar[:, None]).T @ s)
         c_bar = c_bar + phi_bar @ s
     pb = {}
     for i in range(M, -1, -1):
-        a_bar = None                                           # eq. 5.21
+        a_bar = None                                           # eq. 3.11
         sig_bar = ub if i == 0 or ub is None else h * ub
         if sig_bar is not None:
             a_bar = th[i] * sig_bar
@@ -289,24 +290,24 @@ def potential_backward(cache, phi_bar, grad_bar, trace_bar):
             pb[f"b{i}"] = xp.zeros((m,), dtype=s.dtype)
             continue
         pb[f"b{i}"] = a_bar.sum(axis=0)
-        if i == 0:                                             # eq. 5.22, a_0 = K_0 s + b_0
+        if i == 0:                                             # eq. 3.12, a_0 = K_0 s + b_0
             s_bar = s_bar + a_bar @ K[0]
             Kb[0] = Kb[0] + a_bar.T @ s
-        else:                                                  # eq. 5.20, a_i = K_i u_{i−1} + b_i
+        else:                                                  # eq. 3.10, a_i = K_i u_{i−1} + b_i
             Kb[i] = Kb[i] + a_bar.T @ u[i - 1]
             ub = _add(ub, a_bar @ K[i])
 
     for i in range(M + 1):
         pb[f"K{i}"] = Kb[i]
     pb["w"] = w_bar
-    pb["A"] = A @ (S_bar + S_bar.T)                            # eq. 5.23
+    pb["A"] = A @ (S_bar + S_bar.T)                            # eq. 3.13
     pb["c"] = c_bar
     return s_bar, pb
 
 
 def potential_hvp(params, s, V):
     """Hessian-vector products ∇²_sΦ(s) v_k by forward-mode tangents of the gradient sweep
-    (docs/otflow.md eq. 5.32-5.33): the tangent rule of s -> ∇_sΦ, for the dot-product test and
+    (docs/otflow.md eq. 5.1-5.2): the tangent rule of s -> ∇_sΦ, for the dot-product test and
     for the exact trace by basis tangents (bench/bench_otflow_trace.py).
 
         ȧ_0 = K_0 v,  u̇_0 = σ'(a_0) ⊙ ȧ_0,  ȧ_i = K_i u̇_{i−1},  u̇_i = u̇_{i−1} + h σ'(a_i) ⊙ ȧ_i
@@ -357,7 +358,7 @@ def potential_hvp(params, s, V):
 
 
 def basis_tangent_trace(params, s, d):
-    """tr ∇ₓ²Φ by d basis tangents e_1..e_d through potential_hvp (eq. 5.34): the exact trace
+    """tr ∇ₓ²Φ by d basis tangents e_1..e_d through potential_hvp (eq. 5.3): the exact trace
     the OT-Flow recursion replaces. s (B, d+1) -> (B,)."""
     xp = get_array_module(s)
     B = s.shape[0]

@@ -36,7 +36,7 @@ __all__ = ["odeint", "Solution", "Grads", "SolverError", "terminal_time_gradient
            "initial_time_gradient", "propose_step", "initial_step",
            "SAFETY", "MIN_FACTOR", "MAX_FACTOR"]
 
-# Step-size controller constants (eq. 3.2), torchdiffeq's values (shared/REFERENCE.md).
+# Step-size controller constants (eq. 3.2), torchdiffeq's values (docs/reference.md, section 5).
 SAFETY = 0.9        # h_new = h · SAFETY · ρ^(−1/order), before the limits below
 MIN_FACTOR = 0.2    # never shrink a rejected step by more than 5×
 MAX_FACTOR = 10.0   # never grow a step by more than 10×
@@ -429,7 +429,6 @@ class _Tape(NamedTuple):
 def _backward(tape, y1_bar):
     dyn, struct, tab = tape.dynamics, tape.struct, tape.tab
     ybar = struct.unpack(y1_bar, "y1_bar")
-    ybar = [None if v is None else v for v in ybar]
     ref = tape.y1
     for v, r in zip(ybar, ref):
         if v is not None and tuple(v.shape) != tuple(r.shape):
@@ -449,8 +448,7 @@ def _backward(tape, y1_bar):
         f, _ = dyn.forward(tape.t0, struct.pack(tape.states[0]))
         nre += 1
         g = _vdot_parts(ybar, struct.unpack(f))
-        ybar_n = [None if v is None else v for v in ybar]
-        return _finish(struct, ybar_n, pacc, params, -g, g, nb, nre, ref)
+        return _finish(struct, ybar, pacc, params, -g, g, nb, nre, ref)
     k = tape.checkpoint
     for start in reversed(range(0, N, k)):
         end = min(start + k, N)
@@ -495,6 +493,16 @@ def _check_y0(parts):
     return xp
 
 
+def _all_finite(parts) -> bool:
+    """Whether every part holds only finite values: one host synchronisation for all parts."""
+    xp = get_array_module(*parts)
+    ok = None
+    for p in parts:
+        f = xp.isfinite(p).all()
+        ok = f if ok is None else ok & f
+    return bool(ok)
+
+
 def _nonfinite_message(states, ts):
     """Where the first non-finite value appeared (error path only: host syncs are fine)."""
     for n in sorted(states):
@@ -514,14 +522,14 @@ def odeint(dynamics, y0, t0, t1, method="rk4", steps=None, rtol=1e-5, atol=1e-5,
     dynamics: object with .params, .forward(t, y), .backward(cache, dydt_bar) (module doc)
     y0:     array (any shape) or tuple / NamedTuple of arrays; y1 has the same type
     t0, t1: scalars (float or 0-d array; read once on the host)
-    method: "euler" | "midpoint" | "rk4" (classical) | "rk38" (3/8 rule) | "dopri5", or a
-            npflow.tableau.Tableau
+    method: a name in npflow.tableau.TABLEAUS ("euler", "midpoint", "rk4", "rk38", "bosh3",
+            "dopri5") or a npflow.tableau.Tableau
     Fixed mesh (any method; required for those without error weights), one of:
         steps:     N uniform steps, h = (t1 − t0)/N (eq. 2.9 with s_n = n/N)
         step_size: N = ceil(|t1 − t0| / step_size) uniform steps
         grid:      fractions 0 = s_0 < ... < s_N = 1, t_n = t0 + s_n (t1 − t0) (e.g. the
                    ``solution.grid`` of an adaptive solve, to replay its mesh)
-    Adaptive (dopri5 when no mesh is given; section 3):
+    Adaptive (a tableau with error weights, e.g. dopri5 or bosh3, when no mesh is given; section 3):
         rtol, atol  error ratio eq. 3.1; first_step (default: eq. 3.3, one evaluation);
         max_step (|h| cap, None = no cap); min_step (|h| floor: below it, or below 10 ulp(t) so that t + h
         would barely move, SolverError);
@@ -593,7 +601,6 @@ def _solve_fixed(dyn, struct, tab, y, t0, t1, grid, store, ckpt):
     N = len(grid) - 1
     span = t1 - t0
     ts = [t0 + s * span for s in grid[:-1]] + [t1]
-    nsol = tab.n_solution_stages
     states = {0: y}
     stages = [] if store == "caches" else None
     nfe = 0
@@ -605,12 +612,7 @@ def _solve_fixed(dyn, struct, tab, y, t0, t1, grid, store, ckpt):
             stages.append((ks, caches))
         elif (n + 1) % ckpt == 0 and n + 1 < N:
             states[n + 1] = y
-    xp = get_array_module(*y)
-    ok = None
-    for p in y:
-        f = xp.isfinite(p).all()
-        ok = f if ok is None else ok & f
-    if not bool(ok):
+    if not _all_finite(y):
         where = _nonfinite_message(states, ts) if stages is None else "during the solve"
         raise SolverError(f"{tab.name}: non-finite state (NaN or Inf) integrating from "
                           f"t0={t0!r} to t1={t1!r} with {N} steps of h={(t1 - t0) / N!r}; "
@@ -693,12 +695,7 @@ def _solve_adaptive(dyn, struct, tab, y, t0, t1, rtol, atol, first_step, max_ste
     span = t1 - t0
     grid = [(tn - t0) / span for tn in ts]
     grid[0], grid[-1] = 0.0, 1.0
-    xp = get_array_module(*y)
-    ok = None
-    for p in y:
-        f = xp.isfinite(p).all()
-        ok = f if ok is None else ok & f
-    if not bool(ok):
+    if not _all_finite(y):
         raise SolverError(f"{tab.name}: non-finite final state at t1={t1!r} "
                           f"(last h={h!r}, error ratio={ratio!r}).")
     tape = _Tape(dyn, struct, tab, t0, t1, ts, grid, states, stages, ckpt, tuple(y))

@@ -20,8 +20,30 @@ step h on the host and applies the product to arrays as a weak Python scalar, so
 keeps the state's dtype (float32 stays float32) with no per-stage casts.
 
 Tableaus: ``euler`` (order 1), ``midpoint`` (2), ``rk4`` (classical, 4), ``rk38`` (Kutta's
-3/8 rule, 4: the method torchdiffeq calls "rk4"), ``dopri5`` (Dormand-Prince 5(4), FSAL, with
-Shampine's error weights as torchdiffeq uses them).
+3/8 rule, 4: the method torchdiffeq calls "rk4"), ``bosh3`` (Bogacki-Shampine 3(2), FSAL),
+``dopri5`` (Dormand-Prince 5(4), FSAL, with Shampine's error weights as torchdiffeq uses them).
+
+The solver contract (docs/solvers.md, section 1): a solver IS its tableau. Everything else is
+derived from the Tableau: the stage loop and its exact discrete adjoint (npflow.solvers, the
+same code for every tableau), adaptivity (``Tableau.adaptive``: it has error weights), the
+step-size controller's exponents (``order``, ``error_order``), the FSAL reuse (``fsal``), the
+stages a step needs (``n_solution_stages``), the names the models accept (``TABLEAUS``), which
+of them need a fixed mesh (``fixed_grid``), and the examples' ``--solver`` choices
+(``solver_names``).
+
+How to add a solver:
+
+1. Write its coefficients as rationals (strings "p/q", ints or Fractions) in a call of
+   ``_exact(name, c=..., A=..., b=..., order=p)`` below; for an embedded pair also
+   ``b_err = b − b̂`` and ``error_order``, and ``fsal=True`` when the last row of A equals b
+   and c_s = 1. ``_exact`` checks eq. 1.3 and the order conditions of eq. 1.4 exactly (orders
+   up to 5) at import, and ``Tableau`` checks them again in floating point.
+2. Add the tableau to ``TABLEAUS``. ``odeint(method=name)``, every model's ``solver=`` and the
+   examples' ``--solver`` choices accept it from then on; nothing else is edited.
+3. Test it (tests/test_tableau.py runs the consistency checks over every entry of TABLEAUS;
+   tests/test_solvers.py measures the observed order, the log-log slope of the error against
+   the step, of every tableau, and the discrete adjoint of every tableau by the dot-product
+   test).
 """
 from __future__ import annotations
 
@@ -30,8 +52,8 @@ from fractions import Fraction
 
 import numpy  # host-side only: the tableau is host data, never model data
 
-__all__ = ["Tableau", "TableauError", "EULER", "MIDPOINT", "RK4", "RK38", "DOPRI5", "TABLEAUS",
-           "get_tableau", "order_condition_residuals"]
+__all__ = ["Tableau", "TableauError", "EULER", "MIDPOINT", "RK4", "RK38", "BOSH3", "DOPRI5",
+           "TABLEAUS", "get_tableau", "fixed_grid", "solver_names", "order_condition_residuals"]
 
 
 class TableauError(ValueError):
@@ -274,9 +296,18 @@ DOPRI5 = _exact(
     b_err=[Fraction(x) - Fraction(y) for x, y in zip(_DP_B, _DP_B_HAT)],
     order=5, error_order=4, fsal=True,
     reference="Dormand & Prince 1980; error weights b̂ from Shampine 1986 as in torchdiffeq "
-              "(shared/REFERENCE.md)")
+              "(docs/reference.md)")
 
-TABLEAUS = {t.name: t for t in (EULER, MIDPOINT, RK4, RK38, DOPRI5)}
+BOSH3 = _exact("bosh3", c=[0, "1/2", "3/4", 1],
+               A=[[], ["1/2"], [0, "3/4"], ["2/9", "1/3", "4/9"]],
+               b=["2/9", "1/3", "4/9", 0],
+               b_err=[Fraction(2, 9) - Fraction(7, 24), Fraction(1, 3) - Fraction(1, 4),
+                      Fraction(4, 9) - Fraction(1, 3), Fraction(0) - Fraction(1, 8)],
+               order=3, error_order=2, fsal=True,
+               reference="Bogacki & Shampine 1989, 'A 3(2) pair of Runge-Kutta formulas' "
+                         "(b̂ = 7/24, 1/4, 1/3, 1/8)")
+
+TABLEAUS = {t.name: t for t in (EULER, MIDPOINT, RK4, RK38, BOSH3, DOPRI5)}
 
 
 def get_tableau(method) -> Tableau:
@@ -288,3 +319,15 @@ def get_tableau(method) -> Tableau:
     except (KeyError, TypeError):
         raise ValueError(f"unknown method {method!r}: expected one of {sorted(TABLEAUS)} "
                          "or a npflow.tableau.Tableau") from None
+
+
+def fixed_grid(method) -> bool:
+    """True when ``method`` (a name or a Tableau) has no error weights, so it needs a fixed mesh
+    (steps, step_size or grid); False for the adaptive pairs. Unknown names: get_tableau's error."""
+    return not get_tableau(method).adaptive
+
+
+def solver_names(adaptive=None) -> list:
+    """The registered tableau names in TABLEAUS order (for ``--solver`` choices): all of them,
+    or only the adaptive (``adaptive=True``) or fixed-grid (``adaptive=False``) ones."""
+    return [n for n, t in TABLEAUS.items() if adaptive is None or t.adaptive == adaptive]

@@ -169,18 +169,24 @@ class TimeOptimizer(TrainHook):
 # --------------------------------------------------------------------------------------------
 # methods
 
-METHODS = ("ffjord", "rnode", "toflow", "steer", "otflow")
+METHODS = ("ffjord", "rnode", "toflow", "steer", "otflow", "cfm", "otcfm")
+#: simulation-free methods (npflow.cfm, docs/cfm.md): another loss, so they combine with nothing
+FLOW_MATCHING = ("cfm", "otcfm")
 
 
 def parse_methods(text: str, allowed=METHODS) -> set:
     """The set of training methods named by ``text``: one of ``allowed`` or a '+' combination
-    such as "toflow+rnode"; ValueError listing the valid names otherwise. (The command-line
-    flags of the methods live in examples/common.py.)"""
+    such as "toflow+rnode"; ValueError listing the valid names otherwise, or when cfm / otcfm
+    is combined with another method. (The command-line flags of the methods live in
+    examples/common.py.)"""
     parts = [m.strip().lower() for m in str(text).split("+") if m.strip()]
     bad = [m for m in parts if m not in allowed]
     if not parts or bad:
         combo = " or a '+' combination such as toflow+rnode" if "toflow" in allowed else ""
         raise ValueError(f"unknown method {text!r}: use one of {', '.join(allowed)}{combo}")
+    if len(set(parts)) > 1 and set(parts) & set(FLOW_MATCHING):
+        raise ValueError(f"method {text!r}: cfm and otcfm train by flow matching and combine "
+                         "with no other method; give one alone")
     return set(parts)
 
 

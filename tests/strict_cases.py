@@ -89,4 +89,12 @@ CASES = {
 }
 
 #: One case per model class, for log_prob / sample / save-load.
+# flow matching (npflow.cfm): no solve in training; OT-CFM's assignment runs on the host
+CASES["cfm"] = Case(lambda dev, dt: npflow.FlowMatchingCNF(2, hidden=(4,), time_groups=3,
+                                                          sigma=0.1, dtype=dt, device=dev),
+                    _gauss(2))
+CASES["otcfm"] = Case(lambda dev, dt: npflow.FlowMatchingCNF(2, hidden=(4,), blocks=2,
+                                                            coupling="ot", dtype=dt,
+                                                            device=dev), _gauss(2))
+
 MODEL_CASES = ["cnf-exact", "multiscale", "otflow"]

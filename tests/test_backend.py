@@ -137,3 +137,25 @@ def test_to_device_casts_on_the_way_without_a_float64_copy():
         d = backend.to_device(np.arange(4.0), sxp, np.float32)
         assert d.dtype == np.float32 and backend.get_array_module(d) is sxp
     assert not t.float64 and len(t.transfers) == 1
+
+
+# ------------------------------------------------------------------ BLAS threads (threadpoolctl)
+
+def test_blas_thread_helpers_set_restore_and_respect_the_environment(monkeypatch):
+    from npflow import backend
+    before = backend.get_blas_threads()
+    if before is None:
+        pytest.skip("threadpoolctl finds no BLAS in this numpy")
+    try:
+        assert backend.set_blas_threads(2) == 2
+        with backend.blas_threads(1):
+            assert backend.get_blas_threads() == 1
+        assert backend.get_blas_threads() == 2                 # restored after the block
+        for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            monkeypatch.delenv(v, raising=False)
+        assert backend.limit_blas_threads(1) == 1
+        backend.set_blas_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")             # the environment rules
+        assert backend.limit_blas_threads(1) == 2
+    finally:
+        backend.set_blas_threads(before)

@@ -97,7 +97,7 @@ def test_time_gradient_analytic_equals_stats_of_loss_and_grad():
 
 
 def test_exact_logdet_equals_log_abs_det_of_flow_jacobian():
-    """ℓ(T) from the exact trace equals log|det ∂z(T)/∂x| of the flow map (eq. 3.1b)."""
+    """ℓ(T) from the exact trace equals log|det ∂z(T)/∂x| of the flow map (eq. 1.1b)."""
     model = CNF(dim=3, hidden=(8, 8), T=0.7, dtype="float64", seed=7)
     x = np.random.default_rng(1).standard_normal((2, 3))
     lp = model.log_prob(x, rtol=1e-10, atol=1e-10)

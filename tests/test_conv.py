@@ -227,3 +227,92 @@ def test_stacked_input_cotangent_is_the_array_xbar_and_xdotbar_are_views_of(cls)
     np.testing.assert_array_equal(stacked[0], xbar)
     np.testing.assert_array_equal(stacked[1:], xdotbar)
     assert layer.backward_parts(ybar, ydotbar, cache, need_xdotbar=False)[4] is None
+
+
+# ----------------------------------------------------------------------------- the layer contract
+
+def test_conv_layers_follow_the_stacked_protocol_of_the_dense_layers():
+    """forward_stacked(params, h, t) / backward_stacked(hbar, cache) give the same arrays as
+    forward / backward (docs/layers.md, the layer contract), and out_shape has the batch axis."""
+    rng = np.random.default_rng(7)
+    for cls in (Conv2d, ConcatConv2d, ConcatSquashConv2d):
+        layer = cls(2, 3)
+        p = layer.init_params(rng, np.float64, np)
+        x, xdot = rng.standard_normal((2, 2, 5, 5)), rng.standard_normal((3, 2, 2, 5, 5))
+        y, ydot, cache = layer.forward(p, x, xdot, 0.4)
+        H, cache_s = layer.forward_stacked(p, np.concatenate((x[None], xdot)), 0.4)
+        np.testing.assert_array_equal(H[0], y)
+        np.testing.assert_array_equal(H[1:], ydot)
+        assert layer.out_shape(x.shape) == y.shape
+        hbar = rng.standard_normal(H.shape)
+        xbar, xdotbar, grads, tbar = layer.backward(hbar[0], hbar[1:], cache)
+        hin, grads_s, tbar_s = layer.backward_stacked(hbar, cache_s)
+        np.testing.assert_array_equal(hin[0], xbar)
+        np.testing.assert_array_equal(hin[1:], xdotbar)
+        assert float(tbar_s) == float(tbar) and sorted(grads_s) == sorted(p)
+        for k in grads:
+            np.testing.assert_array_equal(grads_s[k], grads[k])
+        assert sorted(p) == sorted(layer.param_names())
+
+
+def test_concat_squash_conv_has_the_dense_layers_parameter_names_and_formula():
+    rng = np.random.default_rng(8)
+    layer = ConcatSquashConv2d(2, 3, kernel=1, padding=0)
+    p = layer.init_params(rng, np.float64, np)
+    assert sorted(p) == ["bias", "gate.bias", "gate.weight", "hyper_bias.weight", "weight"]
+    x, t = rng.standard_normal((4, 2, 3, 3)), 0.7
+    y = layer.forward(p, x, None, t)[0]
+    gate = 1 / (1 + np.exp(-(p["gate.weight"] * t + p["gate.bias"])))
+    lin = np.einsum("oc,bchw->bohw", p["weight"][:, :, 0, 0], x) + p["bias"][:, None, None]
+    want = lin * gate[:, None, None] + (p["hyper_bias.weight"] * t)[:, None, None]
+    np.testing.assert_allclose(y, want, rtol=1e-13, atol=1e-13)
+
+
+def test_checkpoint_with_the_former_conv_parameter_names_still_loads_and_resumes(tmp_path):
+    """Checkpoints written before the conv layers took the dense names (gate_weight, gate_bias,
+    hyper_bias) load with today's names, parameters and optimizer moments alike."""
+    import json
+
+    import h5py
+    from npflow import Adam, load
+    from npflow.checkpoint import load_training_state
+    from npflow.multiscale import MultiscaleCNF
+    m = MultiscaleCNF((1, 4, 4), hidden=(2,), scales=1, blocks=1, layer="concatsquash",
+                      dtype="float64", seed=3)
+    opt = Adam(m.params, lr=1e-3)
+    path = tmp_path / "old.h5"
+    m.save(path, optimizer=opt, iteration=5)
+    old = {"gate.weight": "gate_weight", "gate.bias": "gate_bias",
+           "hyper_bias.weight": "hyper_bias"}
+
+    def to_old(name):
+        for new, former in old.items():
+            if name.endswith("." + new):
+                return name[:-len(new)] + former
+        return name
+
+    renamed = 0
+    with h5py.File(path, "r+") as f:            # rewrite the file as an older npflow wrote it
+        g = f["params"]
+        g.attrs["names"] = json.dumps([to_old(n) for n in json.loads(g.attrs["names"])])
+        for ds in g.values():
+            renamed += ds.attrs["name"] != to_old(ds.attrs["name"])
+            ds.attrs["name"] = to_old(ds.attrs["name"])
+        for grp in f["optimizer"].values():
+            if isinstance(grp, h5py.Group):       # the moments m and v, keyed by name
+                for ds in grp.values():
+                    ds.attrs["key"] = to_old(ds.attrs["key"])
+                grp.attrs["order"] = json.dumps([to_old(k) for k in
+                                                 json.loads(grp.attrs["order"])])
+        plain = json.loads(f["optimizer"].attrs["json"])
+        plain["keys"] = [to_old(k) for k in plain["keys"]]
+        f["optimizer"].attrs["json"] = json.dumps(plain)
+    assert renamed == sum(to_old(k) != k for k in m.params) > 0
+    loaded = load(path)
+    assert sorted(loaded.params) == sorted(m.params)
+    for k in m.params:
+        np.testing.assert_array_equal(loaded.params[k], m.params[k])
+    state = load_training_state(path)
+    opt2 = Adam(loaded.params, lr=1e-3)
+    opt2.load_state_dict(state["optimizer"])          # raises if a key were still old
+    assert sorted(state["optimizer"]["m"]) == sorted(m.params)

@@ -136,7 +136,7 @@ def test_toy_log_density_integrates_to_one(name, lo, hi, h):
 
 
 def test_8gaussians_entropy_matches_reference_value():
-    # shared/REFERENCE.md: entropy 2.8318 ± 0.0003 nats (Monte Carlo with the exact density)
+    # docs/reference.md, section 1: entropy 2.8318 ± 0.0003 nats (Monte Carlo with the exact density)
     x = toy("8gaussians", 100000, np.random.default_rng(9))
     lp = toy_log_density("8gaussians", x)
     se = lp.std() / math.sqrt(lp.size)

@@ -216,6 +216,7 @@ def test_activation_derivatives_are_derivatives_of_each_other(name):
     ("softplus", lambda x: np.log1p(np.exp(x))),
     ("swish", lambda x: x / (1 + np.exp(-x))),
     ("logcosh", lambda x: np.log(np.exp(x) + np.exp(-x))),
+    ("gelu", lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))),
 ])
 def test_activation_values_match_their_definitions(name, ref):
     x = np.linspace(-8, 8, 161)
@@ -239,6 +240,22 @@ def test_logcosh_and_softplus_are_stable_for_large_inputs():
     for dtype in (np.float32, np.float64):
         v = L.LogCosh().derivatives(x.astype(dtype), np)[0]
         assert v.dtype == dtype and np.all(np.isfinite(v))
+
+
+def test_gelu_is_close_to_the_exact_erf_gelu_and_finite_for_large_inputs():
+    """The tanh form stays within 5e-4 of x·Φ(x) (Φ the normal CDF), and its derivatives are
+    finite (no overflow of x³) and tend to those of relu far from 0."""
+    from scipy.special import erf
+    x = np.linspace(-6, 6, 241)
+    exact = 0.5 * x * (1 + erf(x / np.sqrt(2)))
+    assert np.abs(L.GELU().derivatives(x, np)[0] - exact).max() < 5e-4
+    big = np.array([-1e4, -50.0, 50.0, 1e4])
+    with np.errstate(over="raise", invalid="raise"):
+        d = L.GELU().derivatives(big, np, order=3)
+    np.testing.assert_allclose(d[0], np.maximum(big, 0), atol=1e-12)
+    np.testing.assert_allclose(d[1], (big > 0).astype(float), atol=1e-12)
+    np.testing.assert_allclose(d[2], 0.0, atol=1e-12)
+    np.testing.assert_allclose(d[3], 0.0, atol=1e-12)
 
 
 def test_get_activation_names_and_errors():

@@ -49,7 +49,7 @@ def test_potential_gradient_equals_central_differences(d, m, depth, B, seed):
 
 @pytest.mark.parametrize("d", range(1, 21))
 def test_otflow_trace_equals_hessian_trace(d):
-    """tr ∇ₓ²Φ by the recursion (eq. 5.7-5.10) = trace of the x-block of a Hessian built by
+    """tr ∇ₓ²Φ by the recursion (eq. 2.3-2.6) = trace of the x-block of a Hessian built by
     central differences of Φ (second differences, no use of our gradient)."""
     p, rng = _random_potential(d, 8, 3, 1000 + d, scale=0.5)
     s = rng.standard_normal((3, d + 1))
@@ -210,7 +210,7 @@ otflow = pytest.importorskip("npflow.otflow")
 @given(d=st.integers(1, 4), m=widths, depth=depths, B=batches, seed=seeds,
        alpha0=st.sampled_from([1.0, 0.5, 3.0]))
 def test_dynamics_backward_matches_central_differences(d, m, depth, B, seed, alpha0):
-    """OTFlowDynamics.backward (eq. 5.28) against central differences of the pairing of
+    """OTFlowDynamics.backward (eq. 4.4) against central differences of the pairing of
     F(y, t) = (ẋ, ℓ̇, L̇, Ṙ) with random cotangents, along x, t and every parameter."""
     p, rng = _random_potential(d, m, depth, seed)
     dyn = otflow.OTFlowDynamics(p, d, alpha0)
@@ -326,9 +326,9 @@ def test_loss_and_grad_matches_central_differences(train_T):
 
 
 def test_analytic_time_gradient_approaches_discrete_one_with_more_steps():
-    """The terminal formula λ(T)·F(y(T), T) (eq. 5.31) is the limit of the discrete ∂L/∂T
-    (eq. 5.30): with a smooth integrand (α2 = 0) their gap shrinks steadily as the RK4 grid is
-    refined. With the HJB term the gap is small but not monotone: |r| has kinks where r changes
+    """The terminal formula λ(T)·F(y(T), T) (eq. 4.6) is the limit of the discrete ∂L/∂T
+    (docs/solvers.md, eq. 2.10): with a smooth integrand (α2 = 0) their gap shrinks steadily as
+    the RK4 grid is refined. With the HJB term the gap is small but not monotone: |r| has kinks where r changes
     sign, and moving T moves the stage times across them (docs/otflow.md, section 4)."""
     x = np.random.default_rng(1).standard_normal((8, 2))
 

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from npflow.solvers import (MAX_FACTOR, MIN_FACTOR, SAFETY, SolverError, initial_time_gradient,
                             odeint, propose_step, terminal_time_gradient)
 
-FIXED = ["euler", "midpoint", "rk4", "rk38", "dopri5"]
-ORDER = {"euler": 1, "midpoint": 2, "rk4": 4, "rk38": 4, "dopri5": 5}
+FIXED = ["euler", "midpoint", "rk4", "rk38", "bosh3", "dopri5"]
+ORDER = {"euler": 1, "midpoint": 2, "rk4": 4, "rk38": 4, "bosh3": 3, "dopri5": 5}
 
 
 # ----------------------------------------------------------------------------- test dynamics
@@ -269,6 +269,35 @@ def test_dopri5_convergence_against_tolerance_is_fifth_order_in_steps():
         ns.append(sol.n_steps)
     slope = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
     assert 4.0 < slope < 6.0, (slope, ns, errs)
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-6, 1e-8])
+def test_bosh3_adaptive_error_is_within_tolerance_at_three_evaluations_per_step(tol):
+    """bosh3 through odeint's adaptive path (derived from its tableau alone: error weights,
+    FSAL): the global error is of the order of the tolerance, and each attempted step costs
+    3 evaluations (4 stages, the first reused from the last), plus 2 at the start."""
+    rng = np.random.default_rng(3)
+    dyn, y0 = make_linear(rng, 2, 3)
+    exact = linear_exact(dyn.params["A"], dyn.params["b"], y0, 0.0, 2.0)
+    sol = odeint(dyn, y0, 0.0, 2.0, method="bosh3", rtol=tol, atol=tol)
+    ratio = np.sqrt(np.mean(((sol.y1 - exact) / (tol + tol * np.abs(exact))) ** 2))
+    assert 0.01 < ratio < 5.0, ratio
+    assert sol.nfe == 2 + 3 * (sol.n_steps + sol.n_rejected)
+    assert sol.n_steps > 1
+
+
+def test_bosh3_convergence_against_tolerance_is_third_order_in_steps():
+    """Error against number of accepted steps when tightening the tolerance: slope ≈ 3."""
+    rng = np.random.default_rng(4)
+    dyn, y0 = make_linear(rng, 2, 3)
+    exact = linear_exact(dyn.params["A"], dyn.params["b"], y0, 0.0, 2.0)
+    errs, ns = [], []
+    for tol in [1e-5, 1e-7, 1e-9, 1e-11]:
+        sol = odeint(dyn, y0, 0.0, 2.0, method="bosh3", rtol=tol, atol=tol)
+        errs.append(np.abs(sol.y1 - exact).max())
+        ns.append(sol.n_steps)
+    slope = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
+    assert 2.5 < slope < 3.5, (slope, ns, errs)
 
 
 def test_dopri5_needs_far_fewer_evaluations_than_rk4_at_equal_accuracy():
@@ -622,7 +651,7 @@ def test_step_size_picks_the_number_of_steps():
 
 @pytest.mark.slow
 def test_dopri5_nfe_is_comparable_with_torchdiffeq():
-    """Same tableau, controller and initial step as torchdiffeq's dopri5 (shared/REFERENCE.md):
+    """Same tableau, controller and initial step as torchdiffeq's dopri5 (docs/reference.md, section 5):
     NFE alike: at most two attempts more, and not far fewer (we land on t1 instead of stepping
     past it and interpolating, which changes the last steps)."""
     torch = pytest.importorskip("torch")

@@ -39,7 +39,7 @@ def test_order_conditions_hold_up_to_the_declared_order_and_fail_above(tab):
 
 def test_declared_orders():
     assert {t.name: t.order for t in ALL} == {
-        "euler": 1, "midpoint": 2, "rk4": 4, "rk38": 4, "dopri5": 5}
+        "euler": 1, "midpoint": 2, "rk4": 4, "rk38": 4, "bosh3": 3, "dopri5": 5}
 
 
 def test_dopri5_error_weights_are_shampines_and_the_embedded_solution_has_order_4():
@@ -51,6 +51,32 @@ def test_dopri5_error_weights_are_shampines_and_the_embedded_solution_has_order_
     assert max(abs(r) for r in res.values()) < 1e-14
     res5 = T.order_condition_residuals(tab.c, [list(r) for r in tab.A], tab.b_hat, 5)
     assert max(abs(r) for r in res5.values()) > 1e-5          # b̂ is not 5th order
+
+
+def test_bosh3_error_weights_are_bogacki_shampines_and_the_embedded_solution_has_order_2():
+    tab = T.BOSH3
+    assert tab.b == pytest.approx((2 / 9, 1 / 3, 4 / 9, 0.0), abs=1e-16)
+    assert tab.b_hat == pytest.approx((7 / 24, 1 / 4, 1 / 3, 1 / 8), abs=1e-16)
+    res = T.order_condition_residuals(tab.c, [list(r) for r in tab.A], tab.b_hat, 2)
+    assert max(abs(r) for r in res.values()) < 1e-15
+    res3 = T.order_condition_residuals(tab.c, [list(r) for r in tab.A], tab.b_hat, 3)
+    assert max(abs(r) for r in res3.values()) > 1e-3          # b̂ is not 3rd order
+
+
+def test_bosh3_is_fsal_and_its_last_stage_only_feeds_the_error():
+    tab = T.BOSH3
+    assert tab.fsal and tab.c[-1] == 1.0 and tab.A[-1][:3] == tab.b[:3]
+    assert tab.b[-1] == 0.0 and tab.n_solution_stages == 3 and tab.adaptive
+
+
+def test_fixed_grid_and_solver_names_are_derived_from_the_tableaus():
+    assert T.solver_names() == list(T.TABLEAUS)
+    assert set(T.solver_names(adaptive=True)) == {"bosh3", "dopri5"}
+    assert set(T.solver_names(adaptive=False)) == {"euler", "midpoint", "rk4", "rk38"}
+    for name, tab in T.TABLEAUS.items():
+        assert T.fixed_grid(name) == (tab.b_err is None) == T.fixed_grid(tab)
+    with pytest.raises(ValueError, match="unknown method 'rk45'"):
+        T.fixed_grid("rk45")
 
 
 def test_dopri5_is_fsal_and_its_last_stage_only_feeds_the_error():

@@ -2,7 +2,7 @@
 
 Each generator draws ``n`` samples from an explicit ``numpy.random.Generator`` and returns a
 float64 array of shape (n, 2); the same generator state gives the same samples. The recipes
-follow shared/REFERENCE.md (eqs. 1.1-1.8 of docs/data.md); the scikit-learn-style sets
+follow FFJORD's benchmark set (eqs. 1.1-1.8 of docs/data.md; docs/reference.md, section 1); the scikit-learn-style sets
 (swissroll, circles, moons) are written out here from their definitions, with no dependency on
 scikit-learn. Sets built block by block (two circles, four rings, two moons, five arms, two
 spirals) are shuffled, so any slice of a sample is itself a sample of the density.

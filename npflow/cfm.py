@@ -1,0 +1,248 @@
+"""Simulation-free training of npflow's CNFs: conditional flow matching (CFM) and OT-CFM
+(docs/cfm.md).
+
+Same networks and conventions as npflow.cnf: data x at t0 = 0, N(0, I) at the end time. With
+the blocks of a CNF laid end to end on [0, 𝒯], 𝒯 = Σ_b T_b (eq. 1.1), one draw per sample of
+
+    z ~ N(0, I),  s ~ U[0, 1),  ε ~ N(0, I)                                  (eq. 2.1)
+    x_s = (1 − s) x + s z + σ ε             the straight path of width σ       (eq. 2.2)
+    u   = (z − x) / 𝒯                       its conditional velocity           (eq. 2.3)
+    L   = Σ_i w_i (1/D) ‖f(x_{s_i}, 𝒯 s_i; θ) − u_i‖²,  Σ_i w_i = 1            (eq. 2.4)
+
+(f at global time τ = 𝒯 s is block b's network at local time τ − Σ_{c<b} T_c, eq. 1.2). OT-CFM
+pairs the batch's data and noise by an exact optimal assignment on squared distances before
+the path is formed (eq. 4.1-4.2). The gradient is the layers' hand-written backward of f with
+no tangents (K = 0) applied to f̄_i = 2 w_i (f − u_i) / D (eq. 2.5): no ODE is solved in
+training.
+
+The model stays a CNF: ``FlowMatchingCNF.log_prob`` is CNF.log_prob (dopri5, exact or
+Hutchinson trace, eq. 3.2 of docs/cnf.md) and ``sample`` is CNF.sample.
+
+Times. ODENet takes one scalar time per call, so the batch is cut into M groups of rows
+(``time_groups``) and group j shares one time s_j = (j + U_j)/M, U_j ~ U[0, 1) (stratified,
+eq. 2.6); its n_j rows carry the weight w_i = 1/(M n_j) (eq. 2.7), so L is an unbiased
+estimate of the CFM objective for any group sizes; M = B gives every sample its own time.
+Cost: M network calls on about B/M rows each, forward and backward.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np  # host-side only: noise draws, the OT assignment (data edge)
+
+from .backend import get_array_module, to_device, to_host
+from .cnf import CNF, _block_prefix
+
+__all__ = ["FlowMatchingCNF", "COUPLINGS", "ot_pairing", "straight_path", "target_velocity",
+           "draw_noise", "cfm_loss_and_grad", "group_cuts"]
+
+COUPLINGS = ("independent", "ot")
+
+
+# ------------------------------------------------------------------ the pieces (docs/cfm.md)
+
+def ot_pairing(x, z):
+    """Exact optimal transport between two equal batches with uniform weights (eq. 4.1-4.2).
+
+    x (B, D), z (B, D), host or device arrays. Returns a host integer array perm (B,) such
+    that the pairs (x_i, z_perm[i]) minimise Σ_i ‖x_i − z_perm[i]‖² over all permutations:
+    for equal batch sizes and uniform weights the OT plan is a permutation matrix divided by B
+    (Birkhoff-von Neumann), so scipy's linear_sum_assignment on the (B, B) squared-distance
+    matrix is exact. Host-side (the data edge): O(B² D) to form the costs, O(B³) worst case
+    for the assignment (measured in docs/cfm.md, section 4).
+    """
+    from scipy.optimize import linear_sum_assignment
+    xh = np.asarray(to_host(x), dtype=np.float64)
+    zh = np.asarray(to_host(z), dtype=np.float64)
+    if xh.shape != zh.shape or xh.ndim != 2:
+        raise ValueError(f"ot_pairing needs x and z of the same shape (B, D), got {xh.shape} "
+                         f"and {zh.shape}")
+    C = ((xh * xh).sum(1)[:, None] + (zh * zh).sum(1)[None, :] - 2.0 * xh @ zh.T)  # eq. 4.1
+    rows, cols = linear_sum_assignment(C)
+    perm = np.empty(len(rows), dtype=np.int64)
+    perm[rows] = cols
+    return perm
+
+
+def straight_path(x, z, s, eps=None, sigma=0.0):
+    """x_s = (1 − s) x + s z + σ ε (eq. 2.2). x, z (n, D); s a float (one group's time);
+    eps (n, D) or None (σ = 0). Returns (n, D)."""
+    xs = (1.0 - s) * x + s * z
+    if sigma and eps is not None:
+        xs = xs + sigma * eps
+    return xs
+
+
+def target_velocity(x, z, horizon):
+    """u = (z − x) / 𝒯 (eq. 2.3), the velocity of eq. 2.2 in the time τ = 𝒯 s. x, z (n, D)."""
+    return (z - x) * (1.0 / horizon)
+
+
+def group_cuts(B, M):
+    """Row boundaries of the M time groups of a batch of B rows (eq. 2.6): M + 1 ints; groups
+    differ in size by at most one. M is capped at B."""
+    M = max(1, min(int(M), int(B)))
+    return [B * j // M for j in range(M + 1)]
+
+
+def draw_noise(rng, B, D, time_groups, sigma):
+    """The randomness of one CFM step, drawn from the numpy Generator ``rng`` in a fixed order
+    (eq. 2.1, 2.6): z (B, D) ~ N(0, I); s (M,) stratified, s_j = (j + U_j)/M; ε (B, D) ~ N(0, I)
+    when σ > 0, else None. Host float64 arrays."""
+    M = len(group_cuts(B, time_groups)) - 1
+    z = rng.standard_normal((B, D))
+    s = (np.arange(M) + rng.uniform(size=M)) / M
+    eps = rng.standard_normal((B, D)) if sigma > 0 else None
+    return z, s, eps
+
+
+def cfm_loss_and_grad(nets, block_params, Ts, x, z, s, eps=None, sigma=0.0, rows=None):
+    """The CFM loss (eq. 2.4) on given noise and its exact gradient (eq. 2.5), no ODE solve.
+
+    nets          one network per block (ODENet interface: forward(params, x, None, t) ->
+                  (f, None, cache); backward(fbar, None, cache, need_xdotbar=False))
+    block_params  list of the blocks' parameter dicts (no prefix)
+    Ts            list of the blocks' end times T_b (floats); 𝒯 = Σ T_b (eq. 1.1)
+    x, z          data and its paired noise (B, D), arrays of the parameters' module and dtype
+    s             (M,) host floats in [0, 1): the time of each row group (group_cuts(B, M))
+    eps, sigma    path noise (B, D) or None, and the width σ (eq. 2.2)
+    rows          (lo, hi): only the terms of rows lo..hi−1 (default all), with the weights of
+                  the whole batch (eq. 2.7), so the results of any split of the rows add up to
+                  the whole batch's (docs/parallel.md, eq. 1.2)
+    Returns (loss: 0-d array, grads: list of dicts like block_params, info dict). Blocks whose
+    time interval holds no group time get zero gradients.
+    """
+    B, D = x.shape
+    xp = get_array_module(x)
+    M = len(s)
+    cuts = group_cuts(B, M)
+    if len(cuts) - 1 != M:
+        raise ValueError(f"{M} group times for a batch of {B} rows: need M <= B")
+    horizon = float(sum(Ts))
+    offsets = np.concatenate(([0.0], np.cumsum(Ts)))
+    prepared = [net.prepare(p) if hasattr(net, "prepare") else p
+                for net, p in zip(nets, block_params)]
+    grads = [{k: xp.zeros_like(v) for k, v in p.items()} for p in block_params]
+    u = target_velocity(x, z, horizon)                                          # eq. 2.3
+    r_lo, r_hi = (0, B) if rows is None else rows
+    total = xp.zeros((), dtype=x.dtype)
+    for j in range(M):
+        w = 1.0 / (M * (cuts[j + 1] - cuts[j]) * D)              # row weight / D, eq. 2.7
+        lo, hi = max(cuts[j], r_lo), min(cuts[j + 1], r_hi)
+        if lo >= hi:
+            continue
+        tau = float(s[j]) * horizon                                             # eq. 1.2
+        b = min(int(np.searchsorted(offsets, tau, side="right")) - 1, len(nets) - 1)
+        t_local = tau - float(offsets[b])
+        xs = straight_path(x[lo:hi], z[lo:hi], float(s[j]),
+                           None if eps is None else eps[lo:hi], sigma)          # eq. 2.2
+        f, _, cache = nets[b].forward(prepared[b], xs, None, t_local)
+        r = f - u[lo:hi]
+        total = total + w * (r * r).sum()
+        _, _, pbar, _ = nets[b].backward((2.0 * w) * r, None, cache, need_xdotbar=False)  # eq. 2.5
+        g = grads[b]
+        for k, v in pbar.items():
+            g[k] += v
+    return total, grads, {"groups": M, "horizon": horizon}
+
+
+# ------------------------------------------------------------------ the model
+
+class FlowMatchingCNF(CNF):
+    """A CNF (npflow.cnf.CNF: same networks, blocks, log_prob, sample, checkpoints) whose
+    ``loss_and_grad`` is the flow-matching objective of docs/cfm.md instead of the maximum
+    likelihood loss.
+
+    All CNF arguments (dim, hidden, layer, activation, T, blocks, solver/steps/rtol/atol/trace:
+    the defaults of log_prob and sample, never used in training), plus
+    sigma        width σ >= 0 of the Gaussian path around the straight line (eq. 2.2)
+    coupling     "independent" (CFM: x and z drawn independently) | "ot" (OT-CFM: the batch's
+                 x and z paired by exact optimal transport, eq. 4.2)
+    time_groups  M, rows sharing one stratified time (eq. 2.6); capped at the batch size
+    train_T, kinetic and jacobian must keep their defaults (they belong to the likelihood loss).
+    """
+
+    def __init__(self, dim, sigma=0.0, coupling="independent", time_groups=16, **cnf_kwargs):
+        if not sigma >= 0:
+            raise ValueError(f"path width sigma must be >= 0, got {sigma}")
+        if coupling not in COUPLINGS:
+            raise ValueError(f"unknown coupling {coupling!r}: expected one of {COUPLINGS}")
+        if int(time_groups) < 1:
+            raise ValueError(f"time_groups must be >= 1, got {time_groups}")
+        for name in ("train_T", "kinetic", "jacobian"):
+            if cnf_kwargs.get(name):
+                raise ValueError(f"flow matching trains no {name}: build the model with "
+                                 f"{name} left at its default (the end time T is fixed)")
+        super().__init__(dim, **cnf_kwargs)
+        self.config.update(sigma=float(sigma), coupling=coupling, time_groups=int(time_groups))
+
+    def draw(self, x, rng):
+        """The noise of one step for data x (B, D), drawn from rng (eq. 2.1, 2.6), and for
+        OT-CFM the noise reordered by the optimal assignment (eq. 4.2): (z, s, eps, info) with
+        z, eps on the model's device and dtype, s host (M,)."""
+        cfg = self.config
+        B = x.shape[0]
+        z, s, eps = draw_noise(rng, B, self.dim, cfg["time_groups"], cfg["sigma"])
+        info = {}
+        if cfg["coupling"] == "ot":
+            t = time.perf_counter()
+            perm = ot_pairing(x, z)
+            info["ot_seconds"] = time.perf_counter() - t
+            z = z[perm]
+        xp, dt = self.xp, self.dtype
+        return (to_device(z, xp, dt), s, None if eps is None else to_device(eps, xp, dt), info)
+
+    def loss_and_grad(self, x, rng, params=None, T=None):
+        """The CFM / OT-CFM loss (eq. 2.4) on a batch and its exact gradient (eq. 2.5).
+
+        x       data (B, D) (host or device array)
+        rng     numpy.random.Generator: z, the group times s and ε (eq. 2.1, 2.6)
+        params  parameter dict (default self.params); T: not supported (None)
+        Returns (loss: float, grads: dict like params, stats: dict with "cfm" (the loss),
+        "nfe_forward" = "nfe_backward" = 1 (one evaluation of f on the batch, cut into M row
+        groups), "T", "pair_sq_dist" = mean ‖x_i − z_i‖² of the pairs used, and for OT-CFM
+        "ot_seconds", the host time of the assignment).
+        """
+        part = self.loss_and_grad_part(x, rng, params=params, T=T)
+        return self.loss_from_part(part, len(x), params=params, T=T)   # len: lists too
+
+    def loss_and_grad_part(self, x, rng, rows=None, params=None, T=None, allreduce=None):
+        """The rows ``(lo, hi)`` (default all) of the batch x (B, D) in the loss of eq. 2.4 and
+        its gradient, as a model.Part (docs/parallel.md, eq. 1.2): sums "cfm" (Σ over the rows
+        of w_i ‖f − u_i‖²/D) and "pair_sq_dist" (Σ ‖x_i − z_i‖²), the rows' gradient share,
+        and same "nfe_forward", "nfe_backward" (1 each) and, for OT-CFM, "ot_seconds". The
+        noise, the times and the OT pairing are drawn for the whole batch on every caller (the
+        same draws whatever the rows). ``allreduce`` is unused (no solver runs)."""
+        from .model import Part, check_rows
+        if T is not None:
+            raise ValueError("flow matching has no end-time override (STEER); pass T=None")
+        params = self.params if params is None else params
+        x = self._prepare(x)
+        lo, hi = check_rows(rows, x.shape[0])
+        Ts = [float(to_host(t)) for t in self.end_times(params)]
+        z, s, eps, info = self.draw(x, rng)
+        nb = len(self.nets)
+        total, gl, _ = cfm_loss_and_grad(self.nets, [self.block_params(b, params)
+                                                     for b in range(nb)],
+                                         Ts, x, z, s, eps, self.config["sigma"], rows=(lo, hi))
+        grads = {}
+        for b in range(nb):
+            pre = _block_prefix(b)
+            grads.update({pre + k: v for k, v in gl[b].items()})
+        d = x[lo:hi] - z[lo:hi]
+        same = {"nfe_forward": 1.0, "nfe_backward": 1.0, **info}
+        return Part({"cfm": total, "pair_sq_dist": (d * d).sum()}, grads, same)
+
+    def loss_from_part(self, part, B, params=None, T=None):
+        """(loss, grads, stats) of loss_and_grad from the sum of the parts of a batch of B
+        (one host sync for the loss, one for the pair distance)."""
+        loss = float(to_host(part.sums["cfm"]))
+        Ts = [float(to_host(t)) for t in self.end_times(params)]
+        stats = {"cfm": loss, "nfe_forward": int(round(part.same["nfe_forward"])),
+                 "nfe_backward": int(round(part.same["nfe_backward"])),
+                 "T": Ts[0] if len(Ts) == 1 else Ts,
+                 "pair_sq_dist": float(to_host(part.sums["pair_sq_dist"])) / B,
+                 "time_groups": len(group_cuts(B, self.config["time_groups"])) - 1}
+        if "ot_seconds" in part.same:
+            stats["ot_seconds"] = float(part.same["ot_seconds"])
+        return loss, dict(part.grads), stats
