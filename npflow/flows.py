@@ -14,6 +14,7 @@ import numbers
 import warnings
 
 from npflow.backend import get_array_module
+from npflow.layers import sigmoid
 
 __all__ = ["Flow", "Planar", "Orthogonal", "Householder", "Triangular", "FlowSequence",
            "make_flows", "planar_reparameterize", "orthogonalize", "orthogonalize_backward",
@@ -48,11 +49,6 @@ def _swap(A):
 def _softplus(a, xp):
     """softplus(a) = log(1 + eᵃ), stable for any a."""
     return xp.logaddexp(0.0, a)
-
-
-def _sigmoid(a, xp):
-    """sigmoid(a) = ½(1 + tanh(a/2)), the derivative of softplus."""
-    return 0.5 * (1.0 + xp.tanh(0.5 * a))
 
 
 def _diag(A, xp):
@@ -213,7 +209,7 @@ class Planar(Flow):
         k_bar = (u_hat_bar * w).sum(axis=1)                       # eq. 1.6
         m_bar = m_bar + k_bar / n
         n_bar = -k_bar * k / n
-        alpha_bar = m_bar * _sigmoid(alpha, xp) - k_bar / n       # eq. 1.7
+        alpha_bar = m_bar * sigmoid(alpha, xp) - k_bar / n        # eq. 1.7, softplus' = σ
         u_bar = u_hat_bar + alpha_bar[:, None] * w
         w_bar = w_bar + alpha_bar[:, None] * u + (2.0 * n_bar)[:, None] * w
         return z_bar, {"u": u_bar, "w": w_bar, "b": b_bar}
