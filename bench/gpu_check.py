@@ -26,7 +26,7 @@ is skipped, with a note. Without a GPU it says so and exits 2;
 exit 1 when a check fails; 0 otherwise.
 
 The steps are functions of the device name (``device="gpu"``) so the test suite runs them
-with the strict CPU stand-in for CuPy (tests/test_gpu_check.py).
+with the strict CPU stand-in for CuPy (tests/test_strict_gpu_check.py).
 """
 from __future__ import annotations
 
@@ -226,10 +226,7 @@ def compare_float64_step(device="gpu", names=None, tol=1e-10):
         out = []
         for dev in ("cpu", device):
             model = case.build(dev, "float64")
-            x = case.batch(np.random.default_rng(1))
-            kw = {}
-            for h in case.hooks(model):
-                kw.update(h.loss_kwargs(model, np.random.default_rng(2), 0))
+            x, kw = case.loss_inputs(model)
             loss, grads, _ = model.loss_and_grad(x, np.random.default_rng(3), **kw)
             out.append((loss, {k: to_host(g) for k, g in grads.items()}))
         (l0, g0), (l1, g1) = out
@@ -245,23 +242,16 @@ def compare_float64_step(device="gpu", names=None, tol=1e-10):
 # ----------------------------------------------------------------------------- step 4: timing
 
 def _toy_data(batch, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = np.array([(np.cos(a), np.sin(a)) for a in np.arange(8) * np.pi / 4]) * 2.0
-    x = centers[rng.integers(0, 8, batch)] + 0.5 * rng.standard_normal((batch, 2))
-    return x / 1.414
+    """The toy benchmark's batch: 8gaussians (npflow.data.toy), the same for npflow and torch."""
+    from npflow.data.toy import toy
+    return toy("8gaussians", batch, np.random.default_rng(seed))
 
 
-def time_npflow_toy(batch, iters=10, warmup=2, device="gpu"):
-    """Median seconds of one npflow toy training step (loss_and_grad + Adam) on ``device``."""
-    import npflow
-    from npflow.backend import to_device
+def _time_training_steps(m, x, xp, iters, warmup):
+    """(median seconds, losses) of npflow training steps on the batch x: loss_and_grad and an
+    Adam step (lr 1e-3), the device synchronised after each."""
     from npflow.optim import Adam
-    xp = device_module(device)
-    reset_peak_memory(xp)
-    m = npflow.CNF(2, hidden=(64, 64, 64), layer="concatsquash", activation="tanh", T=0.5,
-                   solver="rk38", steps=8, trace="exact", dtype="float32", device=device)
     opt = Adam(m.params, lr=1e-3)
-    x = to_device(_toy_data(batch), xp, np.float32)
     rng = np.random.default_rng(0)
     losses = []
 
@@ -270,6 +260,19 @@ def time_npflow_toy(batch, iters=10, warmup=2, device="gpu"):
         m.params = opt.step(m.params, g)
         losses.append(loss)
     med, _ = _median_time(step, lambda: synchronize(xp), iters, warmup)
+    return med, losses
+
+
+def time_npflow_toy(batch, iters=10, warmup=2, device="gpu"):
+    """Median seconds of one npflow toy training step (loss_and_grad + Adam) on ``device``."""
+    import npflow
+    from npflow.backend import to_device
+    xp = device_module(device)
+    reset_peak_memory(xp)
+    m = npflow.CNF(2, hidden=(64, 64, 64), layer="concatsquash", activation="tanh", T=0.5,
+                   solver="rk38", steps=8, trace="exact", dtype="float32", device=device)
+    med, losses = _time_training_steps(m, to_device(_toy_data(batch), xp, np.float32), xp,
+                                       iters, warmup)
     return {"median_s": med, "iters": iters, "peak_bytes": peak_memory(xp),
             "loss_first": losses[0], "loss_last": losses[-1]}
 
@@ -324,23 +327,14 @@ def _images(batch, shape, seed=0):
 def time_npflow_mnist(iters=3, warmup=1, device="gpu", config=None):
     """Median seconds of one default-MNIST training step (multiscale CNF, batch 200)."""
     from npflow.multiscale import MultiscaleCNF
-    from npflow.optim import Adam
     c = dict(MNIST, **(config or {}))
     xp = device_module(device)
     reset_peak_memory(xp)
     m = MultiscaleCNF(c["image_shape"], hidden=c["hidden"], layer="concat", blocks=c["blocks"],
                       T=1.0, solver="rk38", steps=c["steps"], trace="rademacher",
                       dtype="float32", device=device)
-    opt = Adam(m.params, lr=1e-3)
-    x = _images(c["batch"], c["image_shape"])
-    rng = np.random.default_rng(0)
-    losses = []
-
-    def step():
-        loss, g, _ = m.loss_and_grad(x, rng)
-        m.params = opt.step(m.params, g)
-        losses.append(loss)
-    med, _ = _median_time(step, lambda: synchronize(xp), iters, warmup)
+    med, losses = _time_training_steps(m, _images(c["batch"], c["image_shape"]), xp, iters,
+                                       warmup)
     return {"median_s": med, "iters": iters, "peak_bytes": peak_memory(xp),
             "bpd_first": losses[0], "bpd_last": losses[-1]}
 

@@ -9,14 +9,16 @@ and 4.1) and differentiates that map too. Arrays are batch-first: z (B, D), ever
 """
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 
 from npflow.backend import get_array_module
+from npflow.layers import sigmoid
 
 __all__ = ["Flow", "Planar", "Orthogonal", "Householder", "Triangular", "FlowSequence",
-           "make_flows", "planar_reparameterize", "orthogonalize", "orthogonalize_backward", "householder_product",
-           "triangular_factors", "triangular_factors_backward", "eta_forward", "eta_backward",
+           "make_flows", "planar_reparameterize", "orthogonalize", "orthogonalize_backward",
+           "householder_product", "triangular_factors", "triangular_factors_backward", "eta_forward", "eta_backward",
            "FLOW_KINDS"]
 
 FLOW_KINDS = ("planar", "orthogonal", "householder", "triangular")
@@ -47,11 +49,6 @@ def _swap(A):
 def _softplus(a, xp):
     """softplus(a) = log(1 + eᵃ), stable for any a."""
     return xp.logaddexp(0.0, a)
-
-
-def _sigmoid(a, xp):
-    """sigmoid(a) = ½(1 + tanh(a/2)), the derivative of softplus."""
-    return 0.5 * (1.0 + xp.tanh(0.5 * a))
 
 
 def _diag(A, xp):
@@ -102,13 +99,7 @@ class Flow:
 
     def num_params(self) -> int:
         """Total number of raw parameters per sample (the encoder's output width)."""
-        n = 0
-        for shape in self.param_shapes().values():
-            k = 1
-            for s in shape:
-                k *= s
-            n += k
-        return n
+        return sum(math.prod(shape) for shape in self.param_shapes().values())
 
     def split_params(self, theta):
         """theta (B, num_params()) -> dict name -> (B, *shape) views, in param_shapes() order."""
@@ -117,9 +108,7 @@ class Flow:
                              f"got {tuple(theta.shape)}")
         out, i = {}, 0
         for name, shape in self.param_shapes().items():
-            k = 1
-            for s in shape:
-                k *= s
+            k = math.prod(shape)
             out[name] = theta[:, i:i + k].reshape((theta.shape[0],) + tuple(shape))
             i += k
         return out
@@ -220,7 +209,7 @@ class Planar(Flow):
         k_bar = (u_hat_bar * w).sum(axis=1)                       # eq. 1.6
         m_bar = m_bar + k_bar / n
         n_bar = -k_bar * k / n
-        alpha_bar = m_bar * _sigmoid(alpha, xp) - k_bar / n       # eq. 1.7
+        alpha_bar = m_bar * sigmoid(alpha, xp) - k_bar / n        # eq. 1.7, softplus' = σ
         u_bar = u_hat_bar + alpha_bar[:, None] * w
         w_bar = w_bar + alpha_bar[:, None] * u + (2.0 * n_bar)[:, None] * w
         return z_bar, {"u": u_bar, "w": w_bar, "b": b_bar}
@@ -241,7 +230,8 @@ def _strict_upper_mask(M, dtype, xp):
 
 def triangular_factors(R_full, diag_R, diag_R_tilde):
     """eq. 2.2: R = triu₁(F) + diag(tanh d), R̃ = triu₁(Fᵀ) + diag(tanh d̃), from the raw
-    F (B, M, M), d (B, M), d̃ (B, M). Returns R, R̃ (B, M, M) and r = tanh d, r̃ = tanh d̃ (B, M)."""
+    F (B, M, M), d (B, M), d̃ (B, M). Returns R, R̃ (B, M, M) and r = tanh d, r̃ = tanh d̃
+    (B, M)."""
     xp = get_array_module(R_full)
     M = R_full.shape[-1]
     eye = xp.eye(M, dtype=R_full.dtype)

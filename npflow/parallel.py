@@ -276,14 +276,19 @@ def reduce_part(part, comm, failure=None, model_key=None):
             pieces.append(xp.asarray(getattr(part, sec)[k], dtype=xp.float64).reshape(-1))
         buf = xp.concatenate(pieces)
     buf = _reduce_buffer(buf, comm)
-    failed = int(round(float(buf[0])))
+    # the flag and the scalars (sums, same: after the gradients) on the host, in one copy
+    # when the buffer stayed on the device (CUDA-aware), none when it came back to the host
+    g_end = 1 + sum(int(np.prod(shape, dtype=np.int64))
+                    for (sec, _), shape in zip(entries, shapes) if sec == "grads")
+    bxp = get_array_module(buf)
+    host = to_host(bxp.concatenate([buf[:1], buf[g_end:]]))
+    failed = int(round(float(host[0])))
     if failed:
         raise FloatingPointError(
             f"a non-finite value or a solver failure on {failed} of {comm.size} ranks"
             + (f" (rank {comm.rank}: {failure})" if failure is not None else ""))
     out = {"grads": {}, "sums": {}, "same": {}}
     dbuf = xp.asarray(buf)                 # back on the gradients' device: one copy
-    hbuf = to_host(buf)                    # the scalars, on the host: one copy
     o = 1
     for (sec, k), shape, dt in zip(entries, shapes, dtypes):
         n = int(np.prod(shape, dtype=np.int64))
@@ -291,20 +296,20 @@ def reduce_part(part, comm, failure=None, model_key=None):
             a = dbuf[o:o + n].reshape(shape)
             out[sec][k] = a.astype(dt) if dt is not None else a.copy()
         elif sec == "sums":
-            out[sec][k] = float(hbuf[o])
+            out[sec][k] = float(host[1 + o - g_end])
         else:
-            out[sec][k] = float(hbuf[o]) / comm.size
+            out[sec][k] = float(host[1 + o - g_end]) / comm.size
         o += n
     return Part(out["sums"], out["grads"], out["same"])
 
 
 def loss_and_grad(model, x, rng, comm=None, **kwargs):
     """``model.loss_and_grad(x, rng, **kwargs)`` computed by all the ranks of ``comm`` together
-    (docs/parallel.md, eq. 1.2): x is the whole batch (every rank draws it alike), each rank
-    computes the rows ``row_range(B, comm)`` with ``model.loss_and_grad_part`` (the random
-    numbers of the whole batch drawn from rng on every rank), one Allreduce sums the parts,
-    and ``model.loss_from_part`` gives (loss, grads, stats), the same on every rank. With no
-    comm or one rank this is model.loss_and_grad itself.
+    (docs/parallel.md, eq. 1.2): x (B, ...) is the whole batch (every rank draws it alike),
+    each rank computes the rows ``row_range(B, comm)`` with ``model.loss_and_grad_part`` (the
+    random numbers of the whole batch drawn from rng on every rank), one Allreduce sums the
+    parts, and ``model.loss_from_part`` gives (loss, grads, stats), the same on every rank.
+    With no comm or one rank this is model.loss_and_grad itself.
 
     A FloatingPointError or SolverError on any rank makes every rank raise FloatingPointError
     (the training loop's non-finite stop, taken by all ranks together)."""
@@ -328,9 +333,9 @@ def loss_and_grad(model, x, rng, comm=None, **kwargs):
 
 
 def time_gradient(model, x, rng, comm=None, kind="analytic"):
-    """``model.time_gradient(x, rng, kind=kind)`` (TO-FLOW's ∂L/∂T_b, a list of floats)
-    computed by all the ranks of comm together: each rank's share of its rows, summed by one
-    Allreduce (with the failure flag of reduce_part)."""
+    """``model.time_gradient(x, rng, kind=kind)`` (TO-FLOW's ∂L/∂T_b, a list of floats, one
+    per block) for the whole batch x (B, ...), computed by all the ranks of comm together: each
+    rank's share of its rows, summed by one Allreduce (with the failure flag of reduce_part)."""
     if comm is None or comm.size == 1:
         return model.time_gradient(x, rng, kind=kind)
     from .solvers import SolverError

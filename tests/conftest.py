@@ -95,7 +95,6 @@ def pytest_terminal_summary(terminalreporter):
             f"strict device backend: {len(names)} array-module names used; CuPy is not "
             "installed, so they were not checked against it")
         return
-    missing = strict_xp.missing_in(cupy, names)
     terminalreporter.write_line(
-        f"strict device backend: {len(names)} array-module names used, each checked against "
-        f"CuPy {cupy.__version__} at first use; missing in CuPy: {sorted(missing) or 'none'}")
+        f"strict device backend: {len(names)} array-module names used, each found in "
+        f"CuPy {cupy.__version__} when first taken (a name CuPy lacks raises where it is taken)")

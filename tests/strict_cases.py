@@ -30,6 +30,15 @@ class Case:
     hooks: Callable = field(default=lambda model: [])
     solver: str = "fixed"
 
+    def loss_inputs(self, model):
+        """(x, kw) for one ``model.loss_and_grad(x, rng, **kw)`` of this case: the host batch
+        (seed 1) and the loss keyword arguments its hooks give at iteration 0 (seed 2)."""
+        x = self.batch(np.random.default_rng(1))
+        kw = {}
+        for h in self.hooks(model):
+            kw.update(h.loss_kwargs(model, np.random.default_rng(2), 0))
+        return x, kw
+
 
 def _gauss(d, n=6):
     return lambda rng: rng.standard_normal((n, d))

@@ -41,12 +41,13 @@ except Exception:  # pragma: no cover - depends on the machine
     _cupy = None
 
 __all__ = ["StrictArray", "xp", "ImplicitConversionError", "Event", "Tracker", "track",
-           "install", "uninstall", "installed", "USED_NAMES", "SYNC_REPORT", "missing_in"]
+           "install", "uninstall", "installed", "USED_NAMES", "SYNC_REPORT"]
 
 _HERE = os.path.abspath(__file__)
 _NUMPY_DIR = os.path.dirname(os.path.abspath(np.__file__))
 
-#: Every name taken from ``xp`` during the process ("tanh", "linalg.norm", "add.at", ...).
+#: Every name taken from ``xp`` during the process ("tanh", "linalg.norm", "add.at", ...);
+#: recorded only after the installed CuPy was found to have it.
 USED_NAMES: set = set()
 
 #: Host syncs per training step, by model case (filled by tests/test_strict_models.py,
@@ -223,19 +224,6 @@ def _cupy_attr(path: str):
     return obj
 
 
-def missing_in(module, names):
-    """The names (dotted for submodules and ufunc methods) that ``module`` lacks."""
-    out = set()
-    for name in names:
-        obj = module
-        for part in name.split("."):
-            if not hasattr(obj, part):
-                out.add(name)
-                break
-            obj = getattr(obj, part)
-    return out
-
-
 def _function(fn, path: str):
     cupy_fn = _cupy_attr(path)
 
@@ -271,7 +259,11 @@ class _Ufunc:
     def __getattr__(self, name):
         full = f"{self._path}.{name}"
         attr = getattr(self._ufunc, name)
-        out = _function(attr, full) if callable(attr) else (_cupy_attr(full), attr)[1]
+        if callable(attr):
+            out = _function(attr, full)          # checks that CuPy has it
+        else:
+            _cupy_attr(full)                     # AttributeError for names CuPy lacks
+            out = attr
         USED_NAMES.add(full)
         return out
 
@@ -351,33 +343,39 @@ xp._cache["get_array_module"] = lambda *arrays: (
 
 # ----------------------------------------------------------------------------- the array
 
+_SCALARS = (int, float, complex, bool, np.generic)
+
+
+def _operand(other, what: str):
+    """The NumPy data of an operator's other operand: a strict array's data, or a Python or
+    NumPy scalar as it is (CuPy takes both); a NumPy array is refused (``what`` names the
+    operator); None for anything else (the operator then returns NotImplemented)."""
+    if isinstance(other, StrictArray):
+        return other._a
+    if isinstance(other, _SCALARS):
+        return other
+    if isinstance(other, np.ndarray):
+        _refuse(f"{what} mixes a device array with a NumPy array")
+    return None
+
+
 def _binary(ufunc, reflected=False):
-    name = ufunc.__name__
+    what = f"operator {ufunc.__name__}"
 
     def op(self, other):
-        if isinstance(other, StrictArray):
-            o = other._a
-        elif isinstance(other, (int, float, complex, bool, np.generic)):
-            o = other
-        elif isinstance(other, np.ndarray):
-            _refuse(f"operator {name} mixes a device array with a NumPy array")
-        else:
+        o = _operand(other, what)
+        if o is None:
             return NotImplemented
         return _wrap(ufunc(o, self._a) if reflected else ufunc(self._a, o))
     return op
 
 
 def _inplace(ufunc):
-    name = ufunc.__name__
+    what = f"in-place operator {ufunc.__name__}"
 
     def op(self, other):
-        if isinstance(other, StrictArray):
-            o = other._a
-        elif isinstance(other, (int, float, complex, bool, np.generic)):
-            o = other
-        elif isinstance(other, np.ndarray):
-            _refuse(f"in-place operator {name} mixes a device array with a NumPy array")
-        else:
+        o = _operand(other, what)
+        if o is None:
             return NotImplemented
         ufunc(self._a, o, out=self._a)
         return self

@@ -21,24 +21,12 @@ from hypothesis import given, strategies as st
 
 from npflow import flows as F
 
-RTOL = 1e-6      # bound on the relative error of every gradient check
-ATOL = 1e-9      # absolute floor, for derivatives that are zero (or nearly) by construction
+from test_layers import ATOL, RTOL, assert_rel_close, central_difference
+
 KINDS = ("planar", "orthogonal", "householder", "triangular", "sequence")
 
 
 # ----------------------------------------------------------------------------- checking tools
-
-def central_difference(fn, h=1e-4):
-    """d/ds fn(s) at s = 0 by the fourth-order central difference (error O(h⁴) + O(ε/h))."""
-    return (-fn(2 * h) + 8 * fn(h) - 8 * fn(-h) + fn(-2 * h)) / (12 * h)
-
-
-def assert_rel_close(got, want, rtol=RTOL, atol=ATOL, what=""):
-    got, want = np.asarray(got, dtype=float), np.asarray(want, dtype=float)
-    err = np.linalg.norm(got - want)
-    scale = max(np.linalg.norm(got), np.linalg.norm(want))
-    assert err <= rtol * scale + atol, f"{what}: |got - want| = {err:.3e}, scale {scale:.3e}"
-
 
 def build(kind, D, rng):
     """A flow of the given kind with sizes drawn from rng. Orthogonal uses tol = 1e-14 so that
@@ -88,6 +76,29 @@ def dense_Q(flow, p):
     return np.broadcast_to(P, (B, flow.D, flow.D))
 
 
+def check_backward_against_central_differences(flow, z, p, rng):
+    """z̄ and every p̄ of backward, for random cotangents a, c, against central differences of
+    F = <a, z_new> + <c, logdet> along random directions; returns p̄. Also used on device
+    arrays by tests/test_strict_layers.py."""
+    z_new, logdet, cache = flow.forward(z, p)
+    a, c = rng.standard_normal(z_new.shape), rng.standard_normal(logdet.shape)
+    z_bar, p_bar = flow.backward(cache, a.copy(), c.copy())
+
+    def loss(z_=z, p_=p):
+        zn, ld, _ = flow.forward(z_, p_)
+        return np.vdot(a, zn) + np.vdot(c, ld)
+
+    v = rng.standard_normal(z.shape)
+    assert_rel_close(np.vdot(z_bar, v), central_difference(lambda s: loss(z_=z + s * v)),
+                     what="z_bar")
+    for name in p:
+        assert p_bar[name].shape == p[name].shape, name
+        v = rng.standard_normal(p[name].shape)
+        fd = central_difference(lambda s: loss(p_={**p, name: p[name] + s * v}))
+        assert_rel_close(np.vdot(p_bar[name], v), fd, what=f"p_bar[{name!r}]")
+    return p_bar
+
+
 kinds = st.sampled_from(KINDS)
 dims = st.integers(1, 5)
 batches = st.integers(1, 3)
@@ -131,24 +142,9 @@ def test_sylvester_forward_equals_dense_formula(kind, D, B, seed):
 @given(kind=kinds, D=dims, B=batches, seed=seeds)
 def test_backward_matches_central_differences(kind, D, B, seed):
     flow, z, p, rng = case(kind, D, B, seed)
-    z_new, logdet, cache = flow.forward(z, p)
-    a, c = rng.standard_normal(z_new.shape), rng.standard_normal(logdet.shape)
     z0, p0 = z.copy(), {k: v.copy() for k, v in p.items()}
-    z_bar, p_bar = flow.backward(cache, a.copy(), c.copy())
-
-    def loss(z_=z, p_=p):
-        zn, ld, _ = flow.forward(z_, p_)
-        return np.vdot(a, zn) + np.vdot(c, ld)
-
-    v = rng.standard_normal(z.shape)
-    assert_rel_close(np.vdot(z_bar, v), central_difference(lambda s: loss(z_=z + s * v)),
-                     what="z_bar")
+    p_bar = check_backward_against_central_differences(flow, z, p, rng)
     assert list(p_bar) == list(flow.param_shapes())
-    for name in p:
-        assert p_bar[name].shape == p[name].shape, name
-        v = rng.standard_normal(p[name].shape)
-        fd = central_difference(lambda s: loss(p_={**p, name: p[name] + s * v}))
-        assert_rel_close(np.vdot(p_bar[name], v), fd, what=f"p_bar[{name!r}]")
     # inputs are never mutated
     assert np.array_equal(z, z0) and all(np.array_equal(p[k], p0[k]) for k in p)
 

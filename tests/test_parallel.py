@@ -2,6 +2,7 @@
 the identity the MPI reduction rests on, that the parts of any split of a batch add up to the
 part of the whole batch (eq. 1.2-1.3). The MPI runs themselves: tests/test_parallel_mpi.py."""
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -146,23 +147,44 @@ def test_one_process_loss_and_grad_is_the_models_own():
     assert a[0] == b[0] and all(np.array_equal(a[1][k], b[1][k]) for k in b[1])
 
 
-def test_dopri5_with_the_error_norm_summed_over_copies_of_the_rows_takes_the_same_steps():
-    """odeint's allreduce (eq. 1.4): ranks that held identical rows would sum identical Σq²
-    and counts, so the RMS, and with it every step, is that of one process."""
+@pytest.mark.parametrize("n", [2, 3])
+def test_dopri5_parts_with_the_error_norm_summed_over_the_blocks_add_up_to_the_whole_batch(n):
+    """odeint's allreduce (eq. 1.4): n threads, each the rows of one block of a split batch,
+    sum their Σq² and counts at every error norm (a barrier stands in for MPI's Allreduce);
+    they take the steps of one process, so their parts add up to the whole batch's."""
     model = npflow.CNF(2, hidden=(6,), solver="dopri5", rtol=1e-6, atol=1e-6, dtype="float64")
     x = npflow.data.toy("8gaussians", 12, np.random.default_rng(0))
-    one = model.loss_and_grad_part(x, np.random.default_rng(0))
-    calls = []
+    whole = model.loss_and_grad_part(x, np.random.default_rng(0))
+    barrier = threading.Barrier(n, timeout=60)      # blocks taking different steps: broken
+    shared, parts, calls = [None] * n, [None] * n, [0] * n
 
-    def allreduce(v):
-        calls.append(v.shape)
-        v *= 2
-        return v
+    def block(r):
+        def allreduce(v):
+            calls[r] += 1
+            shared[r] = v.copy()
+            barrier.wait()
+            total = sum(shared)
+            barrier.wait()
+            v[:] = total
+            return v
 
-    two = model.loss_and_grad_part(x, np.random.default_rng(0), allreduce=allreduce)
-    assert calls and all(s == (4,) for s in calls)        # Σq² and the count of z and ℓ
-    assert one.same == two.same
-    assert float(two.sums["nll"]) == pytest.approx(float(one.sums["nll"]), rel=1e-13)
+        rows = parallel.row_range(x.shape[0], FakeComm(n, r))
+        parts[r] = model.loss_and_grad_part(x, np.random.default_rng(0), rows=rows,
+                                            allreduce=allreduce)
+
+    threads = [threading.Thread(target=block, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(p is not None for p in parts), "a block failed (see the thread's traceback)"
+    assert calls[0] > 0 and len(set(calls)) == 1
+    assert all(p.same == whole.same for p in parts)                 # the same steps
+    assert sum(float(p.sums["nll"]) for p in parts) == pytest.approx(float(whole.sums["nll"]),
+                                                                      rel=1e-12)
+    for k in whole.grads:
+        np.testing.assert_allclose(sum(p.grads[k] for p in parts), whole.grads[k], rtol=1e-11,
+                                   atol=1e-14, err_msg=k)
 
 
 @pytest.mark.parametrize("local_rank, gpus, device", [(0, 2, 0), (1, 2, 1), (3, 2, 1), (5, 4, 1)])
@@ -206,3 +228,29 @@ def test_the_reduction_runs_on_device_arrays_with_one_host_copy(device):
         with strict_xp.track() as t:
             parallel.reduce_part(part, FakeComm(2), model_key="CNF")
         assert len(t.syncs) == 1, [str(e) for e in t.syncs]     # the buffer to the host
+
+
+def test_a_reduction_that_stays_on_the_device_copies_only_the_scalars_to_the_host(device,
+                                                                                  monkeypatch):
+    """With a CUDA-aware MPI the reduced buffer stays on the device (docs/parallel.md §4): the
+    gradients stay there, and one device-to-host copy brings the failure flag and the scalars
+    (the reduction itself stood in for by a product with the rank count)."""
+    if not device.strict:
+        pytest.skip("host syncs are observable on the strict backend only")
+    import strict_xp
+    monkeypatch.setattr(parallel, "_reduce_buffer", lambda buf, comm: buf * comm.size)
+    model = npflow.CNF(2, hidden=(6,), solver="rk4", steps=2, trace="hutchinson", train_T=True,
+                       dtype="float32", device="gpu")
+    x = npflow.data.toy("8gaussians", 8, np.random.default_rng(0))
+    part = model.loss_and_grad_part(x, np.random.default_rng(1))
+    with strict_xp.track() as t:
+        red = parallel.reduce_part(part, FakeComm(2), model_key="CNF")
+    assert len(t.syncs) == 1, [str(e) for e in t.syncs]
+    for k, g in part.grads.items():
+        assert device.is_device(red.grads[k]) and red.grads[k].dtype == g.dtype
+        np.testing.assert_allclose(npflow.backend.to_host(red.grads[k]),
+                                   2 * npflow.backend.to_host(g), rtol=1e-6)
+    for k in part.sums:
+        assert red.sums[k] == pytest.approx(2 * float(npflow.backend.to_host(part.sums[k])),
+                                            rel=1e-6)
+    assert red.same == part.same

@@ -212,7 +212,7 @@ def test_non_finite_values_on_one_rank_stop_every_rank_together(tmp_path):
 def test_a_signal_on_one_rank_interrupts_every_rank_at_the_same_iteration(tmp_path):
     """SIGINT reaches rank 1 alone (a hook sends it in iteration 3): train() agrees on it, so
     both ranks finish that iteration, rank 0 writes the checkpoint, and both return
-    "interrupted" at iteration 3 (training.md §7.3; docs/parallel.md §3)."""
+    "interrupted" at iteration 3 (training.md §7.1; docs/parallel.md §3)."""
     script = tmp_path / "sig.py"
     script.write_text(
         "import os, signal, sys\nimport numpy as np\nimport npflow\n"

@@ -17,6 +17,8 @@ from npflow.otflow_net import init_potential, potential_backward, potential_forw
     potential_hvp, potential_value
 
 from test_conv import _check_adjoint_and_tangent
+from test_flows import KINDS as FLOW_KINDS, build, check_backward_against_central_differences, \
+    raw_params
 from test_layers import check_all
 
 ACTS = sorted(L.ACTIVATIONS)
@@ -183,7 +185,6 @@ def test_float32_layer_on_device_makes_no_float64_array(device, case):
 
 # ----------------------------------------------------------------------------- discrete flows
 
-FLOW_KINDS = ["planar", "orthogonal", "householder", "triangular", "sequence"]
 
 
 class FlowOnDevice:
@@ -207,27 +208,10 @@ class FlowOnDevice:
 def test_flow_on_device_matches_finite_differences_and_its_adjoint(device, kind):
     """z̄ and every p̄ against central differences of <a, z'> + <c, log|det|>, on device
     arrays (the checks of tests/test_flows.py)."""
-    from test_flows import build, raw_params
-    from test_layers import assert_rel_close, central_difference
     rng = np.random.default_rng(9)
     flow = FlowOnDevice(build(kind, 3, rng), device)
-    z = rng.standard_normal((4, 3))
-    p = raw_params(flow, 4, rng)
-    zn, ld, cache = flow.forward(z, p)
-    a, c = rng.standard_normal(zn.shape), rng.standard_normal(ld.shape)
-    z_bar, p_bar = flow.backward(cache, a, c)
-
-    def loss(z_=z, p_=p):
-        zn_, ld_, _ = flow.forward(z_, p_)
-        return np.vdot(a, zn_) + np.vdot(c, ld_)
-
-    v = rng.standard_normal(z.shape)
-    assert_rel_close(np.vdot(z_bar, v), central_difference(lambda s: loss(z_=z + s * v)),
-                     what="z_bar")
-    for name in p:
-        v = rng.standard_normal(p[name].shape)
-        fd = central_difference(lambda s: loss(p_={**p, name: p[name] + s * v}))
-        assert_rel_close(np.vdot(p_bar[name], v), fd, what=f"p_bar[{name!r}]")
+    check_backward_against_central_differences(flow, rng.standard_normal((4, 3)),
+                                               raw_params(flow, 4, rng), rng)
 
 
 @pytest.mark.parametrize("kind", FLOW_KINDS)
