@@ -122,7 +122,7 @@ def test_shape_errors_name_the_shapes():
     with pytest.raises(ValueError, match="unknown layer type 'conv'"):
         ODENet(3, (4,), 3, layer="conv")
     with pytest.raises(ValueError, match="unknown activation"):
-        ODENet(3, (4,), 3, activation="relu")
+        ODENet(3, (4,), 3, activation="cube")
 
 
 def test_non_finite_input_is_reported_where_it_enters():
