@@ -1,0 +1,129 @@
+"""npflow.latent (docs/latent.md): checks of the latent model that cannot be faked.
+
+- eq. 4.2/4.4: the interpolation at λ = 1 and λ = 0 returns D(B(x1)) and D(B(x2)) up to the
+  error of f⁻¹∘f, and that error is the solver's: O(h⁵) for RK4 there and back (eq. 4.5);
+- eq. 2.4: the density of raw 2-D codes, including the standardization's Jacobian, integrates
+  to one (quadrature on a grid), for OT-Flow and for an FFJORD CNF;
+- eq. 6.2-6.3: the digit referee's gradient against central differences.
+"""
+import numpy as np
+import pytest
+
+import npflow
+from npflow.autoencoder import Autoencoder
+from npflow.latent import LatentFlow, SoftmaxRegression
+
+
+def _small_model(steps=16, z_dim=3, seed=0):
+    rng = np.random.default_rng(seed)
+    ae = Autoencoder(12, z_dim, hidden=(10,), dtype="float64", seed=seed)
+    x = rng.uniform(0, 1, (64, 12))
+    ae.fit_standardization(x)
+    flow = npflow.OTFlow(z_dim, width=8, depth=2, alpha=(1.0, 80.0, 500.0), steps=8,
+                         dtype="float64", seed=seed)
+    # make the flow far from the identity: a stronger potential
+    flow.params = {k: (2.0 * v if k.startswith("K") else v) for k, v in flow.params.items()}
+    return LatentFlow(ae, flow, steps=steps), x
+
+
+def test_interpolation_endpoints_are_the_reconstructions_up_to_the_roundtrip_error():
+    lf, x = _small_model(steps=32)
+    x1, x2 = x[:5], x[5:10]
+    y = lf.interpolate(x1, x2, [0.0, 0.5, 1.0])
+    assert y.shape == (5, 3, 12)
+    rec1 = lf.ae.decode(lf.ae.encode(x1))
+    rec2 = lf.ae.decode(lf.ae.encode(x2))
+    err = lf.roundtrip_error(np.concatenate([x1, x2]))
+    e1, e0 = np.abs(y[:, 2] - rec1).max(), np.abs(y[:, 0] - rec2).max()
+    assert max(e1, e0) <= err["image_max_abs"] * (1 + 1e-6) + 1e-15
+    assert err["code_max_abs"] < 1e-3 and err["image_max_abs"] < 1e-5, err
+    # the midpoint is a different image (the check above is not satisfied by copying ends)
+    assert np.abs(y[:, 1] - rec1).max() > 1e3 * err["image_max_abs"]
+    assert np.abs(y[:, 1] - rec2).max() > 1e3 * err["image_max_abs"]
+
+
+def test_roundtrip_error_of_f_inverse_after_f_is_fifth_order_in_the_rk4_step():
+    """‖f⁻¹(f(c)) − c‖ = O(h⁵) (eq. 4.5): RK4 backwards on the same grid undoes each forward
+    step up to O(h⁶), one order better than RK4's global O(h⁴); doubling the steps divides the
+    error by ≈ 32."""
+    errs = []
+    for steps in (4, 8, 16):
+        lf, x = _small_model(steps=steps)
+        errs.append(lf.roundtrip_error(x)["code_max_abs"])
+    orders = np.log2([errs[0] / errs[1], errs[1] / errs[2]])
+    assert np.all((orders > 4.4) & (orders < 5.6)), (errs, orders)
+    assert errs[0] > 1e-6, errs        # the flow is far enough from the identity to measure
+
+
+def _integral_over_codes(lf, mu, s, n=241, half_width=9.0, **kw):
+    """∫ p_b(b) db by the trapezoid rule on a grid over μ ± half_width·s (eq. 2.4)."""
+    g0 = mu[0] + s[0] * np.linspace(-half_width, half_width, n)
+    g1 = mu[1] + s[1] * np.linspace(-half_width, half_width, n)
+    B0, B1 = np.meshgrid(g0, g1, indexing="ij")
+    b = np.stack([B0.ravel(), B1.ravel()], axis=1)
+    p = np.exp(np.asarray(lf.log_prob_code_space(b, **kw))).reshape(n, n)
+    return np.trapezoid(np.trapezoid(p, g1, axis=1), g0)
+
+
+@pytest.mark.parametrize("kind", ["otflow", "ffjord"])
+def test_latent_density_of_2d_codes_integrates_to_one(kind):
+    """eq. 2.4 on a 2-dimensional code: ∫ p_b = 1 with the standardization's Jacobian
+    −Σ log(s + ε) included (without it the integral would be Π (s + ε) = 0.75)."""
+    ae = Autoencoder(5, 2, dtype="float64", seed=1)
+    mu, s = np.array([0.4, -1.0]), np.array([0.3, 2.5])
+    ae.params = {**ae.params, "code_mean": mu, "code_std": s}
+    if kind == "otflow":
+        # OT-Flow's initial potential already spreads N(0, I) over |c| < ~12: wide grid
+        flow = npflow.OTFlow(2, width=8, depth=2, dtype="float64", seed=3)
+        lf, kw, half_width, n = LatentFlow(ae, flow, steps=32), {}, 25.0, 301
+    else:
+        flow = npflow.CNF(2, hidden=(8, 8), activation="tanh", T=0.5, dtype="float64", seed=3)
+        lf, kw = LatentFlow(ae, flow, rtol=1e-7, atol=1e-7), {"trace": "exact"}
+        half_width, n = 9.0, 241
+    # the flow is not the identity: the standardized codes' density is not N(0, I)
+    c = np.array([[0.5, -0.7], [1.5, 0.2]])
+    gauss = -0.5 * (c ** 2).sum(axis=1) - np.log(2 * np.pi)
+    assert np.abs(np.asarray(lf.log_prob_codes(c, **kw)) - gauss).max() > 0.05
+    total = _integral_over_codes(lf, mu, s, n=n, half_width=half_width, **kw)
+    assert abs(total - 1.0) < 2e-3, total
+
+
+def test_generated_images_have_the_data_shape_and_come_from_the_seed():
+    lf, _ = _small_model()
+    a = lf.generate(4, np.random.default_rng(5))
+    b = lf.generate(4, np.random.default_rng(5))
+    assert a.shape == (4, 12) and np.array_equal(a, b) and 0 < a.min() and a.max() < 1
+
+
+def test_latent_nll_per_dimension_and_code_space_shift():
+    """eq. 5.1-5.2: nll_b = nll_c + Σ log(s + ε), and the per-dimension values divide by d."""
+    lf, x = _small_model()
+    r = lf.latent_nll(x)
+    shift = float(np.log(lf.ae.params["code_std"] + lf.ae.eps).sum())
+    assert abs(r["nll_b"] - (r["nll_c"] + shift)) < 1e-9
+    assert abs(r["nll_c_per_dim"] * 3 - r["nll_c"]) < 1e-12 and r["n"] == 64
+
+
+def test_softmax_regression_gradient_equals_central_differences():
+    rng = np.random.default_rng(6)
+    clf = SoftmaxRegression(x_dim=5, n_classes=3, l2=0.1)
+    clf.W, clf.beta = rng.standard_normal((3, 5)), rng.standard_normal(3)
+    x, y = rng.standard_normal((7, 5)), rng.integers(0, 3, 7)
+    _, gW, gb = clf.loss_and_grad(x, y)
+    for arr, g in ((clf.W, gW), (clf.beta, gb)):
+        v = rng.standard_normal(arr.shape)
+        base = arr.copy()
+
+        def f(s):
+            arr[...] = base + s * v
+            out = clf.loss_and_grad(x, y)[0]
+            arr[...] = base
+            return out
+        fd = (-f(2e-5) + 8 * f(1e-5) - 8 * f(-1e-5) + f(-2e-5)) / 12e-5
+        assert abs(np.vdot(g, v) - fd) < 1e-7 * max(1, abs(fd))
+
+
+def test_mismatched_dimensions_are_refused():
+    ae = Autoencoder(5, 2)
+    with pytest.raises(ValueError, match="differs from the autoencoder's code dimension"):
+        LatentFlow(ae, npflow.OTFlow(3))
