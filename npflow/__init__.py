@@ -20,6 +20,9 @@ _EXPORTS = {
     "CNF": "npflow.cnf",
     "OTFlow": "npflow.otflow",
     "MultiscaleCNF": "npflow.multiscale",
+    "Autoencoder": "npflow.autoencoder",
+    "LatentFlow": "npflow.latent",
+    "MLP": "npflow.nets",
     "load": "npflow.checkpoint",
     "CheckpointError": "npflow.checkpoint",
     "Adam": "npflow.optim",
@@ -35,7 +38,7 @@ _EXPORTS = {
 }
 _SUBMODULES = {"backend", "layers", "data", "trace", "tableau", "solvers", "cnf", "otflow",
                "optim", "checkpoint", "conv", "plotting", "training", "multiscale",
-               "odenet", "model", "images", "otflow_net"}
+               "odenet", "model", "images", "otflow_net", "nets", "autoencoder", "latent"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 
