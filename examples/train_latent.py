@@ -159,7 +159,8 @@ def check_args(args):
 
 def load_images(args):
     """(train, val, test) dicts of x (N, 784) float64 in [0, 1] and labels; the reference's
-    split: the first 50,000 training images train, the last 10,000 validate."""
+    split: the first 5/6 of the training images (50,000) train, the last 1/6 (10,000)
+    validate."""
     from npflow.data import DataError, load_mnist
     try:
         xtr, ytr = load_mnist(args.data_dir, "train", kind=args.data)
@@ -169,7 +170,8 @@ def load_images(args):
                          f"{exc}") from None
     flat = lambda a: a.reshape(a.shape[0], -1).astype(np.float64) / 255.0   # noqa: E731
     xtr, xte = flat(xtr), flat(xte)
-    parts = {"train": (xtr[:50000], ytr[:50000]), "val": (xtr[50000:], ytr[50000:]),
+    n_tr = len(xtr) - len(xtr) // 6
+    parts = {"train": (xtr[:n_tr], ytr[:n_tr]), "val": (xtr[n_tr:], ytr[n_tr:]),
              "test": (xte, yte)}
     out = {}
     for k, (x, y) in parts.items():

@@ -127,3 +127,71 @@ def test_mismatched_dimensions_are_refused():
     ae = Autoencoder(5, 2)
     with pytest.raises(ValueError, match="differs from the autoencoder's code dimension"):
         LatentFlow(ae, npflow.OTFlow(3))
+
+
+# ----------------------------------------------------------------------------- the example
+
+def _load_example():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
+                        "train_latent.py")
+    spec = importlib.util.spec_from_file_location("train_latent", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write_idx(folder, n_train=60, n_test=20):
+    import gzip
+    import os
+    import struct
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        x = rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)
+        y = (np.arange(n) % 10).astype(np.uint8)
+        with gzip.open(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + x.tobytes())
+        with gzip.open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + y.tobytes())
+
+
+TINY = ["--dim", "4", "--width", "8", "--ae-epochs", "2", "--ae-batch", "10", "--niters", "4",
+        "--batch-size", "8", "--val-every", "2", "--val-n", "5", "--test-n", "10",
+        "--log-every", "2", "--ffjord-hidden", "8,8"]
+
+
+@pytest.mark.parametrize("model", ["otflow", "ffjord"])
+def test_example_writes_figures_and_test_nll_last(tmp_path, model, capsys):
+    import json
+    import os
+    _write_idx(str(tmp_path / "data" / "mnist"))
+    mod = _load_example()
+    save, log = str(tmp_path / "run"), str(tmp_path / "log.jsonl")
+    rc = mod.main(TINY + ["--model", model, "--data-dir", str(tmp_path / "data"), "--save",
+                          save, "--log-json", log])
+    assert rc == 0
+    for f in ("samples.png", "interpolation.png", "curves.png", "autoencoder.h5", "best.h5",
+              "result.json"):
+        assert os.path.exists(os.path.join(save, f)), f
+    recs = [json.loads(line) for line in open(log)]
+    assert "test_nll" in recs[-1] and np.isfinite(recs[-1]["test_nll"])
+    assert sum(recs[-1]["generated_label_histogram"]) == 1000
+    assert any(r.get("stage") == "autoencoder" for r in recs)
+    assert "latent test NLL" in capsys.readouterr().out
+    # a second run into the same folder is refused; --resume reuses the autoencoder
+    with pytest.raises(SystemExit):
+        mod.main(TINY + ["--data-dir", str(tmp_path / "data"), "--save", save])
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_example_bad_flags_are_one_line_errors(tmp_path, capsys):
+    mod = _load_example()
+    for bad, msg in ((["--alpha", "1,2"], "--alpha needs three values"),
+                     (["--conditional", "12"], "--conditional must be"),
+                     (["--hidden", "a,b"], "--hidden must be comma-separated"),
+                     (["--batch-size", "0"], "--batch-size must be >= 1")):
+        with pytest.raises(SystemExit):
+            mod.main(bad + ["--save", str(tmp_path / "r")])
+        assert msg in capsys.readouterr().err
