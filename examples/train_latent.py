@@ -531,9 +531,11 @@ def main(argv=None) -> int:
     gen = np.asarray(to_host(lf.generate(1000 if not args.no_classifier else 64, rng)))
     image_grid(gen[:64].reshape(-1, 1, 28, 28), os.path.join(args.save, "samples.png"))
     te = data["test"]["x"]
-    pick = np.random.default_rng([args.seed, 10]).choice(len(te), 12, replace=False)
+    pairs = max(1, min(6, len(te) // 2))
+    pick = np.random.default_rng([args.seed, 10]).choice(len(te), 2 * pairs,
+                                                         replace=len(te) < 2 * pairs)
     lambdas = np.linspace(0.0, 1.0, 9)
-    interpolation_figure(lf, te[pick[:6]], te[pick[6:]], lambdas,
+    interpolation_figure(lf, te[pick[:pairs]], te[pick[pairs:]], lambdas,
                          os.path.join(args.save, "interpolation.png"))
     curves_figure(ae_curve, {k: np.asarray(v) for k, v in history.items()}, vhook.curve,
                   os.path.join(args.save, "curves.png"))
