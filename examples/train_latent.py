@@ -398,9 +398,11 @@ def interpolation_figure(lf, x1, x2, lambdas, path):
 
 
 def curves_figure(ae_curve, history, val_curve, path):
+    """Autoencoder MSE per epoch; the flow's training loss; training and validation NLL;
+    NFE per iteration."""
     from npflow.plotting import _plt, _save
     plt = _plt()
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
+    fig, ax = plt.subplots(1, 4, figsize=(17, 3.4))
     if ae_curve:
         e = [r["epoch"] for r in ae_curve]
         ax[0].plot(e, [r["train_mse"] for r in ae_curve], label="train")
@@ -409,20 +411,22 @@ def curves_figure(ae_curve, history, val_curve, path):
         ax[0].legend()
     ax[0].set_title("autoencoder MSE")
     ax[0].set_xlabel("epoch")
-    it = history.get("iteration", [])
+    it = np.asarray(history.get("iteration", []))
     if len(it):
-        ax[1].plot(it, history["loss"], lw=0.6, label="training loss")
-        ax[1].plot(it, history["nll"], lw=0.6, label="training NLL")
+        ax[1].plot(it, history["loss"], lw=0.6)
+        ax[1].set_yscale("log")
+        ax[2].plot(it, history["nll"], lw=0.6, label="training batch")
+        ax[3].plot(it, np.asarray(history["nfe_forward"]) + np.asarray(history["nfe_backward"]),
+                   lw=0.8)
     if val_curve:
-        ax[1].plot([r["iteration"] for r in val_curve], [r["val_nll"] for r in val_curve],
-                   "o-", label="validation NLL")
-    ax[1].set_title("flow (nats)")
-    ax[1].set_xlabel("iteration")
-    ax[1].legend()
-    if len(it):
-        ax[2].plot(it, np.asarray(history["nfe_forward"]) + np.asarray(history["nfe_backward"]))
-    ax[2].set_title("NFE per iteration (forward + backward)")
-    ax[2].set_xlabel("iteration")
+        ax[2].plot([r["iteration"] for r in val_curve], [r["val_nll"] for r in val_curve],
+                   "o-", ms=3, label="validation")
+    ax[1].set_title("flow training loss")
+    ax[2].set_title("NLL of standardized codes (nats)")
+    ax[2].legend()
+    ax[3].set_title("NFE per iteration (forward + backward)")
+    for a in ax[1:]:
+        a.set_xlabel("iteration")
     fig.tight_layout()
     return _save(fig, path)
 
