@@ -23,6 +23,7 @@ _EXPORTS = {
     "Autoencoder": "npflow.autoencoder",
     "LatentFlow": "npflow.latent",
     "MLP": "npflow.nets",
+    "make_flows": "npflow.flows",
     "load": "npflow.checkpoint",
     "CheckpointError": "npflow.checkpoint",
     "Adam": "npflow.optim",
