@@ -22,7 +22,10 @@ not: --ae-epochs 30, --niters 1000, --batch-size 64, validation on 500 codes eve
 iterations, test NLL on --test-n 1000 codes. One OT-Flow iteration at d = m = 128 costs
 O(B·m²·d) for the exact trace; at the reference batch of 800 it is ~40 s on one busy core.
 
-Outputs in --save DIR (a new folder; --resume continues, --force overwrites): autoencoder.h5,
+Run folder, lock, signals and one-line errors come from examples/common.py: a new --save
+folder per run (--resume continues it, reusing its autoencoder.h5 and the flow's checkpoint;
+--force replaces it); SIGINT / SIGTERM during training write a checkpoint and exit 130 / 143.
+Outputs in --save DIR: autoencoder.h5,
 checkpoint.h5 / best.h5 (the flow), samples.png (generated digits D(f⁻¹(z))),
 interpolation.png (rows y(λ), λ = 0..1, between pairs of test images, the originals boxed in
 red), curves.png, result.json. Printed: latent test NLL (nats, per dimension), the
@@ -32,7 +35,6 @@ digits given by a logistic-regression referee trained here on MNIST (--no-classi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -41,18 +43,20 @@ import time
 
 import numpy as np
 
-from npflow.training import TrainHook
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (examples/common.py: shared flags, run folder, lock, signals)
+
+from npflow.training import TrainHook  # noqa: E402
 
 MODELS = ("otflow", "ffjord")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="OT-Flow / FFJORD on an autoencoder's MNIST codes (npflow).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.make_parser("OT-Flow / FFJORD on an autoencoder's MNIST codes (npflow).",
+                           script=__file__)
+    common.add_run_arguments(p, niters=1000, save="runs/latent", log_every=10, dtype="float64")
     a = p.add_argument
     a("--data", default="mnist", choices=["mnist", "fashion-mnist"])
-    a("--data-dir", default="data", help="DATA_DIR holding mnist/ and fashion-mnist/")
     a("--model", default="otflow", choices=MODELS)
     a("--conditional", type=int, default=-1, metavar="K",
       help="train on digit class K only (0-9); -1: all classes")
@@ -66,7 +70,6 @@ def build_parser():
     a("--ae-load", default=None, help="load a trained autoencoder.h5 instead of training one")
     a("--dim", type=int, default=128, help="code dimension d")
     # flow
-    a("--niters", type=int, default=1000, help="flow iterations (reference: 50000)")
     a("--batch-size", type=int, default=64, help="flow batch size (reference: 800)")
     a("--lr", type=float, default=None, help="default: OT-Flow 0.008, FFJORD 1e-3")
     a("--drop-freq", type=int, default=5000, help="divide the lr every N iterations")
@@ -92,15 +95,6 @@ def build_parser():
     a("--time-limit", type=float, default=None,
       help="stop the flow's training after this many seconds (checked at validations)")
     a("--no-classifier", action="store_true", help="skip the digit referee")
-    # run
-    a("--dtype", default="float64", choices=["float32", "float64"])
-    a("--device", default="cpu", choices=["cpu", "gpu"])
-    a("--seed", type=int, default=0)
-    a("--save", default="runs/latent", help="run folder")
-    a("--resume", action="store_true", help="continue the run in --save")
-    a("--force", action="store_true", help="overwrite the run in --save")
-    a("--log-every", type=int, default=10)
-    a("--log-json", default=None, help="append one JSON object per log line to this file")
     return p
 
 
@@ -120,11 +114,11 @@ def _ints(text, name):
 def check_args(args):
     """Every setting checked before any work; ValueError with a one-line message."""
     for name in ("ae_batch", "dim", "batch_size", "width", "nt", "nt_val", "nt_test",
-                 "val_every", "val_n", "test_n", "log_every", "drop_freq"):
+                 "val_every", "val_n", "test_n", "drop_freq"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
                              f"{getattr(args, name)}")
-    for name in ("ae_epochs", "niters"):
+    for name in ("ae_epochs",):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got "
                              f"{getattr(args, name)}")
@@ -143,14 +137,9 @@ def check_args(args):
         raise ValueError(f"--alpha needs three values α0,α1,α2, got {args.alpha!r}")
     hidden = _ints(args.hidden, "--hidden")
     ffjord_hidden = _ints(args.ffjord_hidden, "--ffjord-hidden")
-    if args.resume and args.force:
-        raise ValueError("--resume and --force exclude each other")
     if args.ae_load and not os.path.isfile(args.ae_load):
         raise ValueError(f"--ae-load {args.ae_load!r} is not a file; give an autoencoder.h5 "
                          "written by this script")
-    if os.path.isdir(args.save) and os.listdir(args.save) and not (args.resume or args.force):
-        raise ValueError(f"run folder {args.save!r} is not empty: pass --resume to continue "
-                         "it, --force to overwrite it, or another --save")
     return alpha, hidden, ffjord_hidden
 
 
@@ -211,7 +200,7 @@ def train_autoencoder(args, hidden, data, print_fn=print):
             raise ValueError(f"{src!r} does not hold an Autoencoder with code dimension "
                              f"{args.dim}")
         print_fn(f"autoencoder loaded from {src}")
-        return ae, []
+        return ae, [], None
     ae = Autoencoder(784, args.dim, hidden=hidden, dtype=args.dtype, device=args.device,
                      seed=args.seed)
     x = data["train"]["x"]
@@ -236,18 +225,19 @@ def train_autoencoder(args, hidden, data, print_fn=print):
     n_iters = args.ae_epochs * per_epoch
     print_fn(f"stage 1: autoencoder {ae.encoder.sizes} / {ae.decoder.sizes}, {args.ae_epochs} "
              f"epochs of {per_epoch} batches of {args.ae_batch}")
+    res = None
     if n_iters:
         res = train(ae, opt, lambda rng, it: x[idx(it)], n_iters, np.random.default_rng(
             args.seed), log_every=per_epoch, save_dir=os.path.join(args.save, "ae"),
             resume=args.resume, on_log=[on_epoch], print_fn=lambda s: None)
-        if res.status == "nonfinite":
-            raise FloatingPointError(res.message)
+        if res.status not in ("done", "already-done"):
+            return ae, curve, res
         if best["params"] is not None:
             ae.params = best["params"]
             print_fn(f"  best validation MSE {best['val']:.5f} at epoch {best['epoch']}")
     ae.fit_standardization(x)
     ae.save(path)
-    return ae, curve
+    return ae, curve, res
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,34 +425,42 @@ def curves_figure(ae_curve, history, val_curve, path):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     try:
         alpha, hidden, ffjord_hidden = check_args(args)
     except ValueError as exc:
-        parser.error(str(exc))
+        common.fail(str(exc))
+    import npflow
+    npflow.tune_malloc()
+    try:
+        data = load_images(args)
+        flow = build_flow(args, alpha, ffjord_hidden)
+    except (ValueError, npflow.DeviceError) as exc:
+        common.fail(str(exc))
+    model_keys = ("data", "model", "conditional", "dim", "hidden", "ae_epochs", "ae_batch",
+                  "ae_lr", "ae_drop_every", "ae_load", "width", "depth", "alpha", "nt",
+                  "ffjord_hidden", "dtype", "seed")
+    with common.open_run(args, model_keys=model_keys) as run:
+        return run_stages(args, run, data, flow, hidden)
+
+
+def run_stages(args, run, data, flow, hidden):
+    """Stage 1 (autoencoder), stage 2 (flow), evaluation and figures, inside the open run."""
     import npflow
     from npflow.backend import to_host
     from npflow.latent import LatentFlow, SoftmaxRegression
     from npflow.optim import Adam, StepDecay
     from npflow.plotting import image_grid
     from npflow.training import append_json, train
-    npflow.tune_malloc()
-    try:
-        data = load_images(args)
-        flow = build_flow(args, alpha, ffjord_hidden)
-    except (ValueError, npflow.DeviceError) as exc:
-        parser.error(str(exc))
-    os.makedirs(args.save, exist_ok=True)
-    with open(os.path.join(args.save, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
     t_all = time.perf_counter()
 
     # stage 1
     try:
-        ae, ae_curve = train_autoencoder(args, hidden, data)
-    except (ValueError, FloatingPointError) as exc:
-        print(f"error: autoencoder: {exc}", file=sys.stderr)
-        return 1
+        ae, ae_curve, res = train_autoencoder(args, hidden, data)
+    except ValueError as exc:
+        common.fail(f"autoencoder: {exc}")
+    if res is not None and run.finish(res) is not None:
+        return run.finish(res)
     ae_test_mse = ae.reconstruction_error(data["test"]["x"])
     print(f"autoencoder test MSE {ae_test_mse:.5f}", flush=True)
     codes = {k: np.asarray(to_host(ae.standardize(ae.encode(v["x"]))), dtype=np.float64)
@@ -496,20 +494,19 @@ def main(argv=None) -> int:
                                                        if time_names else ""), flush=True)
     status, message, history = "done", "", {}
     t0 = time.perf_counter()
+    kw = run.train_kwargs()
+    if kw["checkpoint_every"] is None and kw["checkpoint_seconds"] is None:
+        kw["checkpoint_every"] = args.val_every
     try:
         res = train(flow, opt, lambda rng, it: xtr[idx(it)], args.niters,
-                    np.random.default_rng(args.seed), log_every=args.log_every,
-                    save_dir=args.save, resume=args.resume, log_json=args.log_json,
-                    hooks=hooks, checkpoint_every=args.val_every)
+                    np.random.default_rng(args.seed), hooks=hooks, **kw)
         status, message, history = res.status, res.message, res.history
     except StopTraining as exc:
-        status, message = "stopped", str(exc)
+        status, message, res = "stopped", str(exc), None
     train_seconds = time.perf_counter() - t0
     print(message, flush=True)
-    if status == "nonfinite":
-        print("error: the flow's training stopped on a non-finite value; no evaluation",
-              file=sys.stderr)
-        return 1
+    if res is not None and run.finish(res) is not None:
+        return run.finish(res)
     if not history:
         from npflow.checkpoint import load_training_state
         ck = os.path.join(args.save, "checkpoint.h5")
@@ -596,10 +593,10 @@ def main(argv=None) -> int:
     print(f"figures in {args.save}: samples.png, interpolation.png, curves.png; total "
           f"{time.perf_counter() - t_all:.0f} s", flush=True)
     append_json(args.log_json, final)
-    with open(os.path.join(args.save, "result.json"), "w") as f:
+    with open(run.path("result.json"), "w") as f:
         json.dump(final, f, indent=1)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.main_guard(main)

@@ -183,7 +183,7 @@ def test_example_writes_figures_and_test_nll_last(tmp_path, model, capsys):
     # a second run into the same folder is refused; --resume reuses the autoencoder
     with pytest.raises(SystemExit):
         mod.main(TINY + ["--data-dir", str(tmp_path / "data"), "--save", save])
-    assert "is not empty" in capsys.readouterr().err
+    assert "already holds a run" in capsys.readouterr().err
 
 
 def test_example_bad_flags_are_one_line_errors(tmp_path, capsys):
@@ -209,3 +209,21 @@ def test_example_conditional_trains_on_one_class_only(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "(5 train, 1 validation, 2 test;" in out
     assert json.load(open(tmp_path / "run" / "result.json"))["conditional"] == 3
+
+
+def test_example_resume_reuses_the_autoencoder_and_continues_the_flow(tmp_path, capsys):
+    import json
+    _write_idx(str(tmp_path / "data" / "mnist"))
+    mod = _load_example()
+    base = TINY + ["--no-classifier", "--data-dir", str(tmp_path / "data"), "--save",
+                   str(tmp_path / "run")]
+    assert mod.main(base) == 0
+    capsys.readouterr()
+    assert mod.main(base + ["--resume", "--niters", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "autoencoder loaded from" in out and "resumed from" in out
+    assert json.load(open(tmp_path / "run" / "result.json"))["status"] == "done"
+    # a model setting may not change on resume
+    with pytest.raises(SystemExit):
+        mod.main(base + ["--resume", "--width", "16"])
+    assert "model settings differ" in capsys.readouterr().err
