@@ -133,8 +133,9 @@ class Autoencoder(FlowModel):
         """Mean-squared reconstruction error (eq. 1.2) and its gradient (eq. 1.3).
 
         x (B, x_dim); rng unused (the loss is deterministic). Returns (loss: float, grads: dict
-        over ``network_names()``, stats: {"mse"}). The gradient: x̂̄ = 2(x̂ − x)/(B n_x) pushed
-        back through the decoder (b̄ = Dᵀ x̂̄) and the encoder (eq. 1.21 of docs/layers.md).
+        like params, stats: {"mse"}). The gradient: x̂̄ = 2(x̂ − x)/(B n_x) pushed back through
+        the decoder (b̄ = Dᵀ x̂̄) and the encoder (eq. 1.21 of docs/layers.md); the code
+        statistics do not enter the loss, their entries are zeros.
         """
         params = self.params if params is None else params
         x = self._prepare_x(x)
@@ -148,6 +149,8 @@ class Autoencoder(FlowModel):
         _, g_enc = self.encoder.backward(enc, bbar, c_enc)
         grads = {"encoder." + k: v for k, v in g_enc.items()}
         grads.update({"decoder." + k: v for k, v in g_dec.items()})
+        for k in STATS:
+            grads[k] = self.xp.zeros_like(params[k])
         loss = float(loss)
         return loss, grads, {"mse": loss, "nll": loss}
 
