@@ -459,8 +459,9 @@ def run_stages(args, run, data, flow, hidden):
         ae, ae_curve, res = train_autoencoder(args, hidden, data)
     except ValueError as exc:
         common.fail(f"autoencoder: {exc}")
-    if res is not None and run.finish(res) is not None:
-        return run.finish(res)
+    status = None if res is None else run.finish(res)
+    if status is not None:
+        return status
     ae_test_mse = ae.reconstruction_error(data["test"]["x"])
     print(f"autoencoder test MSE {ae_test_mse:.5f}", flush=True)
     codes = {k: np.asarray(to_host(ae.standardize(ae.encode(v["x"]))), dtype=np.float64)
@@ -505,8 +506,14 @@ def run_stages(args, run, data, flow, hidden):
         status, message, res = "stopped", str(exc), None
     train_seconds = time.perf_counter() - t0
     print(message, flush=True)
-    if res is not None and run.finish(res) is not None:
-        return run.finish(res)
+    best_path_exists = os.path.exists(best_path)
+    if res is not None and res.status in ("diverged", "nonfinite") and best_path_exists:
+        print(f"note: evaluating the best validated parameters ({best_path}, iteration "
+              f"{vhook.best_iter})", flush=True)
+    elif res is not None:
+        code = run.finish(res)
+        if code is not None:
+            return code
     if not history:
         from npflow.checkpoint import load_training_state
         ck = os.path.join(args.save, "checkpoint.h5")
