@@ -8,7 +8,7 @@ For every layer, in float64 over random batch (1-5), features (1-6), tangents K 
 """
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 
 from npflow import layers as L
 
@@ -183,6 +183,8 @@ def test_activation_tangent_adjoint_and_second_order_term(name, B, n, K, seed, s
     rng = np.random.default_rng(seed)
     act = L.get_activation(name)
     x, xdot = _inputs(rng, B, n, K)
+    # ReLU: a central difference across the kink at 0 is not a derivative (eq. 1.19)
+    assume(act.smooth or np.min(np.abs(scale * x)) > 1e-3)
     check_all(act, {}, scale * x, xdot, 0.0, rng)
 
 
