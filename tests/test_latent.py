@@ -199,12 +199,13 @@ def test_example_bad_flags_are_one_line_errors(tmp_path, capsys):
 
 def test_example_conditional_trains_on_one_class_only(tmp_path, capsys):
     """--conditional K: the autoencoder and the flow see the images of class K only (the tiny
-    data set has 5 training images of class 3)."""
+    data set has 5 training images of class 3); here in float32."""
     import json
     _write_idx(str(tmp_path / "data" / "mnist"))
     mod = _load_example()
-    rc = mod.main(TINY + ["--conditional", "3", "--no-classifier", "--data-dir",
-                          str(tmp_path / "data"), "--save", str(tmp_path / "run")])
+    rc = mod.main(TINY + ["--conditional", "3", "--no-classifier", "--dtype", "float32",
+                          "--data-dir", str(tmp_path / "data"), "--save",
+                          str(tmp_path / "run")])
     assert rc == 0
     out = capsys.readouterr().out
     assert "(5 train, 1 validation, 2 test;" in out
