@@ -228,3 +228,25 @@ def test_example_resume_reuses_the_autoencoder_and_continues_the_flow(tmp_path, 
     with pytest.raises(SystemExit):
         mod.main(base + ["--resume", "--width", "16"])
     assert "model settings differ" in capsys.readouterr().err
+
+
+def test_pytorch_otflow_of_the_benchmark_computes_npflows_loss_and_gradient():
+    """bench/torch_otflow.py (autograd through OT-Flow's published formulas) and npflow's
+    hand-written OT-Flow give the same loss and parameter gradient (docs/latent.md, section 7)."""
+    pytest.importorskip("torch")
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    from torch_otflow import TorchOTFlow
+    rng = np.random.default_rng(0)
+    for depth in (2, 3):
+        flow = npflow.OTFlow(5, width=8, depth=depth, alpha=(1.0, 80.0, 500.0), steps=3,
+                             dtype="float64", seed=1)
+        x = rng.standard_normal((6, 5))
+        loss, grads, _ = flow.loss_and_grad(x)
+        t_loss, t_grads = TorchOTFlow(flow.params, 5, alpha=(1.0, 80.0, 500.0),
+                                      nt=3).loss_and_grad(x)
+        assert abs(loss - t_loss) <= 1e-12 * abs(loss)
+        for k in grads:
+            np.testing.assert_allclose(grads[k], t_grads[k], rtol=1e-9,
+                                       atol=1e-12 * np.abs(t_grads[k]).max())
