@@ -25,6 +25,12 @@ A new example in a few lines::
     if __name__ == "__main__":
         common.main_guard(main)
 
+Under MPI (``mpiexec -n N python examples/x.py``, docs/parallel.md): ``comm =
+common.init_ranks(args)`` right after parsing (rank 0 alone keeps its stdout), then pass
+``comm=comm`` to method_hooks, open_run (rank 0 alone takes the lock and writes args.json; the
+others follow its verdict) and train; after ``run.finish`` the ranks other than 0 return 0 and
+leave the evaluation to rank 0 (``if not comm.root: return 0``).
+
 Scripts loaded by file path (the tests do that) must put their folder on sys.path first:
 ``sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))``.
 
@@ -281,16 +287,31 @@ def parse_methods(text: str, allowed=METHODS) -> set:
         fail(str(exc))
 
 
-def method_hooks(model, methods, args, steer_b=None) -> list:
+def init_ranks(args):
+    """The MPI ranks of this run (npflow.parallel.init; one process without mpiexec), each
+    on its GPU with --device gpu. The ranks other than 0 print nothing (stdout to /dev/null;
+    errors still reach stderr)."""
+    from npflow import parallel
+    try:
+        comm = parallel.init(getattr(args, "device", "cpu"))
+    except parallel.ParallelError as exc:
+        fail(str(exc), EXIT_RUNTIME)
+    if not comm.root:
+        sys.stdout = open(os.devnull, "w")
+    return comm
+
+
+def method_hooks(model, methods, args, steer_b=None, comm=None) -> list:
     """The training hooks of the chosen methods: STEER's end-time draw (half-width
-    ``steer_b``) and TO-FLOW's T step (from --lr-T, --alpha-T, --eps-T, --T-grad)."""
+    ``steer_b``) and TO-FLOW's T step (from --lr-T, --alpha-T, --eps-T, --T-grad; its ∂L/∂T
+    over the MPI ranks ``comm``)."""
     from npflow.training import SteerHook, TimeOptimizer
     hooks = []
     if "steer" in methods:
         hooks.append(SteerHook(steer_b))
     if "toflow" in methods:
         hooks.append(TimeOptimizer(model, lr=args.lr_T, alpha=args.alpha_T, eps=args.eps_T,
-                                   kind=args.T_grad))
+                                   kind=args.T_grad, comm=comm))
     return hooks
 
 
@@ -330,8 +351,9 @@ class Run:
     result (returns the exit status) or None when it completed.
     """
 
-    def __init__(self, args, model_keys, lock_fd):
+    def __init__(self, args, model_keys, lock_fd, root=True):
         self.args, self.model_keys = args, tuple(model_keys)
+        self.root = root            # MPI rank 0 (or one process): the rank that reports
         self.dir = os.fspath(args.save)
         self.resume = bool(getattr(args, "resume", False))
         self.changed = {}
@@ -353,6 +375,9 @@ class Run:
         signal (checkpoint written), 1 for a diverged or non-finite run."""
         if result.status in ("done", "already-done"):
             return None
+        if not self.root:           # the same status on every MPI rank; rank 0 reports it
+            return (SIGNAL_STATUS.get(result.signal, 128 + int(result.signal))
+                    if result.status == "interrupted" else EXIT_RUNTIME)
         if result.status == "interrupted":
             name = signal.Signals(result.signal).name
             print(f"{_prog()}: interrupted by {name} after iteration {result.iteration}; the "
@@ -429,7 +454,7 @@ def _write_json_atomic(path, obj):
     os.replace(tmp, path)
 
 
-def open_run(args, model_keys=(), extra_model=None, extra_training=None) -> Run:
+def open_run(args, model_keys=(), extra_model=None, extra_training=None, comm=None) -> Run:
     """Open the run folder ``args.save`` for this run (module docstring): create it, take the
     lock, refuse an existing run without --resume / --force, check and record the settings in
     args.json. Returns a Run (a context manager that releases the lock).
@@ -438,7 +463,22 @@ def open_run(args, model_keys=(), extra_model=None, extra_training=None) -> Run:
     define the model (a change of any refuses --resume); extra_model / extra_training: dicts of
     resolved settings (e.g. per-data-set defaults) recorded and compared like the flags.
     Errors: fail() with exit 2 (bad folder, existing run, changed model), 1 (locked).
+    comm: the MPI ranks (npflow.parallel.Comm): rank 0 alone does all of this; the others wait
+    for its verdict and leave with its exit status when it failed.
     """
+    if comm is not None and comm.size > 1:
+        if not comm.root:
+            status = comm.mpi.bcast(None, root=0)
+            if status:
+                sys.exit(status)
+            return Run(args, model_keys, None, root=False)
+        try:
+            run = open_run(args, model_keys, extra_model, extra_training)
+        except SystemExit as exc:
+            comm.mpi.bcast(exc.code if isinstance(exc.code, int) and exc.code else 1, root=0)
+            raise
+        comm.mpi.bcast(0, root=0)
+        return run
     folder = os.fspath(args.save)
     resume, force = bool(getattr(args, "resume", False)), bool(getattr(args, "force", False))
     if resume and force:
@@ -536,8 +576,10 @@ def main_guard(main, argv=None):
         signal.signal(signal.SIGTERM, on_term)
     except ValueError:      # not the main thread
         pass
+    from npflow.parallel import run as run_ranks
     try:
-        status = main(argv)
+        # under MPI, a rank leaving alone with an error status ends every rank (parallel.run)
+        status = run_ranks(main, argv)
     except KeyboardInterrupt:
         signum = got.get("signal", signal.SIGINT)
         print(f"\n{_prog()}: interrupted by {signal.Signals(signum).name} outside the training "

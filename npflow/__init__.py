@@ -39,7 +39,8 @@ _EXPORTS = {
 }
 _SUBMODULES = {"backend", "layers", "data", "trace", "tableau", "solvers", "cnf", "otflow",
                "optim", "checkpoint", "conv", "plotting", "training", "multiscale",
-               "odenet", "model", "images", "otflow_net", "nets", "autoencoder", "latent"}
+               "odenet", "model", "images", "otflow_net", "parallel", "nets", "autoencoder",
+               "latent"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

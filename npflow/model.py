@@ -15,7 +15,38 @@ from __future__ import annotations
 
 from .backend import array_module, check_finite, get_array_module, resolve_dtype, to_device
 
-__all__ = ["FlowModel", "register_model", "model_class", "registered_models"]
+from typing import NamedTuple
+
+__all__ = ["FlowModel", "Part", "register_model", "model_class", "registered_models"]
+
+
+class Part(NamedTuple):
+    """A model's loss and gradient over some rows of a batch of B samples, in parts that add up
+    over any split of the batch into row blocks (docs/parallel.md, eq. 1.2):
+
+    sums   dict name -> 0-d array or float: Σ over the rows of a per-row term (e.g. "nll"),
+           or the rows' share of a batch mean (e.g. the analytic ∂L/∂T)
+    grads  dict like params: the rows' share of ∂loss/∂θ (their cotangent is the whole batch's,
+           1/B per row, so the shares of all the row blocks sum to the gradient)
+    same   dict name -> float: equal for every row block (the NFE: every block takes the same
+           steps)
+
+    ``model.loss_and_grad_part(x, rng, rows=(lo, hi), ...)`` returns one,
+    ``model.loss_from_part(part, B, ...)`` turns the sum of all the parts into (loss, grads,
+    stats), and ``loss_and_grad`` is the two with rows = the whole batch."""
+    sums: dict
+    grads: dict
+    same: dict
+
+
+def check_rows(rows, B):
+    """(lo, hi) with 0 <= lo < hi <= B from rows (None: the whole batch); ValueError if bad."""
+    if rows is None:
+        return 0, B
+    lo, hi = (int(r) for r in rows)
+    if not 0 <= lo < hi <= B:
+        raise ValueError(f"rows {rows!r} must satisfy 0 <= lo < hi <= B = {B}")
+    return lo, hi
 
 _REGISTRY: dict = {}
 
