@@ -21,6 +21,9 @@ _EXPORTS = {
     "OTFlow": "npflow.otflow",
     "MultiscaleCNF": "npflow.multiscale",
     "FlowMatchingCNF": "npflow.cfm",
+    "Autoencoder": "npflow.autoencoder",
+    "LatentFlow": "npflow.latent",
+    "MLP": "npflow.nets",
     "make_flows": "npflow.flows",
     "load": "npflow.checkpoint",
     "CheckpointError": "npflow.checkpoint",
@@ -37,7 +40,8 @@ _EXPORTS = {
 }
 _SUBMODULES = {"cfm", "backend", "layers", "data", "trace", "tableau", "solvers", "cnf", "otflow",
                "optim", "checkpoint", "conv", "plotting", "training", "multiscale",
-               "odenet", "model", "images", "otflow_net", "parallel"}
+               "odenet", "model", "images", "otflow_net", "parallel", "nets", "autoencoder",
+               "latent"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -41,7 +41,7 @@ import math
 from .backend import get_array_module
 
 __all__ = ["Layer", "StackedLayer", "Linear", "ConcatLinear", "ConcatSquashLinear",
-           "Activation", "Tanh", "Softplus", "Sigmoid", "Swish", "LogCosh", "GELU",
+           "Activation", "Tanh", "Softplus", "Sigmoid", "Swish", "LogCosh", "GELU", "ReLU",
            "ACTIVATIONS", "get_activation", "stack_tangents", "stack_cotangents",
            "unstack_tangents", "as_time", "sigmoid", "squash_gates", "squash_gates_backward",
            "upgrade_param_name"]
@@ -450,7 +450,7 @@ class ConcatSquashLinear(_Affine):
 
 
 # ---------------------------------------------------------------------------------------------
-# Elementwise activations (eq. 1.6-1.8, 1.15-1.18)
+# Elementwise activations (eq. 1.6-1.8, 1.15-1.19)
 # ---------------------------------------------------------------------------------------------
 
 class Activation(StackedLayer):
@@ -470,6 +470,7 @@ class Activation(StackedLayer):
     """
 
     max_order = 3
+    smooth = True      # sigma is infinitely differentiable everywhere (ReLU: False)
 
     def param_names(self):
         return ()
@@ -690,10 +691,32 @@ class GELU(Activation):
         return d2, 1.5 * T2 + 0.5 * x * T3
 
 
+class ReLU(Activation):
+    """σ = max(x, 0), σ' = step(x) = [x > 0] (σ'(0) = 0, PyTorch's choice), σ'' = σ''' = 0
+    (eq. 1.19a). Piecewise linear: the rules are exact away from x = 0, where σ is not
+    differentiable (``smooth = False``: finite-difference checks must keep off the kink)."""
+
+    smooth = False
+
+    def _value_d1(self, x, xp, out):
+        y = xp.maximum(x, 0.0, out=out)
+        d1 = (x > 0).astype(x.dtype)
+        return y, d1, None
+
+    def _higher(self, x, y, d1, aux, xp, order):
+        z = xp.zeros_like(d1)
+        return (z,) if order == 2 else (z, z)
+
+    def backward_stacked(self, hbar, cache, need_xdotbar=True, out=None):
+        """eq. 1.7 with σ'' = 0 (eq. 1.19a): hbar_in = step(x) ⊙ hbar, no second-order term."""
+        x, y, d1, aux, h = cache
+        return get_array_module(hbar).multiply(d1, hbar, out=out), {}, 0.0
+
+
 #: The activations by name: the one registry that ODENet, ConvNet, the models' ``activation=``
 #: and the examples' ``--nonlinearity`` choices read (add a new Activation here, and only here).
 ACTIVATIONS = {"tanh": Tanh, "softplus": Softplus, "sigmoid": Sigmoid, "swish": Swish,
-               "logcosh": LogCosh, "gelu": GELU}
+               "logcosh": LogCosh, "gelu": GELU, "relu": ReLU}
 
 
 def get_activation(name) -> Activation:

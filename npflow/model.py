@@ -72,7 +72,8 @@ def model_class(name: str):
     imported their modules."""
     if name not in _REGISTRY:
         lazy = {"CNF": "npflow.cnf", "OTFlow": "npflow.otflow",
-                "MultiscaleCNF": "npflow.multiscale", "FlowMatchingCNF": "npflow.cfm"}
+                "MultiscaleCNF": "npflow.multiscale", "FlowMatchingCNF": "npflow.cfm",
+                "Autoencoder": "npflow.autoencoder"}
         if name in lazy:
             from importlib import import_module
             import_module(lazy[name])

@@ -18,10 +18,14 @@ from npflow.layers import ACTIVATIONS
 from npflow.odenet import LAYER_TYPES, ODENet
 from test_layers import assert_rel_close, central_difference
 
+# finite differences of second-order terms need smooth activations (ReLU has a kink at 0;
+# its checks are in tests/test_nets.py)
+SMOOTH = sorted(a for a, cls in ACTIVATIONS.items() if cls.smooth)
+
 cases = dict(
     B=st.integers(1, 5), D=st.integers(1, 6), K=st.integers(1, 4),
     hidden=st.lists(st.integers(1, 8), min_size=1, max_size=2),
-    layer=st.sampled_from(sorted(LAYER_TYPES)), activation=st.sampled_from(sorted(ACTIVATIONS)),
+    layer=st.sampled_from(sorted(LAYER_TYPES)), activation=st.sampled_from(SMOOTH),
     seed=st.integers(0, 2**32 - 1), t=st.floats(-2.0, 2.0, allow_nan=False))
 
 
