@@ -34,7 +34,8 @@ def reference_forward(net, params, x):
     """eq. 1.20 written out with numpy: (y, list of pre-activations)."""
     acts = {"relu": lambda a: np.maximum(a, 0), "tanh": np.tanh,
             "sigmoid": lambda a: 1 / (1 + np.exp(-a)), "softplus": lambda a: np.logaddexp(0, a),
-            "swish": lambda a: a / (1 + np.exp(-a)), "logcosh": lambda a: np.logaddexp(a, -a)}
+            "swish": lambda a: a / (1 + np.exp(-a)), "logcosh": lambda a: np.logaddexp(a, -a),
+            "gelu": lambda a: 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a**3)))}
     h, pre = x, []
     for i in range(net.n_layers):
         a = h @ params[f"{i}.weight"].T + params[f"{i}.bias"]
