@@ -39,7 +39,7 @@ import math
 from .backend import get_array_module
 
 __all__ = ["Layer", "StackedLayer", "Linear", "ConcatLinear", "ConcatSquashLinear",
-           "Activation", "Tanh", "Softplus", "Sigmoid", "Swish", "LogCosh",
+           "Activation", "Tanh", "Softplus", "Sigmoid", "Swish", "LogCosh", "ReLU",
            "ACTIVATIONS", "get_activation", "stack_tangents", "stack_cotangents",
            "unstack_tangents"]
 
@@ -372,7 +372,7 @@ class ConcatSquashLinear(_Affine):
 
 
 # ---------------------------------------------------------------------------------------------
-# Elementwise activations (eq. 1.6-1.8, 1.15-1.18)
+# Elementwise activations (eq. 1.6-1.8, 1.15-1.19)
 # ---------------------------------------------------------------------------------------------
 
 class Activation(StackedLayer):
@@ -389,6 +389,7 @@ class Activation(StackedLayer):
     """
 
     max_order = 3
+    smooth = True      # sigma is infinitely differentiable everywhere (ReLU: False)
 
     def out_shape(self, in_shape):
         return tuple(in_shape)
@@ -551,12 +552,34 @@ class LogCosh(Activation):
         return d2, -2.0 * d1 * d2
 
 
+class ReLU(Activation):
+    """σ = max(x, 0), σ' = step(x) = [x > 0] (σ'(0) = 0, PyTorch's choice), σ'' = σ''' = 0
+    (eq. 1.19). Piecewise linear: the rules are exact away from x = 0, where σ is not
+    differentiable (``smooth = False``: finite-difference checks must keep off the kink)."""
+
+    smooth = False
+
+    def _value_d1(self, x, xp, out):
+        y = xp.maximum(x, 0.0, out=out)
+        d1 = (x > 0).astype(x.dtype)
+        return y, d1, None
+
+    def _higher(self, x, y, d1, aux, xp, order):
+        z = xp.zeros_like(d1)
+        return (z,) if order == 2 else (z, z)
+
+    def backward_stacked(self, hbar, cache):
+        """eq. 1.7 with σ'' = 0 (eq. 1.19): hbar_in = step(x) ⊙ hbar, no second-order term."""
+        x, y, d1, aux, h = cache
+        return d1 * hbar, {}, 0.0
+
+
 ACTIVATIONS = {"tanh": Tanh, "softplus": Softplus, "sigmoid": Sigmoid, "swish": Swish,
-               "logcosh": LogCosh}
+               "logcosh": LogCosh, "relu": ReLU}
 
 
 def get_activation(name) -> Activation:
-    """An activation layer by name: "tanh", "softplus", "sigmoid", "swish", "logcosh"
+    """An activation layer by name: "tanh", "softplus", "sigmoid", "swish", "logcosh", "relu"
     (an Activation instance is returned as is)."""
     if isinstance(name, Activation):
         return name
