@@ -9,13 +9,15 @@ and 4.1) and differentiates that map too. Arrays are batch-first: z (B, D), ever
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 
 from npflow.backend import get_array_module
 
 __all__ = ["Flow", "Planar", "Orthogonal", "Householder", "Triangular", "FlowSequence",
-           "make_flows", "orthogonalize", "orthogonalize_backward", "householder_product",
-           "householder_product_backward", "FLOW_KINDS"]
+           "make_flows", "planar_reparameterize", "orthogonalize", "orthogonalize_backward", "householder_product",
+           "triangular_factors", "triangular_factors_backward", "eta_forward", "eta_backward",
+           "FLOW_KINDS"]
 
 FLOW_KINDS = ("planar", "orthogonal", "householder", "triangular")
 
@@ -58,7 +60,7 @@ def _diag(A, xp):
 
 
 def _check_int(name, value, low, high=None, what=""):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
             high is not None and value > high):
         rng = f"{low} <= {name}" + (f" <= {high}" if high is not None else "")
         raise ValueError(f"{what}{name} must be an integer with {rng}, got {value!r}")
@@ -151,6 +153,19 @@ class Flow:
 
 # ----------------------------------------------------------------------------- 1. planar
 
+def planar_reparameterize(u, w):
+    """eq. 1.2: û = u + (m(α) − α) w/‖w‖², α = wᵀu, m(α) = −1 + softplus(α), so ûᵀw = m(α) > −1
+    (eq. 1.3). u, w (B, D), w nonzero -> û (B, D) and α, ‖w‖², m, k = (m − α)/‖w‖²,
+    softplus(α) (each (B,)). m − α is computed as softplus(−α) − 1 (no cancellation)."""
+    xp = get_array_module(u)
+    alpha = (w * u).sum(axis=1)                                   # wᵀu      (B,)
+    n = (w * w).sum(axis=1)                                       # ‖w‖²     (B,)
+    sp = _softplus(alpha, xp)
+    m = sp - 1.0                                                  # m(α)
+    k = (_softplus(-alpha, xp) - 1.0) / n                         # (m − α)/‖w‖²
+    return u + k[:, None] * w, alpha, n, m, k, sp
+
+
 class Planar(Flow):
     """Planar flow (docs/flows.md section 1), amortized:
 
@@ -165,7 +180,7 @@ class Planar(Flow):
 
     def __init__(self, D: int):
         _check_int("D", D, 1, what="Planar: ")
-        self.D = D
+        self.D = int(D)
 
     def param_shapes(self):
         return {"u": (self.D,), "w": (self.D,), "b": (1,)}
@@ -175,17 +190,13 @@ class Planar(Flow):
         self._validate(z, p)
         xp = get_array_module(z)
         u, w, b = p["u"], p["w"], p["b"]
-        alpha = (w * u).sum(axis=1)                               # wᵀu      (B,)
-        n = (w * w).sum(axis=1)                                   # ‖w‖²     (B,)
-        m = _softplus(alpha, xp) - 1.0                            # m(α)     eq. 1.2
-        k = (_softplus(-alpha, xp) - 1.0) / n                     # (m − α)/‖w‖², stable form
-        u_hat = u + k[:, None] * w                                # eq. 1.2
+        u_hat, alpha, n, m, k, sp = planar_reparameterize(u, w)   # eq. 1.2
         a = (w * z).sum(axis=1) + b[:, 0]                         # wᵀz + b  (B,)
         s = xp.tanh(a)
         z_new = z + u_hat * s[:, None]                            # eq. 1.1
         hp = 1.0 - s * s                                          # h'(a)
-        g = 1.0 + hp * m
-        logdet = xp.log(xp.abs(g))                                # eq. 1.4
+        g = s * s + hp * sp                                       # 1 + h' m, eq. 1.4a
+        logdet = xp.log(g)                                        # eq. 1.4
         cache = (z, u, w, alpha, n, m, k, u_hat, s, hp, g)
         return z_new, logdet, cache
 
@@ -217,181 +228,183 @@ class Planar(Flow):
 
 # ----------------------------------------------------------------------------- 2. Sylvester
 
-def _triangular_factors(R_full, diag_R, diag_R_tilde, xp):
+def _sylvester_r_shapes(M):
+    """Raw per-sample shapes of R, R̃ and b (eq. 2.2), the paper's packing: one full (M, M)
+    matrix for both strict triangles and one raw vector per diagonal."""
+    return {"R_full": (M, M), "diag_R": (M,), "diag_R_tilde": (M,), "b": (M,)}
+
+
+def _strict_upper_mask(M, dtype, xp):
+    """The (M, M) mask of the strict upper triangle (1 above the diagonal, else 0)."""
+    return xp.triu(xp.ones((M, M), dtype=dtype), 1)
+
+
+def triangular_factors(R_full, diag_R, diag_R_tilde):
     """eq. 2.2: R = triu₁(F) + diag(tanh d), R̃ = triu₁(Fᵀ) + diag(tanh d̃), from the raw
     F (B, M, M), d (B, M), d̃ (B, M). Returns R, R̃ (B, M, M) and r = tanh d, r̃ = tanh d̃ (B, M)."""
+    xp = get_array_module(R_full)
     M = R_full.shape[-1]
     eye = xp.eye(M, dtype=R_full.dtype)
+    upper = _strict_upper_mask(M, R_full.dtype, xp)
     r, rt = xp.tanh(diag_R), xp.tanh(diag_R_tilde)
-    R = xp.triu(R_full, 1) + r[:, :, None] * eye
-    Rt = xp.triu(_swap(R_full), 1) + rt[:, :, None] * eye
+    R = R_full * upper + r[:, :, None] * eye
+    Rt = _swap(R_full) * upper + rt[:, :, None] * eye
     return R, Rt, r, rt
 
 
-def _triangular_factors_backward(R_bar, Rt_bar, r, rt, xp):
-    """eq. 2.9: cotangents of R, R̃ (B, M, M) -> of the raw F (B, M, M), d, d̃ (B, M)."""
-    F_bar = xp.triu(R_bar, 1) + _swap(xp.triu(Rt_bar, 1))
+def triangular_factors_backward(R_bar, Rt_bar, r, rt):
+    """eq. 2.10: cotangents of R, R̃ (B, M, M) -> of the raw F (B, M, M), d, d̃ (B, M)."""
+    xp = get_array_module(R_bar)
+    upper = _strict_upper_mask(R_bar.shape[-1], R_bar.dtype, xp)
+    F_bar = R_bar * upper + _swap(Rt_bar * upper)
     d_bar = _diag(R_bar, xp) * (1.0 - r * r)
     dt_bar = _diag(Rt_bar, xp) * (1.0 - rt * rt)
     return F_bar, d_bar, dt_bar
 
 
-def sylvester_forward(z, Q, R, Rt, r, rt, b):
-    """The Sylvester map (eq. 2.1) and its log-det by the Sylvester identity (eqs. 2.3-2.4):
+def eta_forward(q, R, Rt, r, rt, b):
+    """The inner map in Q's coordinates and the log-det by the Sylvester identity:
 
-        z' = z + Q R h(R̃ Qᵀ z + b),   log|det ∂z'/∂z| = Σ_i log|1 + h'(a_i) r̃_ii r_ii|
+        c = η(q) = R h(R̃ q + b)                                                     (eq. 2.1)
+        log|det ∂z'/∂z| = Σ_i log|1 + h'(a_i) r̃_ii r_ii|,  a = R̃ q + b            (eq. 2.4)
 
-    z (B, D); Q (B, D, M) with orthonormal columns, or None for Q = I (then M = D);
-    R, R̃ (B, M, M) upper triangular with diagonals r, r̃ (B, M); b (B, M).
-    Returns z_new (B, D), logdet (B,), cache.
+    q (B, M); R, R̃ (B, M, M) upper triangular with diagonals r, r̃ (B, M); b (B, M).
+    Returns c (B, M), logdet (B,), cache.
     """
-    xp = get_array_module(z)
-    q = z if Q is None else _bmtv(Q, z)                           # Qᵀz        (B, M)
-    a = _bmv(Rt, q) + b                                           # R̃ Qᵀz + b  (B, M)
-    s = xp.tanh(a)
-    c = _bmv(R, s)                                                # R h(a)     (B, M)
-    z_new = z + (c if Q is None else _bmv(Q, c))                  # eq. 2.1
+    xp = get_array_module(q)
+    a = _bmv(Rt, q) + b                                           # R̃ q + b   (B, M)
+    s = xp.tanh(a)                                                # h(a)
+    c = _bmv(R, s)                                                # eq. 2.1
     hp = 1.0 - s * s                                              # h'(a)
     dd = r * rt                                                   # r_ii r̃_ii
-    g = 1.0 + hp * dd                                             # eq. 2.3
-    logdet = xp.log(xp.abs(g)).sum(axis=1)                        # eq. 2.4
-    return z_new, logdet, (z, Q, R, Rt, r, rt, q, s, c, hp, dd, g)
+    g = s * s + hp * (1.0 + dd)                                   # 1 + h' r r̃, eq. 2.4a
+    logdet = xp.log(g).sum(axis=1)                                # eq. 2.4
+    return c, logdet, (q, R, Rt, r, rt, s, hp, dd, g)
 
 
-def sylvester_backward(cache, z_new_bar, logdet_bar):
-    """eqs. 2.6-2.8: the adjoint of (z, Q, R, R̃, b) -> (z', logdet) of sylvester_forward.
+def eta_backward(cache, c_bar, logdet_bar):
+    """eqs. 2.7-2.9: the adjoint of (q, R, R̃, b) -> (c, logdet) of eta_forward.
 
-    z_new_bar (B, D) or None, logdet_bar (B,) or None -> z_bar (B, D), Q_bar (B, D, M) (None
-    when Q is None), R_bar, Rt_bar (B, M, M) (full matrices: the caller masks them, eq. 2.9),
-    b_bar (B, M). The diagonal entries of R_bar, Rt_bar include the log-det's dependence on
-    r_ii, r̃_ii (eq. 2.8).
+    c_bar (B, M) or None, logdet_bar (B,) or None -> q_bar (B, M), R_bar, Rt_bar (B, M, M)
+    (full matrices, masked by triangular_factors_backward, eq. 2.10), b_bar (B, M). The
+    diagonals of R_bar, Rt_bar include the log-det's dependence on r_ii, r̃_ii (eq. 2.9).
     """
-    z, Q, R, Rt, r, rt, q, s, c, hp, dd, g = cache
-    xp = get_array_module(z)
-    B, M = s.shape
+    q, R, Rt, r, rt, s, hp, dd, g = cache
+    xp = get_array_module(q)
+    eye = xp.eye(s.shape[1], dtype=s.dtype)
     a_bar = xp.zeros_like(s)
     R_bar = xp.zeros_like(R)
-    Q_bar = None
-    if z_new_bar is not None:
-        c_bar = z_new_bar if Q is None else _bmtv(Q, z_new_bar)  # eq. 2.6
-        if Q is not None:
-            Q_bar = _outer(z_new_bar, c)
-        R_bar = _outer(c_bar, s)
+    Rt_bar = xp.zeros_like(Rt)
+    if c_bar is not None:
+        R_bar = _outer(c_bar, s)                                  # eq. 2.7
         a_bar = _bmtv(R, c_bar) * hp
     if logdet_bar is not None:
         lb = logdet_bar[:, None]
-        a_bar = a_bar + lb * (-2.0 * s * hp) * dd / g             # eq. 2.7, h'' = −2 h h'
-        d_bar = lb * hp / g                                       # eq. 2.8
-        eye = xp.eye(M, dtype=s.dtype)
+        a_bar = a_bar + lb * (-2.0 * s * hp) * dd / g             # eq. 2.8, h'' = −2 h h'
+        d_bar = lb * hp / g                                       # eq. 2.9
         R_bar = R_bar + (d_bar * rt)[:, :, None] * eye
-        Rt_diag_bar = (d_bar * r)[:, :, None] * eye
-    else:
-        Rt_diag_bar = 0.0
-    Rt_bar = _outer(a_bar, q) + Rt_diag_bar                       # eq. 2.7
+        Rt_bar = Rt_bar + (d_bar * r)[:, :, None] * eye
+    Rt_bar = Rt_bar + _outer(a_bar, q)                            # eq. 2.8
     q_bar = _bmtv(Rt, a_bar)
-    if Q is None:
-        z_bar = q_bar if z_new_bar is None else z_new_bar + q_bar
-    else:
-        Qq = _bmv(Q, q_bar)
-        z_bar = Qq if z_new_bar is None else z_new_bar + Qq
-        QzT = _outer(z, q_bar)
-        Q_bar = QzT if Q_bar is None else Q_bar + QzT
-    return z_bar, Q_bar, R_bar, Rt_bar, a_bar
+    return q_bar, R_bar, Rt_bar, a_bar
 
 
-_SYLVESTER_R = ("R_full", "diag_R", "diag_R_tilde", "b")
+def _add(x, y):
+    """x + y with None for a zero x."""
+    return y if x is None else x + y
 
 
-def _sylvester_r_shapes(M):
-    return {"R_full": (M, M), "diag_R": (M,), "diag_R_tilde": (M,), "b": (M,)}
+class _Sylvester(Flow):
+    """Shared parts of the Sylvester flows z' = z + Q η(Qᵀz) (eq. 2.1): the subclass supplies
+    Q through _Q_forward (raw Q parameters -> a value), _apply_Qt, _apply_Q and their adjoints
+    (eq. 2.6)."""
+
+    M: int
+
+    def forward(self, z, p):
+        """eq. 2.1, 2.4. z (B, D), p raw parameters (param_shapes()) -> z_new (B, D),
+        logdet (B,), cache."""
+        self._validate(z, p)
+        Qv = self._Q_forward(p)
+        R, Rt, r, rt = triangular_factors(p["R_full"], p["diag_R"], p["diag_R_tilde"])
+        q, qt_cache = self._apply_Qt(Qv, z)                      # Qᵀz
+        c, logdet, eta_cache = eta_forward(q, R, Rt, r, rt, p["b"])
+        y, q_cache = self._apply_Q(Qv, c)                        # Q η(Qᵀz)
+        return z + y, logdet, (Qv, qt_cache, eta_cache, q_cache)
+
+    def backward(self, cache, z_new_bar, logdet_bar):
+        """eqs. 2.6-2.10 with the Q rules of the subclass. z_new_bar (B, D) or None,
+        logdet_bar (B,) or None -> z_bar (B, D), p_bar (dict like p)."""
+        Qv, qt_cache, eta_cache, q_cache = cache
+        p_bar = {}
+        c_bar = None
+        if z_new_bar is not None:
+            c_bar = self._apply_Q_backward(Qv, q_cache, z_new_bar, p_bar)
+        q_bar, R_bar, Rt_bar, b_bar = eta_backward(eta_cache, c_bar, logdet_bar)
+        z_bar = _add(z_new_bar, self._apply_Qt_backward(Qv, qt_cache, q_bar, p_bar))
+        r, rt = eta_cache[3], eta_cache[4]
+        F_bar, d_bar, dt_bar = triangular_factors_backward(R_bar, Rt_bar, r, rt)
+        self._Q_backward(Qv, p_bar)
+        p_bar.update({"R_full": F_bar, "diag_R": d_bar, "diag_R_tilde": dt_bar, "b": b_bar})
+        return z_bar, {name: p_bar[name] for name in self.param_shapes()}
 
 
 # ----------------------------------------------------------------------------- 3. orthogonal
 
 def _default_tol(dtype):
-    """Stopping tolerance on max_ij |QᵀQ − I|_ij (eq. 3.4): 1e-12 in float64, 1e-5 in float32
-    (about 100 ulp of the entries at M = 64; the iteration's round-off floor is below both)."""
+    """Stopping tolerance on max_ij |QᵀQ − I|_ij (eq. 3.4): 1e-12 in float64, 1e-5 in float32;
+    the iteration's round-off floor is well below both at M <= 64 (docs/flows.md §3)."""
     return 1e-12 if str(dtype) == "float64" else 1e-5
 
 
 def orthogonalize(X, tol=None, max_iter=100):
-    """Q with orthonormal columns from a raw X (B, D, M) by eqs. 3.1-3.4:
+    """Q with orthonormal columns from a raw X (B, D, M) (M <= D) by eqs. 3.1-3.4:
 
         Q₀ = X / ‖X‖_F,   Q_{k+1} = Q_k (I + ½(I − Q_kᵀQ_k))
 
-    stopped at the first k with max_ij |Q_kᵀQ_k − I|_ij <= tol (default: _default_tol) or at
-    k = max_iter (then a RuntimeWarning says so and Q is not orthonormal). One scalar goes to
-    the host per iteration (the convergence test). Q → the polar factor of X (eq. 3.3).
-    Differentiated through the unrolled iterations (eq. 3.5-3.6, orthogonalize_backward).
-    Returns Q (B, D, M) and a cache.
+    stopped at the first k with max_ij |Q_kᵀQ_k − I|_ij <= tol (default: 1e-12 float64, 1e-5
+    float32) or at k = max_iter (then a RuntimeWarning says so and Q is not orthonormal). One
+    scalar goes to the host per iteration (the convergence test). Q tends to the polar factor
+    of X (eq. 3.3); X must have full column rank. Differentiated through the UNROLLED
+    iterations (orthogonalize_backward, eqs. 3.5-3.6), so the derivative is exact for the Q
+    returned, converged or not. Returns Q (B, D, M) and a cache.
     """
     xp = get_array_module(X)
     tol = _default_tol(X.dtype) if tol is None else tol
-    M = X.shape[-1]
-    eye = xp.eye(M, dtype=X.dtype)
+    eye = xp.eye(X.shape[-1], dtype=X.dtype)
     nrm = xp.sqrt((X * X).sum(axis=(1, 2)))                       # ‖X‖_F  (B,)
     Q = X / nrm[:, None, None]                                    # eq. 3.1
     iterates = []
-    for _ in range(max_iter + 1):
+    while True:
         G = _swap(Q) @ Q                                          # QᵀQ   (B, M, M)
-        err = float(xp.abs(G - eye).max())                        # eq. 3.4 (host sync)
+        err = float(xp.abs(G - eye).max()) if G.size else 0.0     # eq. 3.4 (one host sync)
         if err <= tol or len(iterates) == max_iter:
             break
         iterates.append((Q, G))
         Q = Q @ (1.5 * eye - 0.5 * G)                             # eq. 3.2
-    if err > tol:
+    if not err <= tol:
         warnings.warn(f"orthogonalize: max |QᵀQ - I| = {err:.3g} > tol = {tol:.3g} after "
                       f"max_iter = {max_iter} iterations; Q is not orthonormal and the "
-                      "Sylvester log-det is not exact (is a raw Q matrix rank-deficient?)",
+                      "Sylvester log-det is not exact (is a raw Q rank-deficient or zero?)",
                       RuntimeWarning, stacklevel=2)
     return Q, (nrm, X, iterates)
 
 
 def orthogonalize_backward(cache, Q_bar):
-    """eqs. 3.5-3.6: Q_bar (B, D, M) -> X_bar (B, D, M), through every iteration run.
+    """eqs. 3.5-3.6: Q_bar (B, D, M) -> X_bar (B, D, M), back through every iteration run:
 
-        Q̄_k = Q̄_{k+1}(I + ½(I − G_k)) − ½ Q_k (Q̄_{k+1}ᵀQ_k + Q_kᵀQ̄_{k+1})          (3.5)
-        X̄ = (Q̄₀ − Q₀ ⟨Q₀, Q̄₀⟩) / ‖X‖_F                                                 (3.6)
+        Q̄_k = Q̄_{k+1}(I + ½(I − G_k)) − ½ Q_k (Q̄_{k+1}ᵀQ_k + Q_kᵀQ̄_{k+1}),  G_k = Q_kᵀQ_k
+        X̄ = (Q̄₀ − Q₀ ⟨Q₀, Q̄₀⟩) / ‖X‖_F
     """
     nrm, X, iterates = cache
     xp = get_array_module(X)
     eye = xp.eye(X.shape[-1], dtype=X.dtype)
     for Q, G in reversed(iterates):
-        S = _swap(Q_bar) @ Q
+        S = _swap(Q_bar) @ Q                                      # eq. 3.5
         Q_bar = Q_bar @ (1.5 * eye - 0.5 * G) - 0.5 * (Q @ (S + _swap(S)))
     Q0 = X / nrm[:, None, None]
-    inner = (Q0 * Q_bar).sum(axis=(1, 2))
+    inner = (Q0 * Q_bar).sum(axis=(1, 2))                         # eq. 3.6
     return (Q_bar - Q0 * inner[:, None, None]) / nrm[:, None, None]
-
-
-class _Sylvester(Flow):
-    """Shared forward/backward of the Sylvester flows with a Q built from raw parameters."""
-
-    M: int
-
-    def _make_Q(self, p):
-        raise NotImplementedError
-
-    def _Q_backward(self, qcache, Q_bar):
-        raise NotImplementedError
-
-    def forward(self, z, p):
-        self._validate(z, p)
-        xp = get_array_module(z)
-        Q, qcache = self._make_Q(p)
-        R, Rt, r, rt = _triangular_factors(p["R_full"], p["diag_R"], p["diag_R_tilde"], xp)
-        z_new, logdet, scache = sylvester_forward(z, Q, R, Rt, r, rt, p["b"])
-        return z_new, logdet, (qcache, scache)
-
-    def backward(self, cache, z_new_bar, logdet_bar):
-        qcache, scache = cache
-        xp = get_array_module(scache[0])
-        z_bar, Q_bar, R_bar, Rt_bar, b_bar = sylvester_backward(scache, z_new_bar, logdet_bar)
-        F_bar, d_bar, dt_bar = _triangular_factors_backward(R_bar, Rt_bar, scache[4],
-                                                            scache[5], xp)
-        p_bar = self._Q_backward(qcache, Q_bar)
-        p_bar.update({"R_full": F_bar, "diag_R": d_bar, "diag_R_tilde": dt_bar, "b": b_bar})
-        return z_bar, {name: p_bar[name] for name in self.param_shapes()}
 
 
 class Orthogonal(_Sylvester):
@@ -399,91 +412,132 @@ class Orthogonal(_Sylvester):
 
         z' = z + Q R h(R̃ Qᵀ z + b)                                                  (eq. 2.1)
 
-    Q (D, M) has orthonormal columns, made from the raw "Q" (D, M) by the iteration of
-    eqs. 3.1-3.4 (run to max |QᵀQ − I| <= tol, at most max_iter = 100 iterations, one host
-    sync per iteration) and differentiated through the UNROLLED iterations (eqs. 3.5-3.6).
-    R, R̃ upper triangular (M, M) from the raw "R_full" (M, M) (strict upper triangle -> R,
-    strict lower triangle transposed -> R̃) and the raw diagonals "diag_R", "diag_R_tilde"
-    (M,) through tanh (eq. 2.2), so |r_ii r̃_ii| < 1 and the flow is invertible (eq. 2.5);
-    "b" (M,). log-det by eq. 2.4; backward eqs. 2.6-2.9 and 3.5-3.6.
-    The raw Q must have full column rank (a zero Q gives NaN).
+    Raw parameters per sample: "Q" (D, M), made orthonormal by eqs. 3.1-3.4 (stopped at
+    max |QᵀQ − I| <= tol, default 1e-12 float64 / 1e-5 float32, at most max_iter = 100
+    iterations; one host sync per iteration) and differentiated through the UNROLLED
+    iterations (eqs. 3.5-3.6); "R_full" (M, M) (strict upper triangle -> R, strict lower
+    triangle transposed -> R̃), "diag_R", "diag_R_tilde" (M,) (diagonals through tanh, so
+    |r_ii r̃_ii| < 1 and the flow is invertible, eq. 2.5), "b" (M,) (eq. 2.2).
+    log-det eq. 2.4; backward eqs. 2.6-2.10 and 3.5-3.6. The raw Q needs full column rank.
     """
 
     def __init__(self, D: int, M: int, tol=None, max_iter: int = 100):
         _check_int("D", D, 1, what="Orthogonal: ")
         _check_int("M", M, 1, D, what="Orthogonal: ")
         _check_int("max_iter", max_iter, 1, what="Orthogonal: ")
-        if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float))
+                                or not tol > 0):
             raise ValueError(f"Orthogonal: tol must be a positive number, got {tol!r}")
-        self.D, self.M, self.tol, self.max_iter = D, M, tol, max_iter
+        self.D, self.M, self.tol, self.max_iter = int(D), int(M), tol, int(max_iter)
 
     def param_shapes(self):
         return {"Q": (self.D, self.M), **_sylvester_r_shapes(self.M)}
 
-    def _make_Q(self, p):
+    def _Q_forward(self, p):
         return orthogonalize(p["Q"], self.tol, self.max_iter)
 
-    def _Q_backward(self, qcache, Q_bar):
-        return {"Q": orthogonalize_backward(qcache, Q_bar)}
+    def _apply_Qt(self, Qv, z):
+        return _bmtv(Qv[0], z), z
+
+    def _apply_Q(self, Qv, c):
+        return _bmv(Qv[0], c), c
+
+    def _apply_Q_backward(self, Qv, c, y_bar, p_bar):
+        """eq. 2.6: y = Q c -> c̄ = Qᵀȳ, Q̄ += ȳ cᵀ."""
+        p_bar["_Q"] = _outer(y_bar, c)
+        return _bmtv(Qv[0], y_bar)
+
+    def _apply_Qt_backward(self, Qv, z, q_bar, p_bar):
+        """eq. 2.6: q = Qᵀz -> z̄ += Q q̄, Q̄ += z q̄ᵀ."""
+        p_bar["_Q"] = _add(p_bar.get("_Q"), _outer(z, q_bar))
+        return _bmv(Qv[0], q_bar)
+
+    def _Q_backward(self, Qv, p_bar):
+        p_bar["Q"] = orthogonalize_backward(Qv[1], p_bar.pop("_Q"))
 
 
 # ----------------------------------------------------------------------------- 4. Householder
 
 def householder_product(v):
-    """Q = H_1 H_2 ⋯ H_H, H_k = I − 2 v_k v_kᵀ/‖v_k‖² (eq. 4.1), by the recursion
-    Q_k = Q_{k−1} − 2 (Q_{k−1} v_k) v_kᵀ/‖v_k‖², Q_0 = I (eq. 4.2). v (B, H, D), every v_k
-    nonzero -> Q (B, D, D) orthogonal, and a cache."""
+    """Q = H_1 H_2 ⋯ H_H with H_k = I − 2 v_k v_kᵀ/‖v_k‖² (eq. 4.1), as a dense matrix.
+    v (B, H, D), every v_k nonzero -> Q (B, D, D), orthogonal. The flow itself never forms Q
+    (it applies the reflections, eqs. 4.2-4.4); this is the definition, for checks."""
     xp = get_array_module(v)
     B, H, D = v.shape
     Q = xp.broadcast_to(xp.eye(D, dtype=v.dtype), (B, D, D))
-    n = (v * v).sum(axis=2)                                       # ‖v_k‖²  (B, H)
-    prefixes = []
     for k in range(H):
-        prefixes.append(Q)
         vk = v[:, k, :]
-        Q = Q - _outer(_bmv(Q, vk) * (2.0 / n[:, k:k + 1]), vk)   # eq. 4.2
-    return Q, (v, n, prefixes)
+        Q = Q - _outer(_bmv(Q, vk) * (2.0 / (vk * vk).sum(axis=1, keepdims=True)), vk)
+    return Q
 
 
-def householder_product_backward(cache, Q_bar):
-    """eqs. 4.3-4.4: Q_bar (B, D, D) -> v_bar (B, H, D), in reverse order k = H..1:
+def _reflect(x, v, n):
+    """H x = x − 2 v (vᵀx)/n, n = ‖v‖² (eq. 4.2). x, v (B, D), n (B, 1)."""
+    return x - v * ((2.0 / n) * (v * x).sum(axis=1, keepdims=True))
 
-        ū = Q̄_k v_k, p = Q_{k−1} v_k,
-        v̄_k = −(2/n_k)(Q_{k−1}ᵀ ū + Q̄_kᵀ p) + (4 pᵀū / n_k²) v_k,   Q̄_{k−1} = Q̄_k − (2/n_k) ū v_kᵀ
-    """
-    v, n, prefixes = cache
-    xp = get_array_module(v)
-    v_bar = xp.zeros_like(v)
-    for k in range(v.shape[1] - 1, -1, -1):
-        vk, nk, Qp = v[:, k, :], n[:, k:k + 1], prefixes[k]
-        ub = _bmv(Q_bar, vk)
-        pk = _bmv(Qp, vk)
-        v_bar[:, k, :] = (-(2.0 / nk) * (_bmtv(Qp, ub) + _bmtv(Q_bar, pk))
-                          + (4.0 * (pk * ub).sum(axis=1, keepdims=True) / (nk * nk)) * vk)
-        Q_bar = Q_bar - _outer(ub * (2.0 / nk), vk)
-    return v_bar
+
+def _reflect_backward(x, v, n, y_bar):
+    """eq. 4.3: the adjoint of y = H x: x̄ = H ȳ and
+    v̄ = −(2/n)((vᵀx) ȳ + (vᵀȳ) x) + (4/n²)(vᵀx)(vᵀȳ) v."""
+    vx = (v * x).sum(axis=1, keepdims=True)
+    vy = (v * y_bar).sum(axis=1, keepdims=True)
+    v_bar = -(2.0 / n) * (vx * y_bar + vy * x) + (4.0 / (n * n)) * (vx * vy) * v
+    return y_bar - (2.0 / n) * vy * v, v_bar
 
 
 class Householder(_Sylvester):
     """Householder Sylvester flow (docs/flows.md sections 2 and 4), amortized: eq. 2.1 with
-    M = D and Q = H_1 ⋯ H_H, H_k = I − 2 v_k v_kᵀ/‖v_k‖² (eq. 4.1) from the raw "v" (H, D)
-    (every v_k nonzero); R, R̃, b as in Orthogonal (eq. 2.2, raw "R_full" (D, D), "diag_R",
-    "diag_R_tilde", "b" (D,)). log-det eq. 2.4; backward eqs. 2.6-2.9 and 4.3-4.4.
+    M = D and Q = H_1 ⋯ H_H, H_k = I − 2 v_k v_kᵀ/‖v_k‖² (eq. 4.1), from the raw "v" (H, D)
+    (every v_k nonzero). Q is never formed: Qᵀz = H_H ⋯ H_1 z and Q c = H_1 ⋯ H_H c are
+    applied reflection by reflection (eq. 4.2, O(H D) per sample), and differentiated the
+    same way (eqs. 4.3-4.4). R, R̃, b as in Orthogonal (eq. 2.2, raw "R_full" (D, D),
+    "diag_R", "diag_R_tilde", "b" (D,)). log-det eq. 2.4; backward eqs. 2.6-2.10, 4.3-4.4.
     """
 
     def __init__(self, D: int, H: int):
         _check_int("D", D, 1, what="Householder: ")
         _check_int("H", H, 1, what="Householder: ")
-        self.D, self.M, self.H = D, D, H
+        self.D, self.M, self.H = int(D), int(D), int(H)
 
     def param_shapes(self):
         return {"v": (self.H, self.D), **_sylvester_r_shapes(self.D)}
 
-    def _make_Q(self, p):
-        return householder_product(p["v"])
+    def _Q_forward(self, p):
+        v = p["v"]
+        return v, (v * v).sum(axis=2, keepdims=True)              # v (B, H, D), n (B, H, 1)
 
-    def _Q_backward(self, qcache, Q_bar):
-        return {"v": householder_product_backward(qcache, Q_bar)}
+    def _chain(self, Qv, x, order):
+        v, n = Qv
+        inputs = []
+        for k in order:
+            inputs.append(x)
+            x = _reflect(x, v[:, k], n[:, k])
+        return x, inputs
+
+    def _chain_backward(self, Qv, inputs, order, y_bar, p_bar):
+        v, n = Qv
+        xp = get_array_module(v)
+        v_bar = p_bar.setdefault("v", xp.zeros_like(v))
+        for x, k in zip(reversed(inputs), reversed(order)):
+            y_bar, vb = _reflect_backward(x, v[:, k], n[:, k], y_bar)
+            v_bar[:, k] += vb                                     # eq. 4.4
+        return y_bar
+
+    def _apply_Qt(self, Qv, z):
+        return self._chain(Qv, z, range(self.H))                  # H_H ⋯ H_1 z
+
+    def _apply_Q(self, Qv, c):
+        return self._chain(Qv, c, range(self.H - 1, -1, -1))      # H_1 ⋯ H_H c
+
+    def _apply_Qt_backward(self, Qv, inputs, q_bar, p_bar):
+        return self._chain_backward(Qv, inputs, range(self.H), q_bar, p_bar)
+
+    def _apply_Q_backward(self, Qv, inputs, y_bar, p_bar):
+        return self._chain_backward(Qv, inputs, range(self.H - 1, -1, -1), y_bar, p_bar)
+
+    def _Q_backward(self, Qv, p_bar):
+        if "v" not in p_bar:                                      # z_new_bar and q_bar zero
+            p_bar["v"] = get_array_module(Qv[0]).zeros_like(Qv[0])
 
 
 # ----------------------------------------------------------------------------- 5. triangular
@@ -492,42 +546,42 @@ class Triangular(_Sylvester):
     """Triangular Sylvester flow (docs/flows.md sections 2 and 5), amortized: eq. 2.1 with
     M = D and Q = I (reverse=False) or Q = P, the reversal permutation (reverse=True):
 
-        z' = z + P R h(R̃ Pᵀ z + b)   = P (y + R h(R̃ y + b)),  y = Pᵀz                (eq. 5.1)
+        z' = z + P R h(R̃ Pᵀ z + b),   (Pᵀz)_i = z_{D+1−i}                              (eq. 5.1)
 
     P is applied as an index reversal, never as a matrix. Raw "R_full" (D, D), "diag_R",
-    "diag_R_tilde", "b" (D,) as in eq. 2.2. log-det eq. 2.4 (P does not change it, eq. 5.2);
-    backward eq. 5.3 with eqs. 2.6-2.9.
+    "diag_R_tilde", "b" (D,) as in eq. 2.2. log-det eq. 2.4 (eq. 5.2); backward eq. 5.3 with
+    eqs. 2.7-2.10.
     """
 
     def __init__(self, D: int, reverse: bool = False):
         _check_int("D", D, 1, what="Triangular: ")
         if not isinstance(reverse, bool):
             raise ValueError(f"Triangular: reverse must be True or False, got {reverse!r}")
-        self.D, self.M, self.reverse = D, D, reverse
+        self.D, self.M, self.reverse = int(D), int(D), reverse
 
     def param_shapes(self):
         return _sylvester_r_shapes(self.D)
 
-    def forward(self, z, p):
-        """eq. 5.1. z (B, D), p {R_full (B, D, D), diag_R, diag_R_tilde, b (B, D)}."""
-        self._validate(z, p)
-        xp = get_array_module(z)
-        R, Rt, r, rt = _triangular_factors(p["R_full"], p["diag_R"], p["diag_R_tilde"], xp)
-        y = z[:, ::-1] if self.reverse else z
-        y_new, logdet, scache = sylvester_forward(y, None, R, Rt, r, rt, p["b"])
-        z_new = y_new[:, ::-1] if self.reverse else y_new
-        return z_new, logdet, scache
+    def _Q_forward(self, p):
+        return None
 
-    def backward(self, cache, z_new_bar, logdet_bar):
-        """eq. 5.3 with eqs. 2.6-2.9."""
-        xp = get_array_module(cache[0])
-        if self.reverse and z_new_bar is not None:
-            z_new_bar = z_new_bar[:, ::-1]
-        y_bar, _, R_bar, Rt_bar, b_bar = sylvester_backward(cache, z_new_bar, logdet_bar)
-        F_bar, d_bar, dt_bar = _triangular_factors_backward(R_bar, Rt_bar, cache[4],
-                                                            cache[5], xp)
-        z_bar = y_bar[:, ::-1] if self.reverse else y_bar
-        return z_bar, {"R_full": F_bar, "diag_R": d_bar, "diag_R_tilde": dt_bar, "b": b_bar}
+    def _flip(self, x):
+        return x[:, ::-1] if self.reverse else x                  # Pᵀx = Px (eq. 5.3)
+
+    def _apply_Qt(self, Qv, z):
+        return self._flip(z), None
+
+    def _apply_Q(self, Qv, c):
+        return self._flip(c), None
+
+    def _apply_Qt_backward(self, Qv, cache, q_bar, p_bar):
+        return self._flip(q_bar)
+
+    def _apply_Q_backward(self, Qv, cache, y_bar, p_bar):
+        return self._flip(y_bar)
+
+    def _Q_backward(self, Qv, p_bar):
+        pass
 
 
 # ----------------------------------------------------------------------------- composition
