@@ -34,9 +34,9 @@ OUT = os.path.join("runs", "study")
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 VAE_BUDGET = ["--data", "mnist", "--flow", "householder", "--num-flows", "4",
-              "--householder", "8", "--likelihood", "logistic256", "--subset", "5000",
-              "--val-n", "1000", "--epochs", "6", "--warmup-epochs", "3", "--test-n", "500",
-              "--iwae-k", "200", "--z-dim", "32", "--hidden", "300,300", "--seed", "0",
+              "--householder", "8", "--likelihood", "logistic256", "--subset", "10000",
+              "--val-n", "2000", "--epochs", "10", "--warmup-epochs", "5", "--test-n", "1000",
+              "--iwae-k", "500", "--z-dim", "32", "--hidden", "300,300", "--seed", "0",
               "--log-every", "50"]
 FFJORD_ITERS_PER_EPOCH = 20          # --subset 2000 / --batch-size 100
 FFJORD_BUDGET = ["--data", "mnist", "--subset", "2000", "--batch-size", "100",

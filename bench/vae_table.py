@@ -23,8 +23,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join("runs", "vae_table")
 
-BUDGET = ["--data", "mnist", "--subset", "5000", "--val-n", "1000", "--epochs", "6",
-          "--warmup-epochs", "3", "--test-n", "500", "--iwae-k", "200", "--z-dim", "32",
+BUDGET = ["--data", "mnist", "--subset", "10000", "--val-n", "2000", "--epochs", "10",
+          "--warmup-epochs", "5", "--test-n", "1000", "--iwae-k", "500", "--z-dim", "32",
           "--hidden", "300,300", "--batch-size", "100", "--lr", "5e-4", "--seed", "0",
           "--log-every", "50"]
 FLOWS = {
