@@ -86,7 +86,7 @@ def build_parser():
     a("--early-stopping", type=int, default=100,
       help="stop after this many epochs without a better validation −ELBO (after warm-up)")
     a("--iwae-k", type=int, default=5000, help="importance samples of the test NLL")
-    a("--iwae-rows", type=int, default=20000,
+    a("--iwae-rows", type=int, default=5000,
       help="rows (images × samples) per IWAE chunk: bounds memory")
     a("--device", default="cpu", choices=["cpu", "gpu"])
     a("--dtype", default="float32", choices=["float32", "float64"])
