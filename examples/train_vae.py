@@ -404,12 +404,21 @@ def main(argv=None) -> int:
              if state["epoch_seconds"] else None,
              "iterations_per_epoch": ipe, "eval_seconds": time.perf_counter() - t1,
              "num_params": model.num_params()}
+    if args.labels:            # the label decoded from one posterior draw (most probable bin)
+        from npflow.backend import to_host
+        rec = np.concatenate([to_host(model.reconstruct(x_test[i:i + 1000],
+                                                        np.random.default_rng([args.seed, 10, i])))
+                              for i in range(0, len(x_test), 1000)])
+        final["test_label_accuracy"] = float(np.mean(unit_to_label(rec[:, -1], 10)
+                                                     == unit_to_label(x_test[:, -1], 10)))
     if args.likelihood == "logistic256":
         final["test_bpd"] = final["test_nll"] / (D * math.log(2))
         final["test_nelbo_bpd"] = final["test_nelbo"] / (D * math.log(2))
     print(f"test −ELBO {final['test_nelbo']:.3f} nats, IWAE NLL (k={args.iwae_k}) "
           f"{final['test_nll']:.3f} ± {final['test_nll_stderr']:.3f} nats on {len(nll)} test "
-          f"images" + (f" = {final['test_bpd']:.4f} bits/dim" if "test_bpd" in final else ""))
+          f"images" + (f" = {final['test_bpd']:.4f} bits/dim" if "test_bpd" in final else "")
+          + (f"; label decoded from q(z|x): {100 * final['test_label_accuracy']:.1f}% right"
+             if args.labels else ""))
     append_json(args.log_json, final)
     with open(os.path.join(args.save, "result.json"), "w") as f:
         json.dump(final, f, indent=1)
