@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train FFJORD's multiscale CNF on MNIST, Fashion-MNIST or CIFAR-10 (docs/images.md).
 
-    python examples/train_mnist.py --device cpu --max-iters 20 --subset 1000
+    python examples/train_mnist.py --device cpu --niters 20 --subset 1000
     python examples/train_mnist.py --device gpu                      # FFJORD's configuration
     python examples/train_mnist.py --method rnode                    # RK4 step 0.25, λ = 0.01
     python examples/train_mnist.py --dims 32,32 --batch-size 64 --solver rk4 --steps 4
@@ -28,7 +28,6 @@ Methods (docs/training.md §6):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -37,17 +36,26 @@ import time
 
 import numpy as np
 
-from npflow.training import add_method_arguments, method_hooks, parse_methods  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (examples/common.py: flags, run folder, lock, signals)
+from common import fail  # noqa: E402
+
+METHODS = ("ffjord", "rnode", "toflow", "steer")
+# the settings that define the model (and its data): --resume refuses a change of any
+MODEL_KEYS = ("data", "labels", "dims", "num_blocks", "scales", "layer_type", "T", "method",
+              "trace", "alpha_logit", "zero_last", "dtype", "seed", "kinetic", "jacobian")
+MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 DATASETS = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="Train a multiscale continuous normalizing flow on images (npflow).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.make_parser("Train a multiscale continuous normalizing flow on images (npflow).",
+                           script=__file__)
+    common.add_run_arguments(p, niters=10000, save="runs/mnist", log_every=10)
     a = p.add_argument
-    a("--data", default="mnist", choices=sorted(DATASETS))
-    a("--data-dir", default="data", help="DATA_DIR with mnist/, fashion-mnist/, cifar10/")
+    a("--data", default="mnist", choices=sorted(DATASETS),
+      help="image set, read from DATA_DIR/<name>/ (--data-dir)")
     a("--no-download", action="store_true",
       help="never download: fail with a message naming the missing files")
     a("--subset", type=int, default=None,
@@ -76,20 +84,13 @@ def build_parser():
     a("--alpha-logit", type=float, default=1e-6, help="logit margin α (RNODE: 1e-5)")
     a("--zero-last", action="store_true",
       help="zero-initialise every block's last layer (the default with rnode)")
-    add_method_arguments(p, t_grad_default="stale")
-    a("--max-iters", type=int, default=10000)
+    common.add_method_arguments(p, METHODS, t_grad_default="stale")
+    common.add_deprecated_alias(p, "--alpha", "--alpha-T", type=float)
     a("--batch-size", type=int, default=200)
     a("--lr", type=float, default=1e-3)
     a("--warmup", type=int, default=1000, help="linear learning-rate warm-up iterations")
     a("--weight-decay", type=float, default=0.0)
-    a("--grad-clip", type=float, default=None, help="max global gradient norm (default off)")
-    a("--device", default="cpu", choices=["cpu", "gpu"])
-    a("--dtype", default="float32", choices=["float32", "float64"])
-    a("--seed", type=int, default=0)
-    a("--save", default="runs/mnist", help="folder for checkpoint, samples, result.json")
-    a("--resume", action="store_true", help="continue from SAVE/checkpoint.h5")
-    a("--log-every", type=int, default=10)
-    a("--log-json", default=None, help="append one JSON object per log line to this file")
+    a("--grad-clip", type=float, default=None, help="max global gradient norm (default: off)")
     a("--sample-every", type=int, default=0,
       help="write a sample grid every N iterations (0: only at the end)")
     a("--n-samples", type=int, default=64, help="images per sample grid")
@@ -152,13 +153,22 @@ def load_images(args):
 
 def prepare(args):
     """Check every input and build the model config, before any data or training."""
-    methods = parse_methods(args.method)
-    for name, v in (("--max-iters", args.max_iters), ("--batch-size", args.batch_size),
-                    ("--log-every", args.log_every), ("--steps", args.steps),
+    methods = common.parse_methods(args.method, METHODS)
+    for name, v in (("--batch-size", args.batch_size), ("--steps", args.steps),
                     ("--num-blocks", args.num_blocks), ("--n-samples", args.n_samples),
                     ("--test-batch", args.test_batch)):
-        if v < 1 and not (name == "--max-iters" and v == 0):
+        if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
+    for name, v, zero_ok in (("--lr", args.lr, True), ("--weight-decay", args.weight_decay, True),
+                             ("--atol", args.atol, False), ("--rtol", args.rtol, False),
+                             ("--grad-clip", args.grad_clip, False),
+                             ("--alpha-logit", args.alpha_logit, False)):
+        if v is not None and (not math.isfinite(v) or not (v > 0 or (zero_ok and v == 0))):
+            raise ValueError(f"{name} must be {'>= 0' if zero_ok else '> 0'} and finite, "
+                             f"got {v}")
+    if args.warmup < 0 or args.sample_every < 0:
+        raise ValueError(f"--warmup and --sample-every must be >= 0, got {args.warmup}, "
+                         f"{args.sample_every}")
     for name, v in (("--subset", args.subset), ("--test-n", args.test_n)):
         if v is not None and v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
@@ -183,9 +193,24 @@ def prepare(args):
     return methods, config, steer_b
 
 
+def missing_data_message(args, exc):
+    """One line naming every missing file of the data set and how to get it."""
+    folder = os.path.join(args.data_dir, args.data)
+    if args.data in ("mnist", "fashion-mnist"):
+        missing = [f for f in MNIST_FILES if not os.path.exists(os.path.join(folder, f))]
+        if missing:
+            how = ("run without --no-download to fetch them (SHA-256 checked)"
+                   if args.no_download else "the download failed")
+            return (f"cannot load {args.data}: missing {', '.join(missing)} in {folder}/; "
+                    f"{how}, or copy the four standard files there by hand (docs/data.md "
+                    f"section 3; --data-dir sets the folder above {args.data}/)")
+    return (f"cannot load {args.data} from {folder}/: {exc} (docs/data.md section 3 lists the "
+            "files; --data-dir sets their folder)")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     import npflow
     from npflow.backend import to_host
     from npflow.multiscale import MultiscaleCNF
@@ -197,27 +222,30 @@ def main(argv=None) -> int:
     try:
         methods, config, steer_b = prepare(args)
     except ValueError as exc:
-        parser.error(str(exc))
+        fail(exc)
     try:
         model = MultiscaleCNF(**config)
-    except (ValueError, npflow.DeviceError) as exc:
-        parser.error(f"cannot build the model: {exc}")
+    except ValueError as exc:
+        fail(f"cannot build the model: {exc}")
+    except npflow.DeviceError as exc:
+        fail(f"cannot build the model: {exc}; or use --device cpu")
     try:
         x_train, x_test = load_images(args)
     except Exception as exc:  # DataError and OSError: name the files and where to put them
-        print(f"train_mnist.py: cannot load {args.data}: {exc}\n(on a machine without web "
-              "access: bash ../shared/tools/offline-data.sh data)", file=sys.stderr)
-        return 2
+        fail(missing_data_message(args, exc))
 
     time_names = set(model.time_names) if config["train_T"] else set()
     weights = {k: v for k, v in model.params.items() if k not in time_names}
     optimizer = Adam(weights, lr=args.lr, weight_decay=args.weight_decay,
                      schedule=Warmup(args.warmup) if args.warmup else None)
-    hooks = method_hooks(model, methods, args, steer_b)
+    hooks = common.method_hooks(model, methods, args, steer_b)
+    with common.open_run(args, model_keys=MODEL_KEYS) as rf:
+        return _train_and_test(args, rf, model, optimizer, hooks, methods, config, x_train,
+                               x_test, train, append_json, to_host)
 
-    os.makedirs(args.save, exist_ok=True)
-    with open(os.path.join(args.save, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+
+def _train_and_test(args, rf, model, optimizer, hooks, methods, config, x_train, x_test, train,
+                    append_json, to_host):
     cfg = model.config
     solver_txt = cfg["solver"] if cfg["solver"] == "dopri5" else (
         f"{cfg['solver']} " + (f"step {cfg['step_size']}" if cfg["step_size"]
@@ -226,7 +254,8 @@ def main(argv=None) -> int:
           f"{'+'.join(sorted(methods))}, {len(model.nets)} blocks, {model.num_params()} "
           f"parameters, dims {cfg['hidden']}, solver {solver_txt}, trace {cfg['trace']}, "
           f"λ_K {cfg['kinetic']}, λ_J {cfg['jacobian']}, T {cfg['T']}"
-          f"{' (trained)' if cfg['train_T'] else ''}, {cfg['dtype']} on {cfg['device']}")
+          f"{' (trained)' if cfg['train_T'] else ''}, {cfg['dtype']} on {cfg['device']}",
+          flush=True)
 
     def sample_batch(rng, it):
         return x_train[rng.integers(0, len(x_train), args.batch_size)]
@@ -243,18 +272,21 @@ def main(argv=None) -> int:
     def on_log(rec):
         print(f"    bits/dim {rec['nll']:.4f} (last batch)")
         if args.sample_every and not args.no_figures and rec["iteration"] % args.sample_every == 0:
-            draw(os.path.join(args.save, f"samples_iter{rec['iteration']:06d}.png"))
+            draw(rf.path(f"samples_iter{rec['iteration']:06d}.png"))
 
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
-    result = train(model, optimizer, sample_batch, args.max_iters, rng,
-                   log_every=args.log_every, save_dir=args.save, resume=args.resume,
-                   log_json=args.log_json, grad_clip=args.grad_clip, hooks=hooks,
-                   on_log=[on_log])
+    import npflow
+    try:
+        result = train(model, optimizer, sample_batch, args.niters, rng,
+                       grad_clip=args.grad_clip, hooks=hooks, on_log=[on_log],
+                       print_fn=lambda m: print(m, flush=True), **rf.train_kwargs())
+    except npflow.CheckpointError as exc:
+        fail(f"cannot resume: {exc}")
     train_seconds = time.perf_counter() - t0
-    if result.status == "nonfinite":
-        print(result.message, file=sys.stderr)
-        return 1
+    status = rf.finish(result)
+    if status is not None:
+        return status
     print(result.message)
 
     t1 = time.perf_counter()
@@ -280,12 +312,12 @@ def main(argv=None) -> int:
           f"(solver {args.test_solver or cfg['solver']}, NFE {nfe:.0f}); "
           f"median {final['median_sec_per_iter']} s/it")
     append_json(args.log_json, final)
-    with open(os.path.join(args.save, "result.json"), "w") as f:
+    with open(rf.path("result.json"), "w") as f:
         json.dump(final, f, indent=1)
     if not args.no_figures:
-        print("samples:", draw(os.path.join(args.save, "samples.png")))
+        print("samples:", draw(rf.path("samples.png")))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.main_guard(main)

@@ -30,7 +30,6 @@ kept.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -39,9 +38,15 @@ import time
 
 import numpy as np
 
-from npflow.training import TrainHook
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (examples/common.py: flags, run folder, lock, signals)
+from common import fail  # noqa: E402
+from npflow.training import TrainHook  # noqa: E402
 
-MODELS = ("otflow", "ffjord", "rnode", "toflow")
+METHODS = ("otflow", "ffjord", "rnode", "toflow", "steer")
+MODELS = METHODS              # old name
+# the settings that define the model (and its data): --resume refuses a change of any
+MODEL_KEYS = ("data", "method", "width", "depth", "rank", "dtype", "seed", "trace")
 TABULAR = ("power", "gas", "hepmass", "miniboone", "bsds300")
 
 # OT-Flow's settings (shared/REFERENCE.md; OT-Flow's detailedSetup): nt train/val/test, batch,
@@ -110,19 +115,19 @@ class EarlyStop(Exception):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="Train OT-Flow / FFJORD / RNODE / TO-FLOW on tabular or toy data (npflow).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.make_parser(
+        "Train OT-Flow / FFJORD / RNODE / TO-FLOW / STEER on tabular or toy data (npflow).",
+        script=__file__)
+    # --niters: default None = toy 1000 (OT-Flow's CPU default), tabular 8000
+    common.add_run_arguments(p, niters=None, save="runs/tabular", log_every=10)
     a = p.add_argument
     a("--data", default="miniboone",
       help="power, gas, hepmass, miniboone, bsds300, or a toy name (8gaussians, checkerboard, "
            "swissroll, circles, rings, moons, pinwheel, 2spirals), or PATH.npz holding arrays "
            "train, val, test of shape (N, D) (e.g. from bench/make_product_data.py)")
-    a("--data-dir", default="data", help="DATA_DIR holding the MAF files")
     a("--no-download", action="store_true", help="never download; fail if files are missing")
-    a("--model", default="otflow", choices=MODELS)
-    a("--niters", type=int, default=None,
-      help="training iterations (default: toy 1000, OT-Flow's CPU default; tabular 8000)")
+    common.add_method_arguments(p, METHODS, default="otflow", t_grad_default="analytic")
+    common.add_deprecated_alias(p, "--model", "--method")
     a("--batch-size", type=int, default=None, help="default: the method's per-set value")
     a("--lr", type=float, default=None, help="default: OT-Flow per set; CNF 1e-3")
     a("--weight-decay", type=float, default=None, help="default: OT-Flow 0, CNF 1e-6")
@@ -133,7 +138,9 @@ def build_parser():
     a("--width", type=int, default=None, help="OT-Flow: ResNet width m")
     a("--depth", type=int, default=2, help="OT-Flow: number of K layers (nTh)")
     a("--rank", type=int, default=None, help="OT-Flow: rank of A (default min(10, d+1))")
-    a("--alpha", default=None, help="OT-Flow: α0,α1,α2 (transport, NLL, HJB), e.g. 1,100,5")
+    a("--otflow-alpha", default=None,
+      help="OT-Flow: α0,α1,α2 (transport, NLL, HJB), e.g. 1,100,5 (default: per data set)")
+    common.add_deprecated_alias(p, "--alpha", "--otflow-alpha")
     a("--clamp", type=float, default=None,
       help="clamp every parameter to [-c, c] after each step (default: tabular 1.5, toy off; "
            "0 = off)")
@@ -159,15 +166,6 @@ def build_parser():
     a("--atol", type=float, default=None, help="CNF: dopri5 atol (toy 1e-5, tabular 1e-8)")
     a("--rtol", type=float, default=None, help="CNF: dopri5 rtol (toy 1e-5, tabular 1e-6)")
     a("--steps", type=int, default=8, help="RNODE: RK4 steps on [0, T]")
-    # run
-    a("--dtype", default=None, choices=["float32", "float64"],
-      help="default float32 (OT-Flow's own default precision)")
-    a("--device", default="cpu", choices=["cpu", "gpu"])
-    a("--seed", type=int, default=0)
-    a("--save", default="runs/tabular", help="folder for checkpoints and result.json")
-    a("--resume", action="store_true", help="continue from SAVE/checkpoint.h5")
-    a("--log-every", type=int, default=10)
-    a("--log-json", default=None, help="append one JSON object per log line to this file")
     return p
 
 
@@ -192,20 +190,21 @@ def resolve_settings(args, is_toy):
     def pick(v, default):
         return default if v is None else v
     s = {}
-    if args.model == "otflow":
+    if args._method == "otflow":
         d = OTFLOW_DEFAULTS[key]
         s.update(nt=pick(args.nt, d["nt"]), nt_val=pick(args.nt_val, d["nt_val"]),
                  nt_test=pick(args.nt_test, d["nt_test"]),
                  batch=pick(args.batch_size, d["batch"]), width=pick(args.width, d["width"]),
                  lr=pick(args.lr, d["lr"]), weight_decay=pick(args.weight_decay, 0.0))
-        if args.alpha is not None:
+        if args.otflow_alpha is not None:
             try:
-                alpha = tuple(float(v) for v in args.alpha.split(","))
+                alpha = tuple(float(v) for v in args.otflow_alpha.split(","))
             except ValueError:
-                raise ValueError(f"--alpha must be three comma-separated numbers like "
-                                 f"1,100,5, got {args.alpha!r}") from None
-            if len(alpha) != 3:
-                raise ValueError(f"--alpha needs three values α0,α1,α2, got {args.alpha!r}")
+                raise ValueError(f"--otflow-alpha must be three comma-separated numbers like "
+                                 f"1,100,5, got {args.otflow_alpha!r}") from None
+            if len(alpha) != 3 or not all(math.isfinite(v) and v >= 0 for v in alpha):
+                raise ValueError(f"--otflow-alpha needs three finite values α0,α1,α2 >= 0, got "
+                                 f"{args.otflow_alpha!r}")
         else:
             alpha = d["alpha"]
         s["alpha"] = alpha
@@ -225,7 +224,7 @@ def resolve_settings(args, is_toy):
                  clamp=pick(args.clamp, 0.0))
     s["niters"] = args.niters if args.niters is not None else (1000 if is_toy else 8000)
     s["drop_freq"] = args.drop_freq if args.drop_freq is not None else (
-        TOY_DROP_FREQ if is_toy and args.model == "otflow" else 0)
+        TOY_DROP_FREQ if is_toy and args._method == "otflow" else 0)
     s["lr_drop"] = args.lr_drop if args.lr_drop is not None else (2.0 if is_toy else 10.0)
     s["dtype"] = args.dtype or "float32"
     for name in ("nt", "nt_val", "nt_test", "batch", "width"):
@@ -317,19 +316,21 @@ def load_data(args, settings):
 
 def build_model(args, settings, dim, is_toy):
     import npflow
-    if args.model == "otflow":
+    if args._method == "otflow":
         return npflow.OTFlow(dim, width=settings["width"], depth=args.depth, rank=args.rank,
                              alpha=settings["alpha"], steps=settings["nt"], T=1.0,
                              dtype=settings["dtype"], device=args.device, seed=args.seed)
     hidden = settings["hidden"] or (settings["factor"] * dim,) * settings["layers"]
-    rnode = args.model == "rnode"
+    rnode = args._method == "rnode"
+    kinetic = args.kinetic if args.kinetic is not None else (0.01 if rnode else 0.0)
+    jacobian = args.jacobian if args.jacobian is not None else (0.01 if rnode else 0.0)
     return npflow.CNF(dim, hidden=hidden, layer="concatsquash",
                       activation=settings["activation"], T=settings["T"],
-                      train_T=args.model in ("ffjord", "toflow"),
+                      train_T=args._method in ("ffjord", "toflow"),
                       solver="rk4" if rnode else "dopri5", steps=args.steps,
                       rtol=args.rtol, atol=args.atol,
                       trace=args.trace or ("exact" if is_toy else "hutchinson"),
-                      kinetic=0.01 if rnode else 0.0, jacobian=0.01 if rnode else 0.0,
+                      kinetic=kinetic, jacobian=jacobian,
                       blocks=settings["blocks"], zero_last=rnode, dtype=settings["dtype"],
                       device=args.device, seed=args.seed)
 
@@ -443,8 +444,8 @@ class ValidationHook(TrainHook):
 def evaluation_functions(args, settings, data, is_toy):
     """(validate(model) -> (loss, nll), test(model) -> (log p array, extra dict))."""
     from npflow.backend import to_host
-    eval_batch = args.eval_batch or (10000 if args.model == "otflow" else 1000)
-    if args.model == "otflow":
+    eval_batch = args.eval_batch or (10000 if args._method == "otflow" else 1000)
+    if args._method == "otflow":
         def validate(model):
             c = model.evaluate(data["val"], steps=settings["nt_val"], batch_size=eval_batch)
             return c["loss"], c["nll"]
@@ -473,28 +474,47 @@ def evaluation_functions(args, settings, data, is_toy):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     keep_freed_memory()
     import npflow
     from npflow.data import TOY_NAMES
     from npflow.optim import Adam, Chain, ReduceOnPlateau, StepDecay
-    from npflow.training import TimeOptimizer, append_json, train
+    from npflow.training import append_json, train
 
+    methods = common.parse_methods(args.method, METHODS)
+    if len(methods) > 1:
+        fail(f"train_tabular.py trains one method at a time, got {args.method!r}")
+    args._method = next(iter(methods))
     is_toy = args.data in TOY_NAMES
     if args.atol is None:
         args.atol = 1e-5 if is_toy else 1e-8
     if args.rtol is None:
         args.rtol = 1e-5 if is_toy else 1e-6
     try:
+        for name, v in (("--atol", args.atol), ("--rtol", args.rtol)):
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be > 0 and finite, got {v}")
         settings = resolve_settings(args, is_toy)
         data = load_data(args, settings)
     except ValueError as exc:
-        parser.error(str(exc))
+        fail(exc)
     try:
         model = build_model(args, settings, data["dim"], is_toy)
-    except (ValueError, npflow.DeviceError) as exc:
-        parser.error(f"cannot build the model: {exc}")
+    except ValueError as exc:
+        fail(f"cannot build the model: {exc}")
+    except npflow.DeviceError as exc:
+        fail(f"cannot build the model: {exc}; or use --device cpu")
+    with common.open_run(args, model_keys=MODEL_KEYS,
+                         extra_model={k: settings[k] for k in ("width", "alpha", "hidden",
+                                                                "blocks", "activation", "T")
+                                      if k in settings}) as rf:
+        return _train_and_test(args, rf, settings, data, model, is_toy, append_json, train,
+                               Adam, Chain, ReduceOnPlateau, StepDecay)
 
+
+def _train_and_test(args, rf, settings, data, model, is_toy, append_json, train, Adam, Chain,
+                    ReduceOnPlateau, StepDecay):
+    import npflow
     # optimiser: step decay (toy) and/or drops on a stale validation loss (tabular)
     gamma = 1.0 / settings["lr_drop"]
     parts = []
@@ -505,49 +525,50 @@ def main(argv=None) -> int:
         plateau = ReduceOnPlateau(gamma=gamma, patience=args.patience, threshold=0.0)
         parts.append(plateau)
     schedule = None if not parts else (parts[0] if len(parts) == 1 else Chain(*parts))
-    time_names = set(model.time_names) if args.model == "toflow" else set()
+    time_names = set(model.time_names) if args._method == "toflow" else set()
     optimizer = Adam({k: v for k, v in model.params.items() if k not in time_names},
                      lr=settings["lr"], weight_decay=settings["weight_decay"],
                      decoupled=False, schedule=schedule)
 
     val_every = args.val_every or (25 if is_toy else
                                    max(1, math.ceil(data["n_train"] / settings["batch"])))
-    os.makedirs(args.save, exist_ok=True)
-    best_path = os.path.join(args.save, "best.h5")
+    best_path = rf.path("best.h5")
     validate, test = evaluation_functions(args, settings, data, is_toy)
-    hooks = []
-    if args.model == "toflow":
-        hooks.append(TimeOptimizer(model))
+    hooks = common.method_hooks(model, {args._method}, args,
+                                args.steer_b if args.steer_b is not None else
+                                0.5 * model.config["T"])
     if settings["clamp"]:
         hooks.append(ClampHook(settings["clamp"]))
     vhook = ValidationHook(validate, val_every, plateau, args.max_drops, best_path,
                            args.log_json, settings["niters"], target=args.target_val_nll)
     hooks.append(vhook)
 
-    with open(os.path.join(args.save, "args.json"), "w") as f:
-        json.dump({"args": vars(args), "settings": settings}, f, indent=1, default=list)
     shown = {k: v for k, v in settings.items()}
-    print(f"npflow {args.model} on {args.data} (d = {data['dim']}): {model.num_params()} "
+    print(f"npflow {args._method} on {args.data} (d = {data['dim']}): {model.num_params()} "
           f"parameters; {shown}; validation every {val_every} iterations", flush=True)
 
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     status, message = "done", ""
     try:
+        kw = rf.train_kwargs()
+        if kw["checkpoint_every"] is None:
+            kw["checkpoint_every"] = max(args.log_every, val_every)
         result = train(model, optimizer, data["sample_batch"], settings["niters"], rng,
-                       log_every=args.log_every, save_dir=args.save, resume=args.resume,
-                       log_json=args.log_json, hooks=hooks,
-                       checkpoint_every=max(args.log_every, val_every))
-        status, message = result.status, result.message
-        iterations = result.iteration
+                       hooks=hooks, print_fn=lambda m: print(m, flush=True), **kw)
+    except npflow.CheckpointError as exc:
+        fail(f"cannot resume: {exc}")
     except EarlyStop as exc:
         status, message = "early-stopped", str(exc)
         iterations = vhook.best_iter
+        print(message, flush=True)
+    else:
+        code = rf.finish(result)
+        if code is not None:
+            return code
+        status, message, iterations = result.status, result.message, result.iteration
+        print(message, flush=True)
     train_seconds = time.perf_counter() - t0
-    print(message, flush=True)
-    if status == "nonfinite":
-        print("training stopped on a non-finite value; no test evaluation", file=sys.stderr)
-        return 1
 
     # test with the best validated parameters, more RK4 steps than training
     if os.path.exists(best_path):
@@ -558,21 +579,27 @@ def main(argv=None) -> int:
     test_nll = float(-lp.mean())
     stderr = float(lp.std() / math.sqrt(len(lp)))
     final = {"test_nll": test_nll, "test_nll_stderr": stderr, "test_n": int(len(lp)),
-             "test_seconds": time.perf_counter() - t1, "data": args.data, "model": args.model,
+             "test_seconds": time.perf_counter() - t1, "data": args.data, "model": args._method,
              "status": status, "iterations": int(iterations),
-             "best_val_loss": vhook.best, "best_val_nll": vhook.best_nll,
+             "best_val_loss": vhook.best if vhook.best_iter else None,
+             "best_val_nll": vhook.best_nll if vhook.best_iter else None,
              "best_iteration": vhook.best_iter, "train_seconds_this_run": train_seconds,
              "train_seconds_without_validation": train_seconds - vhook.val_seconds,
              "nfe_total": vhook.nfe_total,
              **extra}
+    best_txt = (f"best validation loss {vhook.best:.4f} (NLL {vhook.best_nll:.4f}) at iteration "
+                f"{vhook.best_iter}" if vhook.best_iter else
+                "no validation ran (no training iterations): the untrained model was tested")
     print(f"test NLL {test_nll:.4f} ± {stderr:.4f} nats on {len(lp)} points "
-          f"({', '.join(f'{k} {v}' for k, v in extra.items())}); best validation loss "
-          f"{vhook.best:.4f} (NLL {vhook.best_nll:.4f}) at iteration {vhook.best_iter}")
+          f"({', '.join(f'{k} {v}' for k, v in extra.items())}); {best_txt}")
+    if not math.isfinite(test_nll):
+        fail(f"the test NLL is {test_nll}: the trained model gives non-finite densities on the "
+             "test data; lower the learning rate or check the data", 1)
     append_json(args.log_json, final)
-    with open(os.path.join(args.save, "result.json"), "w") as f:
+    with open(rf.path("result.json"), "w") as f:
         json.dump(final, f, indent=1)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.main_guard(main)

@@ -49,13 +49,20 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402  (after the thread limit)
 
-from npflow.training import add_method_arguments, method_hooks, parse_methods  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (examples/common.py: flags, run folder, lock, signals)
+from common import fail  # noqa: E402
+
+METHODS = ("ffjord", "rnode", "toflow", "steer")
+# the settings that define the model (and its data): --resume refuses a change of any
+MODEL_KEYS = ("data", "data_file", "dims", "layer_type", "nonlinearity", "blocks", "T",
+              "train_T", "method", "seed", "dtype", "trace", "kinetic", "jacobian")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="Train a continuous normalizing flow on 2-D toy data (npflow).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.make_parser("Train a continuous normalizing flow on 2-D toy data (npflow).",
+                           script=__file__)
+    common.add_run_arguments(p, niters=10000, save="runs/toy", log_every=100, data_dir=None)
     a = p.add_argument
     a("--data", default="8gaussians",
       help="toy set: swissroll, circles, rings, moons, 8gaussians, pinwheel, 2spirals, "
@@ -82,18 +89,15 @@ def build_parser():
     a("--atol", type=float, default=1e-5)
     a("--rtol", type=float, default=1e-5)
     a("--trace", default="exact", choices=["exact", "hutchinson", "rademacher"])
-    a("--niters", type=int, default=10000)
     a("--batch-size", type=int, default=100)
     a("--lr", type=float, default=1e-3)
     a("--weight-decay", type=float, default=1e-5)
     a("--weight-decay-mode", default="l2", choices=["l2", "adamw"],
       help="l2: added to the gradient (torch.optim.Adam, FFJORD); adamw: decoupled")
     a("--warmup", type=int, default=0, help="linear learning-rate warm-up iterations")
-    a("--grad-clip", type=float, default=None, help="max global gradient norm (default off)")
-    add_method_arguments(p, t_grad_default="analytic")
-    a("--device", default="cpu", choices=["cpu", "gpu"])
-    a("--dtype", default="float32", choices=["float32", "float64"])
-    a("--seed", type=int, default=0)
+    a("--grad-clip", type=float, default=None, help="max global gradient norm (default: off)")
+    common.add_method_arguments(p, METHODS, t_grad_default="analytic")
+    common.add_deprecated_alias(p, "--alpha", "--alpha-T", type=float)
     a("--threads", type=int, default=1,
       help="npflow's data-parallel threads (CNF.threads): with a fixed-grid solver, batches of "
            "at least 256 rows per thread are cut into row blocks solved in parallel; BLAS "
@@ -106,10 +110,6 @@ def build_parser():
     a("--no-tune-malloc", action="store_true",
       help="keep glibc's default malloc settings (by default npflow.backend.tune_malloc() "
            "keeps freed memory for reuse: no per-iteration page faults)")
-    a("--save", default="runs/toy", help="folder for checkpoint, figures")
-    a("--resume", action="store_true", help="continue from SAVE/checkpoint.h5")
-    a("--log-every", type=int, default=100)
-    a("--log-json", default=None, help="append one JSON object per log line to this file")
     a("--test-n", type=int, default=10000, help="fresh samples for the final test NLL")
     a("--test-batch", type=int, default=5000)
     a("--no-figures", action="store_true", help="skip the figures at the end")
@@ -138,12 +138,23 @@ def prepare(args):
     """Check every input and build what the run needs, before any training (clear errors)."""
     from npflow.data import TOY_NAMES, toy, validate_data
 
-    methods = parse_methods(args.method)
-    for name, v in (("--niters", args.niters), ("--batch-size", args.batch_size),
-                    ("--log-every", args.log_every), ("--test-n", args.test_n),
-                    ("--steps", args.steps), ("--blocks", args.blocks)):
-        if v < 1 and not (name == "--niters" and v == 0):
-            raise ValueError(f"{name} must be >= 1, got {v}")
+    methods = common.parse_methods(args.method, METHODS)
+    for name, v in (("--batch-size", args.batch_size), ("--test-n", args.test_n),
+                    ("--steps", args.steps), ("--blocks", args.blocks),
+                    ("--test-batch", args.test_batch), ("--viz-every", args.viz_every),
+                    ("--viz-n", args.viz_n), ("--threads", args.threads),
+                    ("--processes", args.processes), ("--warmup", args.warmup + 1)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= {1 if name != '--warmup' else 0}, got "
+                             f"{v if name != '--warmup' else args.warmup}")
+    for name, v, zero_ok in (("--lr", args.lr, True), ("--weight-decay", args.weight_decay, True),
+                             ("--atol", args.atol, False), ("--rtol", args.rtol, False),
+                             ("--grad-clip", args.grad_clip, False),
+                             ("--lr-T", args.lr_T, True), ("--alpha-T", args.alpha_T, True)):
+        if v is not None and not (v > 0 or (zero_ok and v == 0)) or (
+                v is not None and not math.isfinite(v)):
+            raise ValueError(f"{name} must be {'>= 0' if zero_ok else '> 0'} and finite, "
+                             f"got {v}")
     if not args.T > 0:
         raise ValueError(f"--T must be > 0, got {args.T}")
     try:
@@ -212,7 +223,7 @@ def prepare(args):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     import npflow
     if not args.no_tune_malloc:
         npflow.backend.tune_malloc()
@@ -222,13 +233,15 @@ def main(argv=None) -> int:
     try:
         run = prepare(args)
     except ValueError as exc:
-        parser.error(str(exc))
+        fail(exc)
     try:
         model = npflow.CNF(**run["config"])
         model.threads = args.threads
         model.processes = args.processes
-    except (ValueError, npflow.DeviceError) as exc:
-        parser.error(f"cannot build the model: {exc}")
+    except ValueError as exc:
+        fail(f"cannot build the model: {exc}")
+    except npflow.DeviceError as exc:
+        fail(f"cannot build the model: {exc}; or use --device cpu")
     methods, cfg = run["methods"], run["config"]
 
     time_names = set(model.time_names) if cfg["train_T"] else set()
@@ -237,39 +250,43 @@ def main(argv=None) -> int:
     optimizer = Adam(weight_keys, lr=args.lr, weight_decay=args.weight_decay,
                      decoupled=args.weight_decay_mode == "adamw",
                      schedule=Warmup(args.warmup) if args.warmup else None)
-    hooks = method_hooks(model, methods, args, run["steer_b"])
+    hooks = common.method_hooks(model, methods, args, run["steer_b"])
 
-    os.makedirs(args.save, exist_ok=True)
-    with open(os.path.join(args.save, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    with common.open_run(args, model_keys=MODEL_KEYS) as rf:
+        return _train_and_evaluate(args, rf, run, model, optimizer, hooks, methods, cfg,
+                                   train, append_json)
+
+
+def _train_and_evaluate(args, rf, run, model, optimizer, hooks, methods, cfg, train,
+                        append_json):
+    import npflow
     print(f"npflow CNF on {run['data_name']}: method {'+'.join(sorted(methods))}, "
           f"{model.num_params()} parameters, solver {cfg['solver']}"
           f"{'' if cfg['solver'] == 'dopri5' else ' ' + str(cfg['steps']) + ' steps'}, "
           f"trace {cfg['trace']}, λ_K {cfg['kinetic']}, λ_J {cfg['jacobian']}, T {cfg['T']}"
-          f"{' (trained)' if cfg['train_T'] else ''}, {cfg['dtype']} on {cfg['device']}")
+          f"{' (trained)' if cfg['train_T'] else ''}, {cfg['dtype']} on {cfg['device']}",
+          flush=True)
 
     on_log = []
     if args.viz:
         def viz(rec):
             if rec["iteration"] % args.viz_every == 0:
-                draw_toy(model, run, args, os.path.join(
-                    args.save, f"toy_iter{rec['iteration']:06d}.png"), fast=True)
+                draw_toy(model, run, args, rf.path(f"toy_iter{rec['iteration']:06d}.png"),
+                         fast=True)
         on_log.append(viz)
 
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     try:
         result = train(model, optimizer, run["sample_batch"], args.niters, rng,
-                       log_every=args.log_every, save_dir=args.save, resume=args.resume,
-                       log_json=args.log_json, grad_clip=args.grad_clip, hooks=hooks,
-                       on_log=on_log)
+                       grad_clip=args.grad_clip, hooks=hooks, on_log=on_log,
+                       print_fn=lambda m: print(m, flush=True), **rf.train_kwargs())
     except npflow.CheckpointError as exc:
-        print(f"train_toy.py: cannot resume: {exc}", file=sys.stderr)
-        return 2
+        fail(f"cannot resume: {exc}")
     train_seconds = time.perf_counter() - t0
-    if result.status == "nonfinite":
-        print(result.message, file=sys.stderr)
-        return 1
+    status = rf.finish(result)
+    if status is not None:
+        return status
     print(result.message)
 
     # final evaluation: dopri5, atol = rtol = 1e-5, exact trace, fresh samples
@@ -310,18 +327,18 @@ def main(argv=None) -> int:
                  "use dopri5, more steps or RNODE's regularizers"
                  if nll_train_solver < test_nll - 0.1 else ""))
     append_json(args.log_json, final)
-    with open(os.path.join(args.save, "result.json"), "w") as f:
+    with open(rf.path("result.json"), "w") as f:
         json.dump(final, f, indent=1)
 
     if not args.no_figures:
         from npflow.plotting import training_curves
-        p1 = draw_toy(model, run, args, os.path.join(args.save, "toy.png"))
+        p1 = draw_toy(model, run, args, rf.path("toy.png"))
         p2 = None
         if len(h["loss"]):
             # known entropies (shared/REFERENCE.md): no model's expected NLL is below them
             floor = ({"checkerboard": math.log(32.0), "8gaussians": 2.8318}.get(args.data)
                      if args.data_file is None else None)
-            p2 = training_curves(h, os.path.join(args.save, "curves.png"), floor=floor,
+            p2 = training_curves(h, rf.path("curves.png"), floor=floor,
                                  title=f"{run['data_name']}, {final['method']}")
         print("figures:", p1, p2 or "(no training curves: no iterations)")
     return 0
@@ -350,4 +367,4 @@ def draw_toy(model, run, args, path, fast=False):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.main_guard(main)

@@ -20,6 +20,7 @@ _EXPORTS = {
     "CNF": "npflow.cnf",
     "OTFlow": "npflow.otflow",
     "MultiscaleCNF": "npflow.multiscale",
+    "make_flows": "npflow.flows",
     "load": "npflow.checkpoint",
     "CheckpointError": "npflow.checkpoint",
     "Adam": "npflow.optim",

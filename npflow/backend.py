@@ -4,51 +4,47 @@ Compute code never imports numpy for model data. It asks for the array module of
 ``xp = get_array_module(x)``, or of the model's device, ``xp = array_module(device)``, and calls
 ``xp.<function>``. The same source then runs on CuPy arrays unchanged.
 
-For the CuPy-by-construction test (tests/test_zz_cupy_coverage.py), ``record_array_functions``
-makes both functions hand out a thin proxy that records every name taken from the module
-(``tanh``, ``linalg.norm``, ...), so the test can check each exists in CuPy.
+Host <-> device moves go through ``to_host`` (``xp.asnumpy``) and ``to_device``
+(``xp.asarray``) only. Test suites may register another array module that stands in for CuPy
+(``register_array_module``; the project's own is tests/strict_xp.py, docs/backend.md): its
+arrays then select it in ``get_array_module``, and ``array_module("gpu")`` returns it while it
+is registered for that device. Nothing is registered in production.
 """
 from __future__ import annotations
-
-import contextlib
-import types
 
 import numpy
 
 __all__ = [
     "DeviceError", "get_array_module", "array_module", "resolve_dtype", "to_host",
-    "to_device", "check_finite", "record_array_functions", "tune_malloc",
-    "get_blas_threads", "set_blas_threads",
+    "to_device", "check_finite", "register_array_module", "unregister_array_module",
+    "tune_malloc", "get_blas_threads", "set_blas_threads",
 ]
 
-_RECORDER: set | None = None
+#: Registered stand-in array modules: [(array type, module, device or None)], newest first.
+_REGISTERED: list = []
 
 
 class DeviceError(RuntimeError):
     """Raised when the requested device cannot be used (no CuPy, or no GPU)."""
 
 
-class _RecordingModule:
-    """Proxy of an array module that records the names taken from it."""
-
-    def __init__(self, module, prefix: str, names: set):
-        self._module = module
-        self._prefix = prefix
-        self._names = names
-
-    def __getattr__(self, name):
-        attr = getattr(self._module, name)
-        full = self._prefix + name
-        if isinstance(attr, types.ModuleType):
-            return _RecordingModule(attr, full + ".", self._names)
-        self._names.add(full)
-        return attr
+def register_array_module(array_type, module, device: str | None = None):
+    """Make ``get_array_module`` return ``module`` for arrays of ``array_type``, and (if
+    ``device`` is given, e.g. "gpu") ``array_module(device)`` return it too. ``module`` must
+    offer ``asarray`` and ``asnumpy`` as CuPy does (they are the host/device edges). For test
+    backends; undo with ``unregister_array_module(module)``."""
+    if device is not None and device not in ("cpu", "gpu"):
+        raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'gpu'")
+    for name in ("asarray", "asnumpy"):
+        if not hasattr(module, name):
+            raise ValueError(f"register_array_module: the module lacks {name!r}, which "
+                             "to_device/to_host need; give it CuPy's host/device functions")
+    _REGISTERED.insert(0, (array_type, module, device))
 
 
-def _wrap(xp):
-    if _RECORDER is not None:
-        return _RecordingModule(xp, "", _RECORDER)
-    return xp
+def unregister_array_module(module):
+    """Undo every ``register_array_module`` of ``module``."""
+    _REGISTERED[:] = [r for r in _REGISTERED if r[1] is not module]
 
 
 def _is_cupy(a) -> bool:
@@ -58,10 +54,15 @@ def _is_cupy(a) -> bool:
 def get_array_module(*arrays):
     """The array module (numpy or cupy) of the given arrays; numpy for host scalars."""
     for a in arrays:
-        if type(a) is not numpy.ndarray and _is_cupy(a):
+        if type(a) is numpy.ndarray:
+            continue
+        for array_type, module, _ in _REGISTERED:
+            if isinstance(a, array_type):
+                return module
+        if _is_cupy(a):
             import cupy
-            return _wrap(cupy)
-    return _wrap(numpy)
+            return cupy
+    return numpy
 
 
 def _load_cupy():
@@ -77,22 +78,23 @@ def _load_cupy():
     except Exception as exc:  # CUDA driver missing or broken
         raise DeviceError(
             "device='gpu': CuPy is installed but no CUDA GPU is usable on this machine "
-            f"(CUDA said: {exc}). Use --device cpu, or run on a machine with an NVIDIA GPU "
+            f"(CUDA said: {exc}). Use device='cpu', or run on a machine with an NVIDIA GPU "
             "and a CUDA 12 driver.") from exc
     if n < 1:
         raise DeviceError(
             "device='gpu': CuPy is installed but it sees no GPU (device count 0). "
-            "Use --device cpu, or run on a machine with an NVIDIA GPU and a CUDA 12 driver.")
+            "Use device='cpu', or run on a machine with an NVIDIA GPU and a CUDA 12 driver.")
     return cupy
 
 
 def array_module(device: str = "cpu"):
     """The array module of a device: "cpu" -> numpy, "gpu" -> cupy (clear error if unusable)."""
-    if device == "cpu":
-        return _wrap(numpy)
-    if device == "gpu":
-        return _wrap(_load_cupy())
-    raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'gpu'")
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'gpu'")
+    for _, module, dev in _REGISTERED:
+        if dev == device:
+            return module
+    return numpy if device == "cpu" else _load_cupy()
 
 
 def resolve_dtype(dtype) -> numpy.dtype:
@@ -109,17 +111,18 @@ def resolve_dtype(dtype) -> numpy.dtype:
 
 
 def to_host(a):
-    """A NumPy copy of an array of either module (for logging, plotting, checkpoints)."""
-    if _is_cupy(a):
-        return a.get()
-    return numpy.asarray(a)
+    """A NumPy array of an array of any module (for logging, plotting, checkpoints): the array
+    itself for numpy, ``xp.asnumpy(a)`` (one device-to-host copy, a host sync) otherwise."""
+    xp = get_array_module(a)
+    if xp is numpy:
+        return numpy.asarray(a)
+    return xp.asnumpy(a)
 
 
 def to_device(a, xp, dtype=None):
-    """Move host data to the array module ``xp`` (a no-op for numpy), optionally casting."""
-    out = xp.asarray(a)
-    if dtype is not None and out.dtype != dtype:
-        out = out.astype(dtype)
+    """Move host data to the array module ``xp`` (``xp.asarray``: a no-op for numpy arrays
+    already there), optionally casting."""
+    out = xp.asarray(a, dtype=dtype)    # cast while moving: no float64 copy on the device
     return out
 
 
@@ -219,16 +222,3 @@ def tune_malloc(mmap_threshold: int = 32 * 1024 * 1024, trim_threshold: int = 2*
     if ok and mmap_max is not None:
         ok = bool(mallopt(M_MMAP_MAX, int(mmap_max)))
     return ok
-
-
-@contextlib.contextmanager
-def record_array_functions():
-    """Record the names taken from the array module inside the block; yields the set."""
-    global _RECORDER
-    previous = _RECORDER
-    names = set() if previous is None else previous
-    _RECORDER = names
-    try:
-        yield names
-    finally:
-        _RECORDER = previous

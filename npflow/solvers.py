@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .backend import get_array_module
+from .backend import get_array_module, to_host
 from .tableau import Tableau, get_tableau
 
 __all__ = ["odeint", "Solution", "Grads", "SolverError", "terminal_time_gradient",
@@ -251,8 +251,9 @@ class _TimeCotangents:
         if self.vals:
             xp = get_array_module(*self.vals)
             v = xp.stack(self.vals)
-            t0 += float(v @ xp.asarray(self.w0, dtype=v.dtype))
-            t1 += float(v @ xp.asarray(self.w1, dtype=v.dtype))
+            both = to_host(xp.asarray([self.w0, self.w1], dtype=v.dtype) @ v)  # one host sync
+            t0 += float(both[0])
+            t1 += float(both[1])
         return t0, t1
 
 

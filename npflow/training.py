@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -35,7 +37,7 @@ from .optim import Adam, clip_grad_norm
 from .solvers import SolverError
 
 __all__ = ["train", "TrainResult", "TrainHook", "SteerHook", "TimeOptimizer", "append_json",
-           "format_seconds", "HISTORY_KEYS"]
+           "format_seconds", "parse_methods", "HISTORY_KEYS", "METHODS"]
 
 HISTORY_KEYS = ("iteration", "loss", "nll", "nfe_forward", "nfe_backward", "T", "grad_norm",
                 "kinetic", "jacobian", "seconds")
@@ -165,48 +167,18 @@ class TimeOptimizer(TrainHook):
 # --------------------------------------------------------------------------------------------
 # methods
 
-METHODS = ("ffjord", "rnode", "toflow", "steer")
+METHODS = ("ffjord", "rnode", "toflow", "steer", "otflow")
 
 
-def add_method_arguments(parser, t_grad_default="analytic"):
-    """The flags every example shares for choosing and tuning the training method:
-    --method, --kinetic, --jacobian (RNODE), --alpha, --eps-T, --lr-T, --T-grad (TO-FLOW),
-    --steer-b (STEER). ``t_grad_default``: the default of --T-grad."""
-    a = parser.add_argument
-    a("--method", default="ffjord",
-      help="ffjord | rnode | toflow | steer, or a '+' combination such as toflow+rnode")
-    a("--kinetic", type=float, default=None, help="λ_K (default 0.01 with rnode, else 0)")
-    a("--jacobian", type=float, default=None, help="λ_J (default 0.01 with rnode, else 0)")
-    a("--alpha", type=float, default=0.1, help="TO-FLOW temporal regularization α·|T|")
-    a("--eps-T", type=float, default=0.1, help="TO-FLOW clipping ε: T in [t0+ε, 2T0−t0−ε]")
-    a("--lr-T", type=float, default=1e-2, help="TO-FLOW learning rate of the T optimizer")
-    a("--T-grad", default=t_grad_default, choices=["analytic", "discrete", "stale"],
-      help="TO-FLOW ∂L/∂T at the updated weights: 'analytic' (terminal formula) or "
-           "'discrete' (exact derivative of the discrete loss), or 'stale' = the analytic "
-           "value from the weight step (no extra solve)")
-    a("--steer-b", type=float, default=None, help="STEER half-width b (default T0/2)")
-
-
-def method_hooks(model, methods, args, steer_b=None) -> list:
-    """The training hooks of the chosen methods, from the flags of add_method_arguments:
-    STEER's end-time draw (half-width ``steer_b``) and TO-FLOW's T step."""
-    hooks = []
-    if "steer" in methods:
-        hooks.append(SteerHook(steer_b))
-    if "toflow" in methods:
-        hooks.append(TimeOptimizer(model, lr=args.lr_T, alpha=args.alpha, eps=args.eps_T,
-                                   kind=args.T_grad))
-    return hooks
-
-
-def parse_methods(text: str) -> set:
-    """The set of training methods named by ``text``: one of METHODS or a '+' combination
-    such as "toflow+rnode"; ValueError listing the valid names otherwise."""
+def parse_methods(text: str, allowed=METHODS) -> set:
+    """The set of training methods named by ``text``: one of ``allowed`` or a '+' combination
+    such as "toflow+rnode"; ValueError listing the valid names otherwise. (The command-line
+    flags of the methods live in examples/common.py.)"""
     parts = [m.strip().lower() for m in str(text).split("+") if m.strip()]
-    bad = [m for m in parts if m not in METHODS]
+    bad = [m for m in parts if m not in allowed]
     if not parts or bad:
-        raise ValueError(f"unknown method {text!r}: use one of {', '.join(METHODS)} or a "
-                         "'+' combination such as toflow+rnode")
+        combo = " or a '+' combination such as toflow+rnode" if "toflow" in allowed else ""
+        raise ValueError(f"unknown method {text!r}: use one of {', '.join(allowed)}{combo}")
     return set(parts)
 
 
@@ -259,10 +231,13 @@ def _scalar(v):
 class TrainResult:
     """What ``train`` returns.
 
-    status: "done", "nonfinite" (stopped on a NaN/Inf loss or gradient) or "already-done"
-    (resume found a checkpoint at or past n_iters); iteration: completed iterations;
-    history: dict name -> numpy array (one entry per iteration, HISTORY_KEYS);
-    message: what happened; checkpoint: path of the last good checkpoint (or None).
+    status: "done"; "already-done" (nothing to train: n_iters = 0, or resume found a
+    checkpoint at or past n_iters); "interrupted" (SIGINT/SIGTERM: the iteration in progress
+    was finished and checkpointed; ``signal`` holds the signal number); "nonfinite" (stopped on
+    a NaN/Inf loss, gradient or parameter); "diverged" (the loss exploded, see ``train``).
+    iteration: completed iterations; history: dict name -> numpy array (one entry per
+    iteration, HISTORY_KEYS); message: what happened; checkpoint: path of the last good
+    checkpoint (or None).
     """
     status: str
     iteration: int
@@ -270,6 +245,7 @@ class TrainResult:
     message: str = ""
     checkpoint: str | None = None
     records: list = field(default_factory=list)
+    signal: int | None = None
 
 
 def _all_finite(params) -> bool:
@@ -282,49 +258,97 @@ def _all_finite(params) -> bool:
 
 def _restore(model, optimizer, rng, hooks, path, print_fn):
     """Load params, optimizer, hook and RNG state from ``path`` in place; return (iteration,
-    history dict of lists)."""
+    history dict of lists). Every mismatch is a one-line CheckpointError."""
     header = read_header(path)
     if header["model_class"] != type(model).__name__:
         raise CheckpointError(f"cannot resume a {type(model).__name__} from {path!r}: it holds "
-                              f"a {header['model_class']}")
-    diff = sorted(k for k in set(header["config"]) | set(model.config)
-                  if header["config"].get(k) != model.config.get(k))
-    if diff:
-        print_fn(f"note: resuming with a model config that differs from the checkpoint's in "
-                 f"{diff}")
+                              f"a {header['model_class']}; resume with the script and settings "
+                              "that wrote it, or start a new run")
+    old, new = header["config"], model.config
+    diff = sorted(k for k in set(old) | set(new)
+                  if json.dumps(old.get(k), default=str) != json.dumps(new.get(k), default=str))
+    diff_txt = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
     params = read_params(path)
     problems = params_mismatch(model.params, params)
     if problems:
-        raise CheckpointError(f"cannot resume from {path!r}: {problems}")
+        first = problems if isinstance(problems, str) else "; ".join(map(str, problems))
+        first = " ".join(first.split())
+        if len(first) > 200:
+            first = first[:200] + " ..."
+        raise CheckpointError(f"cannot resume from {path!r}: its parameters do not fit this "
+                              f"model ({first})" + (f"; the model settings differ in {diff_txt}"
+                                                     if diff else "")
+                              + "; resume with the settings that wrote it")
+    if diff:
+        print_fn(f"note: resuming with a model config that differs from the checkpoint's in "
+                 f"{diff_txt}")
     state = load_training_state(path)
     if state["optimizer"] is None or state["rng_state"] is None or state["iteration"] is None:
         raise CheckpointError(f"{path!r} holds a model but no training state (optimizer, RNG, "
                               "iteration); it cannot be resumed")
-    xp = model.xp
-    model.params = {k: xp.asarray(a) for k, a in params.items()}
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot resume from {path!r}: its optimizer state does not fit "
+                              f"this run's ({exc}); resume with the settings that wrote it") \
+            from exc
     extra = state["extra"] or {}
     hook_states = extra.get("hooks", {})
     for h in hooks:
         if h.name in hook_states:
-            h.load_state_dict(hook_states[h.name])
+            try:
+                h.load_state_dict(hook_states[h.name])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"cannot resume from {path!r}: the state of the training "
+                                      f"hook {h.name!r} does not fit ({exc})") from exc
         elif h.state_dict():
-            raise CheckpointError(f"{path!r} has no state for the training hook {h.name!r}; "
-                                  "resume with the same method as the interrupted run")
+            raise CheckpointError(f"cannot resume from {path!r}: it has no state for the "
+                                  f"training hook {h.name!r} (it was written by another method "
+                                  f"or script: hooks {sorted(hook_states)}); resume with the "
+                                  "settings that wrote it")
     saved = state["rng_state"]
     if saved["bit_generator"] != type(rng.bit_generator).__name__:
         raise CheckpointError(f"the checkpoint's generator is {saved['bit_generator']}, the "
                               f"given rng is {type(rng.bit_generator).__name__}")
+    xp = model.xp
+    model.params = {k: xp.asarray(a) for k, a in params.items()}
     rng.bit_generator.state = saved                       # in place: callers' closures follow
     hist = {k: [float(v) for v in numpy.asarray(a).ravel()]
             for k, a in extra.get("history", {}).items()}
     return state["iteration"], hist
 
 
+class _Signals:
+    """SIGINT / SIGTERM -> a flag the loop reads after each iteration (section 7.3). A second
+    signal raises KeyboardInterrupt at once. Installed only in the main thread; the previous
+    handlers come back on exit."""
+
+    def __init__(self, print_fn):
+        self.print_fn, self.got, self.old = print_fn, None, {}
+
+    def _handler(self, signum, frame):
+        if self.got is not None:
+            raise KeyboardInterrupt
+        self.got = signum
+        self.print_fn(f"\n{signal.Signals(signum).name} received: finishing this iteration and "
+                      "writing a checkpoint (send it again to stop at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        return False
+
+
 def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int = 100,
           save_dir=None, checkpoint_name: str = "checkpoint.h5", resume: bool = False,
           log_json=None, grad_clip=None, hooks=(), on_log=(), checkpoint_every=None,
-          print_fn=print) -> TrainResult:
+          checkpoint_seconds=None, explode: float = 100.0, print_fn=print) -> TrainResult:
     """Train ``model`` for ``n_iters`` iterations (eq. 5.1); see the module docstring.
 
     model: a FlowModel; optimizer: an Adam over the weights (its ``keys`` are the entries it
@@ -336,8 +360,13 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
     resume: continue from ``save_dir/checkpoint_name`` if it exists; log_json: path to append
     one JSON object per log line; grad_clip: max global gradient norm (None: no clipping);
     hooks: TrainHook objects (STEER, TO-FLOW); on_log: callables receiving each log record;
-    checkpoint_every: iterations between checkpoints (default log_every); print_fn: where
-    progress lines go.
+    checkpoint_every: iterations between checkpoints (default log_every); checkpoint_seconds:
+    also checkpoint when this many seconds passed since the last one (None: off);
+    explode: divergence threshold of section 7.4 (stop with status "diverged" when
+    loss − min loss > explode·(|first loss| + 1); None: off); print_fn: where progress lines go.
+
+    SIGINT / SIGTERM (section 7.3): the iteration in progress finishes, a checkpoint is written
+    and the result has status "interrupted" and ``signal`` set; no exception, no exit.
     """
     if n_iters < 0 or log_every < 1:
         raise ValueError(f"need n_iters >= 0 and log_every >= 1, got {n_iters}, {log_every}")
@@ -347,6 +376,9 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
     if len(set(names)) != len(names):
         raise ValueError(f"hook names must be distinct, got {names}")
     checkpoint_every = log_every if checkpoint_every is None else int(checkpoint_every)
+    if checkpoint_every < 1 or (checkpoint_seconds is not None and not checkpoint_seconds > 0):
+        raise ValueError(f"need checkpoint_every >= 1 and checkpoint_seconds > 0, got "
+                         f"{checkpoint_every}, {checkpoint_seconds}")
     ckpt = None if save_dir is None else os.path.join(os.fspath(save_dir), checkpoint_name)
 
     start = 0
@@ -364,11 +396,14 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
     last_good = ckpt if (ckpt and os.path.exists(ckpt)) else None
     last_good_it = start if last_good else None
     if start >= n_iters:
-        return TrainResult("already-done", start, _as_arrays(hist),
-                           f"checkpoint is at iteration {start} >= n_iters={n_iters}", last_good)
+        msg = (f"nothing to train: the checkpoint is already at iteration {start} >= "
+               f"{n_iters} iterations (raise the iteration count to continue)" if start else
+               "nothing to train: 0 iterations asked")
+        print_fn(msg)
+        return TrainResult("already-done", start, _as_arrays(hist), msg, last_good)
 
     def save(iteration):
-        nonlocal last_good, last_good_it
+        nonlocal last_good, last_good_it, t_saved
         if ckpt is None:
             return
         if not _all_finite(model.params):
@@ -377,79 +412,109 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
                  "hooks": {h.name: h.state_dict() for h in hooks}}
         model.save(ckpt, optimizer=optimizer, rng=rng, iteration=iteration, extra=extra)
         last_good, last_good_it = ckpt, iteration
+        t_saved = time.perf_counter()
+
+    def stop(status, done, msg):
+        print_fn(msg)
+        rec = {"iteration": done, "error": msg}
+        append_json(log_json, rec)
+        records.append(rec)
+        return TrainResult(status, done, _as_arrays(hist), msg, last_good, records)
+
+    def kept():
+        return (f"the last good checkpoint {last_good} (iteration {last_good_it}) is kept"
+                if last_good else "no checkpoint had been written yet")
 
     records = []
-    window = []      # (loss, nfe_f, nfe_b, seconds) since the last log line
-    t_run = time.perf_counter()
-    for it in range(start, n_iters):
-        t_it = time.perf_counter()
-        failure = None
-        try:
-            x = sample_batch(rng, it)
-            kw = {}
-            for h in hooks:
-                kw.update(h.loss_kwargs(model, rng, it))
-            loss, grads, stats = model.loss_and_grad(x, rng, **kw)
-            if not math.isfinite(loss):
-                failure = f"the loss is {loss}"
-            else:
-                grads, gnorm = clip_grad_norm(grads, grad_clip, keys=optimizer.keys)
-                gnorm = float(to_host(gnorm))
-                if not math.isfinite(gnorm):
-                    failure = f"the gradient norm is {gnorm} (loss {loss:.6g})"
-        except FloatingPointError as exc:
-            failure = f"a non-finite value appeared ({exc})"
-        except SolverError as exc:
-            failure = f"the ODE solver failed ({exc})"
-        if failure is None:
-            before = model.params
-            model.params = optimizer.step(model.params, grads)
+    window = []      # rows since the last log line
+    first_loss = hist["loss"][0] if hist["loss"] else None
+    min_loss = min(hist["loss"]) if hist["loss"] else math.inf
+    t_run = t_saved = time.perf_counter()
+    with _Signals(print_fn) as sig:
+        for it in range(start, n_iters):
+            t_it = time.perf_counter()
+            failure = None
             try:
-                logged = {}
+                x = sample_batch(rng, it)
+                kw = {}
                 for h in hooks:
-                    logged.update(h.after_step(model, x, rng, it, stats) or {})
-            except (FloatingPointError, SolverError) as exc:
-                model.params = before
-                failure = f"a training hook met a non-finite value or a solver failure ({exc})"
-        if failure is not None:
-            where = (f"the last good checkpoint {last_good} (iteration {last_good_it}) is kept"
-                     if last_good else "no checkpoint had been written yet")
-            msg = f"stopped at iteration {it + 1}: {failure}; {where}"
-            print_fn(msg)
-            rec = {"iteration": it + 1, "error": msg}
-            append_json(log_json, rec)
-            records.append(rec)
-            return TrainResult("nonfinite", it, _as_arrays(hist), msg, last_good, records)
-
-        seconds = time.perf_counter() - t_it
-        T = logged.get("T", stats.get("T"))
-        row = {"iteration": it + 1, "loss": loss, "nll": stats.get("nll", loss),
-               "nfe_forward": stats.get("nfe_forward", 0), "nfe_backward":
-               stats.get("nfe_backward", 0), "T": _scalar(T), "grad_norm": gnorm,
-               "kinetic": _scalar(stats.get("kinetic")),
-               "jacobian": _scalar(stats.get("jacobian")), "seconds": seconds}
-        for k in HISTORY_KEYS:
-            hist[k].append(float(row[k]))
-        window.append(row)
-
-        done = it + 1
-        if done % log_every == 0 or done == n_iters:
-            rec = _log_record(window, row, T, optimizer, n_iters, done, logged)
-            print_fn(_progress_line(rec, n_iters))
-            append_json(log_json, rec)
-            records.append(rec)
-            for cb in on_log:
-                cb(rec)
-            window = []
-        if ckpt is not None and (done % checkpoint_every == 0 or done == n_iters):
-            try:
-                save(done)
+                    kw.update(h.loss_kwargs(model, rng, it))
+                loss, grads, stats = model.loss_and_grad(x, rng, **kw)
+                if not math.isfinite(loss):
+                    failure = f"the loss is {loss}"
+                else:
+                    grads, gnorm = clip_grad_norm(grads, grad_clip, keys=optimizer.keys)
+                    gnorm = float(to_host(gnorm))
+                    if not math.isfinite(gnorm):
+                        failure = f"the gradient norm is {gnorm} (loss {loss:.6g})"
             except FloatingPointError as exc:
-                msg = (f"stopped at iteration {done}: {exc}; the last good checkpoint "
-                       f"{last_good} (iteration {last_good_it}) is kept")
+                failure = f"a non-finite value appeared ({exc})"
+            except SolverError as exc:
+                failure = f"the ODE solver failed ({exc})"
+            if failure is None:
+                before = model.params
+                model.params = optimizer.step(model.params, grads)
+                try:
+                    logged = {}
+                    for h in hooks:
+                        logged.update(h.after_step(model, x, rng, it, stats) or {})
+                except (FloatingPointError, SolverError) as exc:
+                    model.params = before
+                    failure = f"a training hook met a non-finite value or a solver failure ({exc})"
+            if failure is not None:
+                return stop("nonfinite", it, f"stopped at iteration {it + 1}: {failure}; "
+                            f"{kept()}")
+
+            seconds = time.perf_counter() - t_it
+            T = logged.get("T", stats.get("T"))
+            row = {"iteration": it + 1, "loss": loss, "nll": stats.get("nll", loss),
+                   "nfe_forward": stats.get("nfe_forward", 0), "nfe_backward":
+                   stats.get("nfe_backward", 0), "T": _scalar(T), "grad_norm": gnorm,
+                   "kinetic": _scalar(stats.get("kinetic")),
+                   "jacobian": _scalar(stats.get("jacobian")), "seconds": seconds}
+            for k in HISTORY_KEYS:
+                hist[k].append(float(row[k]))
+            window.append(row)
+            done = it + 1
+
+            if first_loss is None:
+                first_loss = loss
+            min_loss = min(min_loss, loss)
+            if explode is not None and loss - min_loss > explode * (abs(first_loss) + 1.0):
+                return stop("diverged", done, (
+                    f"diverged at iteration {done}: the loss {loss:.6g} exploded (first "
+                    f"{first_loss:.6g}, lowest {min_loss:.6g}); lower the learning rate; "
+                    f"{kept()}"))
+
+            if done % log_every == 0 or done == n_iters:
+                if not _all_finite(model.params):
+                    return stop("nonfinite", done, f"stopped at iteration {done}: the "
+                                f"parameters contain NaN/Inf; {kept()}")
+                rec = _log_record(window, row, T, optimizer, n_iters, done, logged, hist)
+                print_fn(_progress_line(rec, n_iters))
+                append_json(log_json, rec)
+                records.append(rec)
+                for cb in on_log:
+                    cb(rec)
+                window = []
+            due = (done % checkpoint_every == 0 or done == n_iters or sig.got is not None or
+                   (checkpoint_seconds is not None and
+                    time.perf_counter() - t_saved >= checkpoint_seconds))
+            if ckpt is not None and due:
+                try:
+                    save(done)
+                except FloatingPointError as exc:
+                    return stop("nonfinite", done, f"stopped at iteration {done}: {exc}; "
+                                f"{kept()}")
+            if sig.got is not None:
+                name = signal.Signals(sig.got).name
+                where = f"checkpoint {ckpt} written" if ckpt else "no save folder: nothing saved"
+                msg = f"interrupted by {name} after iteration {done}; {where}"
                 print_fn(msg)
-                append_json(log_json, {"iteration": done, "error": msg})
-                return TrainResult("nonfinite", done, _as_arrays(hist), msg, last_good, records)
+                res = TrainResult("interrupted", done, _as_arrays(hist), msg,
+                                  ckpt if ckpt else None, records, signal=int(sig.got))
+                append_json(log_json, {"iteration": done, "interrupted": name})
+                return res
 
     total = time.perf_counter() - t_run
     msg = f"trained {n_iters - start} iterations in {format_seconds(total)}"
@@ -460,8 +525,28 @@ def _as_arrays(hist: dict) -> dict:
     return {k: numpy.asarray(v, dtype=numpy.float64) for k, v in hist.items()}
 
 
-def _log_record(window, row, T, optimizer, n_iters, done, logged):
+def time_left(seconds, nfe, remaining: int, recent: int = 50) -> float:
+    """Seconds left (section 7.5): the mean time of the last ``recent`` iterations, scaled by
+    the NFE trend. With s̄ the recent seconds per iteration, n̄ the recent NFE per iteration
+    and g ≥ 0 the least-squares slope of NFE per iteration over the last ``4·recent``
+    iterations, the remaining R iterations are estimated to take
+        s̄ · Σ_{j=1..R} (n̄ + g·j)/n̄ = s̄ · R · (1 + g·(R + 1)/(2 n̄))          (eq. 7.1)
+    seconds, nfe: per-iteration sequences (oldest first)."""
+    if remaining <= 0 or not len(seconds):
+        return 0.0
+    s_bar = float(numpy.mean(seconds[-recent:]))
+    n = numpy.asarray(nfe[-4 * recent:], dtype=numpy.float64)
+    n_bar = float(n[-recent:].mean()) if len(n) else 0.0
+    g = 0.0
+    if len(n) >= 3 and n_bar > 0:
+        j = numpy.arange(len(n), dtype=numpy.float64)
+        g = max(0.0, float(numpy.polyfit(j, n, 1)[0]))
+    return s_bar * remaining * (1.0 + (g * (remaining + 1) / (2.0 * n_bar) if n_bar > 0 else 0.0))
+
+
+def _log_record(window, row, T, optimizer, n_iters, done, logged, hist):
     sec = float(numpy.mean([w["seconds"] for w in window]))
+    nfe = [f + b for f, b in zip(hist["nfe_forward"], hist["nfe_backward"])]
     rec = {
         "iteration": done,
         "loss": row["loss"],
@@ -473,7 +558,7 @@ def _log_record(window, row, T, optimizer, n_iters, done, logged):
         "grad_norm": row["grad_norm"],
         "lr": optimizer.current_lr(),
         "sec_per_iter": sec,
-        "time_left_s": sec * (n_iters - done),
+        "time_left_s": time_left(hist["seconds"], nfe, n_iters - done),
     }
     for k in ("kinetic", "jacobian"):
         if math.isfinite(row[k]):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 
 
 def _load_script():
@@ -50,7 +51,7 @@ def test_short_run_writes_checkpoint_samples_and_test_bpd(tmp_path, data_dir, me
     mod = _load_script()
     save = str(tmp_path / "run")
     log = str(tmp_path / "log.jsonl")
-    rc = mod.main(SMALL + ["--data-dir", data_dir, "--max-iters", "2", "--save", save,
+    rc = mod.main(SMALL + ["--data-dir", data_dir, "--niters", "2", "--save", save,
                            "--method", method, "--log-json", log,
                            "--no-figures" if method != "ffjord" else "--sample-every=2"])
     assert rc == 0
@@ -75,9 +76,9 @@ def test_resume_continues_exactly(tmp_path, data_dir):
     common = SMALL + ["--data-dir", data_dir, "--no-figures", "--method", "toflow",
                       "--test-n", "2"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert mod.main(common + ["--max-iters", "3", "--save", a]) == 0
-    assert mod.main(common + ["--max-iters", "2", "--save", b]) == 0
-    assert mod.main(common + ["--max-iters", "3", "--save", b, "--resume"]) == 0
+    assert mod.main(common + ["--niters", "3", "--save", a]) == 0
+    assert mod.main(common + ["--niters", "2", "--save", b]) == 0
+    assert mod.main(common + ["--niters", "3", "--save", b, "--resume"]) == 0
     pa = read_params(os.path.join(a, "checkpoint.h5"))
     pb = read_params(os.path.join(b, "checkpoint.h5"))
     assert set(pa) == set(pb)
@@ -88,19 +89,28 @@ def test_resume_continues_exactly(tmp_path, data_dir):
 def test_gpu_without_cupy_or_gpu_is_a_clear_error(capsys, data_dir):
     mod = _load_script()
     with pytest.raises(SystemExit) as exc:
-        mod.main(["--device", "gpu", "--data-dir", data_dir, "--max-iters", "1"])
+        mod.main(["--device", "gpu", "--data-dir", data_dir, "--niters", "1"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "device='gpu'" in err and "--device cpu" in err
+    assert len(err.strip().splitlines()) == 1          # no usage text before the error
 
 
 def test_missing_data_names_the_folder(tmp_path, capsys):
+    """One line naming the folder, all four missing files (not only the training ones) and
+    what exists to get them (the download, docs/data.md), no tools script outside the repo."""
     mod = _load_script()
-    rc = mod.main(SMALL + ["--data-dir", str(tmp_path / "nowhere"), "--max-iters", "1",
-                           "--no-download",
-                           "--save", str(tmp_path / "r")])
+    with pytest.raises(SystemExit) as exc:
+        mod.main(SMALL + ["--data-dir", str(tmp_path / "nowhere"), "--niters", "1",
+                          "--no-download", "--save", str(tmp_path / "r")])
     err = capsys.readouterr().err
-    assert rc == 2 and "nowhere" in err
+    assert exc.value.code == 2 and "nowhere" in err
+    assert len(err.strip().splitlines()) == 1
+    for name in mod.MNIST_FILES:
+        assert name in err
+    assert "without --no-download" in err and "docs/data.md" in err
+    assert "shared/tools" not in err
+    assert os.path.exists(os.path.join(ROOT, "docs", "data.md"))
 
 
 def test_labels_as_data_round_trip_and_run(tmp_path, data_dir):
@@ -111,6 +121,6 @@ def test_labels_as_data_round_trip_and_run(tmp_path, data_dir):
     # dequantized levels (x + ½)/256 of the label channel read back as the label
     np.testing.assert_array_equal(mod.read_labels((xl + 0.5) / 256), np.arange(10))
     save = str(tmp_path / "lab")
-    assert mod.main(SMALL + ["--data-dir", data_dir, "--max-iters", "1", "--labels",
+    assert mod.main(SMALL + ["--data-dir", data_dir, "--niters", "1", "--labels",
                              "--save", save]) == 0
     assert os.path.isfile(os.path.join(save, "samples.png"))

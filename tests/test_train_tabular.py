@@ -103,7 +103,7 @@ def test_malformed_data_is_rejected_before_training(tmp_path, capsys, bad, words
 
 @pytest.mark.parametrize("argv, words", [
     (["--data", "nosuchset"], "unknown data set"),
-    (["--alpha", "1,2"], "--alpha"),
+    (["--otflow-alpha", "1,2"], "--otflow-alpha"),
     (["--nt", "-1"], "--nt"),
     (["--lr-drop", "0.5"], "--lr-drop"),
 ])
@@ -147,7 +147,7 @@ def test_target_validation_nll_stops_the_run_and_reports_time_and_nfe(tmp_path, 
 
 def test_cnf_model_runs_through_the_same_script(tmp_path, capsys):
     log = tmp_path / "log.json"
-    assert script.main(["--data", "8gaussians", "--model", "rnode", "--save",
+    assert script.main(["--data", "8gaussians", "--method", "rnode", "--save",
                         str(tmp_path / "run"), "--log-json", str(log), "--niters", "2",
                         "--batch-size", "16", "--val-n", "16", "--test-n", "16",
                         "--log-every", "1", "--val-every", "2", "--steps", "2",
@@ -198,7 +198,7 @@ def test_npz_data_file_trains_with_the_file_defaults(tmp_path, model, capsys):
     path = _npz(tmp_path / "data.npz")
     log = tmp_path / "log.json"
     extra = [] if model == "otflow" else ["--atol", "1e-4", "--rtol", "1e-4"]
-    assert script.main(["--data", path, "--model", model, "--save", str(tmp_path / "run"),
+    assert script.main(["--data", path, "--method", model, "--save", str(tmp_path / "run"),
                         "--log-json", str(log)] + TINY + extra) == 0
     final = _json_lines(log)[-1]
     assert math.isfinite(final["test_nll"]) and "(d = 3)" in capsys.readouterr().out
