@@ -35,24 +35,28 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (examples/common.py: shared flags, run folder, lock, signals)
+
 DATASETS = ("mnist", "fashion-mnist")
 FLOWS = ("none", "planar", "orthogonal", "householder", "triangular", "cnf")
 IMAGE_SHAPE = (1, 28, 28)
-RUN_FILES = ("checkpoint.h5", "best.h5", "state.json", "result.json")
+# flags that define the model: a --resume with any of them changed is refused
+MODEL_KEYS = ("data", "flow", "num_flows", "householder", "ortho_m", "labels", "likelihood",
+              "z_dim", "hidden", "activation", "cnf_hidden", "cnf_rank", "cnf_T", "cnf_steps",
+              "cnf_solver", "dtype", "seed")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Train a VAE with a flow posterior (npflow).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.make_parser("Train a VAE with a flow posterior (npflow).", script=__file__)
+    common.add_run_arguments(p, niters=10 ** 9, save="runs/vae", log_every=100)
     a = p.add_argument
     a("--data", default="mnist", help="mnist | fashion-mnist")
-    a("--data-dir", default="data", help="DATA_DIR with mnist/, fashion-mnist/")
     a("--no-download", action="store_true", help="never download missing data files")
     a("--flow", default="householder", help="none | planar | orthogonal | householder | "
       "triangular | cnf")
@@ -76,7 +80,6 @@ def build_parser():
       help="validation images, taken from the end of the training set")
     a("--test-n", type=int, default=None, help="test images for the final evaluation (all)")
     a("--epochs", type=int, default=100, help="maximum number of epochs")
-    a("--niters", type=int, default=None, help="stop after this many iterations in all")
     a("--batch-size", type=int, default=100)
     a("--lr", type=float, default=5e-4)
     a("--grad-clip", type=float, default=None, help="max global gradient norm")
@@ -88,14 +91,6 @@ def build_parser():
     a("--iwae-k", type=int, default=5000, help="importance samples of the test NLL")
     a("--iwae-rows", type=int, default=5000,
       help="rows (images × samples) per IWAE chunk: bounds memory")
-    a("--device", default="cpu", choices=["cpu", "gpu"])
-    a("--dtype", default="float32", choices=["float32", "float64"])
-    a("--seed", type=int, default=0)
-    a("--save", default="runs/vae", help="run folder")
-    a("--resume", action="store_true", help="continue the run in --save")
-    a("--force", action="store_true", help="start afresh in --save, deleting its run files")
-    a("--log-every", type=int, default=100)
-    a("--log-json", default=None, help="append one JSON object per log line to this file")
     a("--no-figures", action="store_true")
     return p
 
@@ -131,7 +126,7 @@ def check_args(args):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
                              f"{getattr(args, name)}")
-    for name in ("subset", "test_n", "niters", "ortho_m"):
+    for name in ("subset", "test_n", "ortho_m"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -139,8 +134,7 @@ def check_args(args):
             or args.warmup_epochs < 0 or args.early_stopping < 1:
         raise ValueError("need --lr > 0, --cnf-T > 0, 0 < --beta-start <= 1, "
                          "--warmup-epochs >= 0, --early-stopping >= 1")
-    if args.resume and args.force:
-        raise ValueError("--resume and --force exclude each other")
+    args.checkpoint_every, args.checkpoint_seconds = common.parse_save_every(args.save_every)
     flow_opts = {}
     if args.flow == "householder":
         flow_opts["H"] = args.householder
@@ -201,43 +195,15 @@ def load(args):
     return x_train, x_val, x_test
 
 
-# ---------------------------------------------------------------------------- run folder
-
-def open_run_folder(args):
-    """Create --save; refuse a folder holding a run unless --resume/--force; take a lock."""
-    os.makedirs(args.save, exist_ok=True)
-    held = [f for f in RUN_FILES if os.path.exists(os.path.join(args.save, f))]
-    if held and not (args.resume or args.force):
-        raise ValueError(f"--save {args.save} already holds a run ({', '.join(held)}): use "
-                         "--resume to continue it, --force to start afresh, or another --save")
-    if args.force:
-        for f in held:
-            os.remove(os.path.join(args.save, f))
-    import fcntl
-    fd = os.open(os.path.join(args.save, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        other = os.read(fd, 64).decode(errors="replace").strip() or "?"
-        raise ValueError(f"--save {args.save} is in use by another process (pid {other})")
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd
-
-
-class _Interrupted(Exception):
-    pass
-
-
 # ---------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     try:
         config = check_args(args)
     except ValueError as exc:
-        parser.error(str(exc))
+        common.fail(str(exc))
     import npflow
     from npflow.optim import Adam
     from npflow.training import TrainHook, append_json, format_seconds, train
@@ -246,27 +212,29 @@ def main(argv=None) -> int:
     try:
         model = VAE(**config)
     except (ValueError, npflow.DeviceError) as exc:
-        parser.error(f"cannot build the model: {exc}")
+        common.fail(f"cannot build the model: {exc}")
     try:
         x_train, x_val, x_test = load(args)
     except ValueError as exc:
-        parser.error(str(exc))
+        common.fail(str(exc))
     except Exception as exc:  # DataError, OSError: name the files and where to put them
-        print(f"train_vae.py: cannot load {args.data}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        lock = open_run_folder(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+        common.fail(f"cannot load {args.data}: {exc}")
+    with common.open_run(args, model_keys=MODEL_KEYS) as run:
+        if args.force and os.path.exists(run.path("state.json")):
+            os.remove(run.path("state.json"))
+        return _train_and_evaluate(args, config, model, x_train, x_val, x_test, run)
+
+
+def _train_and_evaluate(args, config, model, x_train, x_val, x_test, run):
+    from npflow.optim import Adam
+    from npflow.training import TrainHook, append_json, format_seconds, train
+    from npflow.vae import beta_schedule, unit_to_label
 
     N = len(x_train)
     ipe = max(1, N // args.batch_size)                     # iterations per epoch
     warmup_iters = int(round(args.warmup_epochs * ipe))
-    max_iters = args.epochs * ipe if args.niters is None else min(args.niters, args.epochs * ipe)
-    ckpt = os.path.join(args.save, "checkpoint.h5")
-    state_path = os.path.join(args.save, "state.json")
-    with open(os.path.join(args.save, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    max_iters = min(args.niters, args.epochs * ipe)
+    state_path = run.path("state.json")
     print(f"npflow VAE on {args.data}{' + labels' if args.labels else ''}: flow {args.flow} × "
           f"{args.num_flows}, z {args.z_dim}, hidden {config['hidden']}, {args.likelihood}, "
           f"{model.num_params()} parameters; {N} training / {len(x_val)} validation / "
@@ -280,17 +248,7 @@ def main(argv=None) -> int:
         def loss_kwargs(self, model, rng, it):
             return {"beta": beta_schedule(it, warmup_iters, args.beta_start)}
 
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-
-    old_int = signal.signal(signal.SIGINT, on_signal)
-    old_term = signal.signal(signal.SIGTERM, on_signal)
-
     def sample_batch(rng, it):
-        if stop["signal"] is not None:
-            raise _Interrupted(it)
         epoch, j = divmod(it, ipe)
         perm = np.random.default_rng([args.seed, 11, epoch]).permutation(N)
         x = x_train[perm[j * args.batch_size:(j + 1) * args.batch_size]]
@@ -309,81 +267,59 @@ def main(argv=None) -> int:
         if not msg.startswith("resumed from") and not msg.startswith("no checkpoint"):
             print(msg)
 
-    def resume_msg():
-        argv_ = sys.argv[1:] if argv is None else list(argv)
-        argv_ = [a for a in argv_ if a not in ("--resume", "--force")]
-        return f"python {sys.argv[0]} {' '.join(argv_)} --resume"
-
-    status = 0
-    try:
-        while state["epoch"] < args.epochs:
-            e = state["epoch"]
-            end = min((e + 1) * ipe, max_iters)
-            if end <= e * ipe:
-                break
-            t0 = time.perf_counter()
-            try:
-                res = train(model, opt, sample_batch, end, rng, log_every=args.log_every,
-                            save_dir=args.save, resume=True, log_json=args.log_json,
-                            grad_clip=args.grad_clip, hooks=[BetaWarmup()],
-                            checkpoint_every=ipe, print_fn=quiet)
-            except _Interrupted as exc:
-                it = exc.args[0]
-                model.save(ckpt, optimizer=opt, rng=rng, iteration=it,
-                           extra={"history": {}, "n_iters": int(end), "hooks": {}})
-                print(f"interrupted: checkpoint at iteration {it} written to {ckpt}; resume "
-                      f"with:\n  {resume_msg()}")
-                return 130 if stop["signal"] == signal.SIGINT else 143
-            if getattr(res, "status", "done") == "interrupted":
-                print(f"interrupted; resume with:\n  {resume_msg()}")
-                return 130
-            if res.status == "nonfinite":
-                print(res.message, file=sys.stderr)
-                status = 1
-                break
-            secs = time.perf_counter() - t0
-            h = res.history
-            lo = e * ipe
-            train_loss = float(np.mean(h["loss"][lo:end])) if len(h["loss"]) >= end else None
-            val = float(model.nelbo(x_val, np.random.default_rng(val_rng_seed)).mean())
-            beta_now = beta_schedule(end, warmup_iters, args.beta_start)
-            state["epoch"] = e + 1
-            state["val_curve"].append(val)
-            state["train_curve"].append(train_loss)
-            state["epoch_seconds"].append(secs)
-            improved = state["best_val"] is None or val < state["best_val"]
-            if improved:
-                state["best_val"], state["best_epoch"] = val, e + 1
-                model.save(os.path.join(args.save, "best.h5"))
-            if beta_now >= 1.0:
-                state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-            bpd = (f" ({val / (model.x_in * math.log(2)):.4f} bits/dim)"
-                   if args.likelihood == "logistic256" else "")
-            left = (args.epochs - e - 1) * float(np.median(state["epoch_seconds"]))
-            print(f"epoch {e + 1}/{args.epochs} | train loss {train_loss if train_loss is None else round(train_loss, 3)} "
-                  f"| validation −ELBO {val:.3f}{bpd} | β {beta_now:.3f} | {secs:.1f} s | "
-                  f"best {state['best_val']:.3f} (epoch {state['best_epoch']}) | at most "
-                  f"{format_seconds(left)} left")
-            append_json(args.log_json, {"iteration": end, "epoch": e + 1, "val_nelbo": val,
-                                        "loss": train_loss, "beta": beta_now,
-                                        "epoch_seconds": secs})
-            with open(state_path + ".tmp", "w") as f:
-                json.dump(state, f)
-            os.replace(state_path + ".tmp", state_path)
-            if state["bad_epochs"] >= args.early_stopping:
-                print(f"early stopping: no better validation −ELBO for {args.early_stopping} "
-                      "epochs")
-                break
-            if end >= max_iters:
-                break
-    finally:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
-    if status:
-        return status
+    kw = run.train_kwargs()
+    kw.update(resume=True, print_fn=quiet)          # one train() call per epoch, continuing
+    if kw["checkpoint_every"] is None:
+        kw["checkpoint_every"] = ipe
+    while state["epoch"] < args.epochs:
+        e = state["epoch"]
+        end = min((e + 1) * ipe, max_iters)
+        if end <= e * ipe:
+            break
+        t0 = time.perf_counter()
+        res = train(model, opt, sample_batch, end, rng, grad_clip=args.grad_clip,
+                    hooks=[BetaWarmup()], **kw)
+        status = run.finish(res)     # None when the epoch completed; 130/143/1 otherwise
+        if status is not None:
+            return status
+        secs = time.perf_counter() - t0
+        h = res.history
+        lo = e * ipe
+        train_loss = float(np.mean(h["loss"][lo:end])) if len(h["loss"]) >= end else None
+        val = float(model.nelbo(x_val, np.random.default_rng(val_rng_seed)).mean())
+        beta_now = beta_schedule(end, warmup_iters, args.beta_start)
+        state["epoch"] = e + 1
+        state["val_curve"].append(val)
+        state["train_curve"].append(train_loss)
+        state["epoch_seconds"].append(secs)
+        improved = state["best_val"] is None or val < state["best_val"]
+        if improved:
+            state["best_val"], state["best_epoch"] = val, e + 1
+            model.save(run.path("best.h5"))
+        if beta_now >= 1.0:
+            state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        bpd = (f" ({val / (model.x_in * math.log(2)):.4f} bits/dim)"
+               if args.likelihood == "logistic256" else "")
+        left = (args.epochs - e - 1) * float(np.median(state["epoch_seconds"]))
+        print(f"epoch {e + 1}/{args.epochs} | train loss {train_loss if train_loss is None else round(train_loss, 3)} "
+              f"| validation −ELBO {val:.3f}{bpd} | β {beta_now:.3f} | {secs:.1f} s | "
+              f"best {state['best_val']:.3f} (epoch {state['best_epoch']}) | at most "
+              f"{format_seconds(left)} left")
+        append_json(args.log_json, {"iteration": end, "epoch": e + 1, "val_nelbo": val,
+                                    "loss": train_loss, "beta": beta_now,
+                                    "epoch_seconds": secs})
+        with open(state_path + ".tmp", "w") as f:
+            json.dump(state, f)
+        os.replace(state_path + ".tmp", state_path)
+        if state["bad_epochs"] >= args.early_stopping:
+            print(f"early stopping: no better validation −ELBO for {args.early_stopping} "
+                  "epochs")
+            break
+        if end >= max_iters:
+            break
 
     # ---- final evaluation with the best parameters
-    best = os.path.join(args.save, "best.h5")
+    best = run.path("best.h5")
     if os.path.exists(best):
         from npflow.checkpoint import read_params
         model.set_params(read_params(best))
@@ -420,11 +356,10 @@ def main(argv=None) -> int:
           + (f"; label decoded from q(z|x): {100 * final['test_label_accuracy']:.1f}% right"
              if args.labels else ""))
     append_json(args.log_json, final)
-    with open(os.path.join(args.save, "result.json"), "w") as f:
+    with open(run.path("result.json"), "w") as f:
         json.dump(final, f, indent=1)
     if not args.no_figures:
         figures(model, x_test, state, args, unit_to_label)
-    os.close(lock)
     return 0
 
 
@@ -465,4 +400,4 @@ def figures(model, x_test, state, args, unit_to_label):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.main_guard(main)
