@@ -29,19 +29,20 @@ import sys
 
 import numpy as np
 
+NO_SLOT = False
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join("runs", "study")
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 VAE_BUDGET = ["--data", "mnist", "--flow", "householder", "--num-flows", "4",
               "--householder", "8", "--likelihood", "logistic256", "--subset", "10000",
-              "--val-n", "2000", "--epochs", "10", "--warmup-epochs", "5", "--test-n", "1000",
-              "--iwae-k", "500", "--z-dim", "32", "--hidden", "300,300", "--seed", "0",
+              "--val-n", "2000", "--epochs", "10", "--warmup-epochs", "5", "--test-n", "500",
+              "--iwae-k", "200", "--z-dim", "32", "--hidden", "300,300", "--seed", "0",
               "--log-every", "50"]
 FFJORD_ITERS_PER_EPOCH = 20          # --subset 2000 / --batch-size 100
 FFJORD_BUDGET = ["--data", "mnist", "--subset", "2000", "--batch-size", "100",
                  "--dims", "16,16", "--num-blocks", "1", "--steps", "2", "--solver", "rk4",
-                 "--max-iters", str(5 * FFJORD_ITERS_PER_EPOCH), "--warmup", "20",
+                 "--niters", str(5 * FFJORD_ITERS_PER_EPOCH), "--warmup", "20",
                  "--log-every", str(FFJORD_ITERS_PER_EPOCH), "--test-n", "200", "--seed", "0"]
 RUNS = {
     "snf": ("train_vae.py", VAE_BUDGET),
@@ -60,7 +61,7 @@ def command(name):
 
 def run(name):
     cmd = command(name)
-    if os.path.exists("/work/cpuslot"):
+    if os.path.exists("/work/cpuslot") and not NO_SLOT:
         cmd = ["/work/cpuslot"] + cmd
     env = dict(os.environ, PYTHONPATH=ROOT, OPENBLAS_NUM_THREADS="1")
     os.makedirs(OUT, exist_ok=True)
@@ -228,7 +229,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", action="store_true", help="train the runs that have no result")
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of the runs")
+    p.add_argument("--no-slot", action="store_true",
+                   help="run directly (when this script itself runs inside /work/cpuslot)")
     args = p.parse_args(argv)
+    global NO_SLOT
+    NO_SLOT = args.no_slot
     names = [n for n in args.runs.split(",") if n]
     bad = [n for n in names if n not in RUNS]
     if bad:
