@@ -23,11 +23,15 @@ patience --early-stopping epochs counted after the warm-up; the best parameters 
 (best.h5). At the end: test −ELBO (one sample) and the importance-sampled NLL with --iwae-k
 samples (k = 5000 as in the Sylvester paper; fewer with --iwae-k) on --test-n test images.
 
-Writes to --save DIR (a new run never overwrites another: a folder holding a run is refused
-unless --resume or --force): checkpoint.h5 (every epoch; Ctrl-C saves it at the current
-iteration and prints the command that resumes), best.h5, state.json, result.json, figures
-reconstructions.png, samples.png, curves.png. --log-json PATH appends one JSON object per log
-line (iteration, loss) and a last one holding test_nll (nats; with logistic256 also test_bpd).
+Run folder and flags as in every example (examples/common.py): --save DIR is refused when it
+holds a run unless --resume (continue it) or --force (start afresh); a lock keeps a second
+process out; DIR/args.json records the settings. Written there: checkpoint.h5 (every epoch, or
+--save-every), best.h5, state.json (epoch, validation curve, early-stopping counter),
+result.json, and the figures reconstructions.png, samples.png (with the decoded labels when
+--labels), curves.png. SIGINT / SIGTERM finish the iteration, write the checkpoint and print
+the command that resumes (exit 130 / 143). --log-json PATH appends one JSON object per log
+line (iteration, loss; per epoch also val_nelbo) and a last one holding test_nll (nats; with
+logistic256 also test_bpd). --niters caps the total iterations (by default the epochs decide).
 """
 from __future__ import annotations
 
