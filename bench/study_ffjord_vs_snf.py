@@ -8,7 +8,9 @@ labels) at a CPU budget: docs/vae.md section 8.
 
 Runs (RUNS below, the exact commands):
   snf, snf_labels        examples/train_vae.py --flow householder, discretized logistic with
-                         256 bins per pixel (so the NLL is in bits/dim like the CNF's)
+                         256 bins per pixel (so the NLL is in bits/dim like the CNF's);
+  snf_label_channel      the label fed and decoded as a whole channel (--label-channel), as the
+                         study feeds it to both models
   ffjord, ffjord_labels  examples/train_mnist.py, a small multiscale CNF
 Figures in runs/study/:
   fig3_bpd_per_epoch.png   bits/dim per epoch of all four runs (the study's Fig. 3): the VAE's
@@ -47,6 +49,7 @@ FFJORD_BUDGET = ["--data", "mnist", "--subset", "2000", "--batch-size", "100",
 RUNS = {
     "snf": ("train_vae.py", VAE_BUDGET),
     "snf_labels": ("train_vae.py", VAE_BUDGET + ["--labels"]),
+    "snf_label_channel": ("train_vae.py", VAE_BUDGET + ["--labels", "--label-channel"]),
     "ffjord": ("train_mnist.py", FFJORD_BUDGET),
     "ffjord_labels": ("train_mnist.py", FFJORD_BUDGET + ["--labels"]),
 }
@@ -81,10 +84,10 @@ def _records(name):
 def curves():
     """name -> (epochs, bits/dim per epoch, what it is)."""
     out = {}
-    for name in ("snf", "snf_labels"):
+    for name in ("snf", "snf_labels", "snf_label_channel"):
         recs = [r for r in _records(name) if "val_nelbo" in r]
         if recs:
-            D = 784 + (name == "snf_labels")
+            D = 784 + {"snf": 0, "snf_labels": 1, "snf_label_channel": 784}[name]
             out[name] = ([r["epoch"] for r in recs],
                          [r["val_nelbo"] / (D * math.log(2)) for r in recs],
                          "validation −ELBO (bits/dim, upper bound)")
@@ -216,6 +219,8 @@ def summary(cs):
             fin = (f"−ELBO {r['test_nelbo_bpd']:.3f}, IWAE NLL (k={r['iwae_k']}) "
                    f"{r['test_bpd']:.3f} bits/dim on {r['test_n']} test images")
             secs = f"{r['median_epoch_seconds']:.1f} s/epoch"
+            if "test_label_accuracy" in r:
+                fin += f"; label from q(z|x) right for {100 * r['test_label_accuracy']:.1f}%"
         else:
             fin = f"{r['test_bpd']:.3f} ± {r['test_bpd_stderr']:.3f} bits/dim on {r['test_n']}"
             secs = f"{r['median_sec_per_iter']:.2f} s/it"

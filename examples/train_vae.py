@@ -51,7 +51,8 @@ DATASETS = ("mnist", "fashion-mnist")
 FLOWS = ("none", "planar", "orthogonal", "householder", "triangular", "cnf")
 IMAGE_SHAPE = (1, 28, 28)
 # flags that define the model: a --resume with any of them changed is refused
-MODEL_KEYS = ("data", "flow", "num_flows", "householder", "ortho_m", "labels", "likelihood",
+MODEL_KEYS = ("data", "flow", "num_flows", "householder", "ortho_m", "labels", "label_channel",
+              "likelihood",
               "z_dim", "hidden", "activation", "cnf_hidden", "cnf_rank", "cnf_T", "cnf_steps",
               "cnf_solver", "dtype", "seed")
 
@@ -70,6 +71,9 @@ def build_parser():
     a("--ortho-m", type=int, default=None, help="orthonormal columns M (default z-dim/2)")
     a("--labels", action="store_true",
       help="append the label scaled to (y+½)/10 as an input column and decode it back")
+    a("--label-channel", action="store_true",
+      help="with --labels: feed and decode the label as a whole 28×28 channel (784 copies of "
+           "the column), as the study does, instead of one column")
     a("--likelihood", default="bernoulli", help="bernoulli | logistic256")
     a("--z-dim", type=int, default=32, help="latent size (the Sylvester paper: 64)")
     a("--hidden", default="300,300", help="encoder widths (decoder mirrored)")
@@ -138,6 +142,8 @@ def check_args(args):
             or args.warmup_epochs < 0 or args.early_stopping < 1:
         raise ValueError("need --lr > 0, --cnf-T > 0, 0 < --beta-start <= 1, "
                          "--warmup-epochs >= 0, --early-stopping >= 1")
+    if args.label_channel and not args.labels:
+        raise ValueError("--label-channel needs --labels")
     args.checkpoint_every, args.checkpoint_seconds = common.parse_save_every(args.save_every)
     flow_opts = {}
     if args.flow == "householder":
@@ -149,7 +155,8 @@ def check_args(args):
     return dict(x_dim=int(np.prod(IMAGE_SHAPE)), z_dim=args.z_dim,
                 hidden=_ints(args.hidden, "--hidden"), flow=args.flow,
                 num_flows=args.num_flows, likelihood=args.likelihood,
-                n_classes=10 if args.labels else 0, activation=args.activation,
+                n_classes=10 if args.labels else 0,
+                label_dims=784 if args.label_channel else 1, activation=args.activation,
                 flow_opts=flow_opts, cnf_hidden=_ints(args.cnf_hidden, "--cnf-hidden"),
                 cnf_rank=args.cnf_rank, cnf_T=args.cnf_T, cnf_steps=args.cnf_steps,
                 cnf_solver=args.cnf_solver, dtype=args.dtype, device=args.device,
@@ -168,14 +175,16 @@ def to_rows(images, labels, args):
     x = images.reshape(len(images), -1).astype(np.float64)
     x = x / 255.0 if args.likelihood == "bernoulli" else (x + 0.5) / 256.0
     if args.labels:
-        x = np.concatenate([x, label_to_unit(labels, 10)[:, None]], axis=1)
+        reps = 784 if args.label_channel else 1
+        x = np.concatenate([x, np.repeat(label_to_unit(labels, 10)[:, None], reps, axis=1)],
+                           axis=1)
     return x
 
 
 def binarize(x, rng, labels):
-    """Dynamic binarization of the image columns: x_d ~ Bernoulli(x_d) (the label column kept)."""
+    """Dynamic binarization of the 784 image columns: x_d ~ Bernoulli(x_d) (labels kept)."""
     out = x.copy()
-    img = out[:, :-1] if labels else out
+    img = out[:, :784]
     img[...] = (rng.uniform(size=img.shape) < img).astype(out.dtype)
     return out
 

@@ -70,18 +70,21 @@ class VAE(FlowModel):
     flow        "none" | "planar" | "orthogonal" | "householder" | "triangular" | "cnf"
     num_flows   K, number of flows (CNF blocks for "cnf"); must be 0 for "none"
     likelihood  "bernoulli" (x in {0, 1}) | "logistic256" (x = (pixel + ½)/256)
-    n_classes   0: no labels; n: data carry one extra last column, the label as (y + ½)/n,
+    n_classes   0: no labels; n: data carry extra last column(s), the label as (y + ½)/n,
                 encoded and decoded (a discretized logistic with n bins, eq. 2.8)
+    label_dims  how many copies of the label column the data carry (1; 784 = a whole image
+                channel, as the study feeds the label); decoded as one label (eq. 2.9)
     activation  trunk activation (npflow.nets.MLP): "relu", "tanh", "softplus", ...
     flow_opts   extra keyword arguments of npflow.flows.make_flows (e.g. the number of
                 Householder reflections or orthogonal vectors)
     cnf_hidden, cnf_rank, cnf_T, cnf_steps, cnf_solver: the amortized CNF (section 5)
 
-    Data x have shape (B, x_dim + [n_classes > 0]).
+    Data x have shape (B, x_dim + label_dims·[n_classes > 0]).
     """
 
     def __init__(self, x_dim, z_dim, hidden=(300, 300), flow="none", num_flows=0,
-                 likelihood="bernoulli", n_classes=0, activation="relu", flow_opts=None,
+                 likelihood="bernoulli", n_classes=0, label_dims=1, activation="relu",
+                 flow_opts=None,
                  cnf_hidden=(64, 64), cnf_rank=1, cnf_T=0.5, cnf_steps=4, cnf_solver="rk4",
                  dtype="float32", device="cpu", seed=0):
         x_dim, z_dim, num_flows, n_classes = int(x_dim), int(z_dim), int(num_flows), int(n_classes)
@@ -100,19 +103,24 @@ class VAE(FlowModel):
                              f"z_dim={z_dim}, hidden={hidden}")
         if n_classes < 0 or n_classes == 1:
             raise ValueError(f"n_classes must be 0 (no labels) or >= 2, got {n_classes}")
+        label_dims = int(label_dims)
+        if label_dims < 1:
+            raise ValueError(f"label_dims must be >= 1, got {label_dims}")
         flow_opts = dict(flow_opts or {})
         config = dict(x_dim=x_dim, z_dim=z_dim, hidden=list(hidden), flow=flow,
                       num_flows=num_flows, likelihood=likelihood, n_classes=n_classes,
+                      label_dims=label_dims,
                       activation=activation, flow_opts=flow_opts,
                       cnf_hidden=[int(h) for h in cnf_hidden], cnf_rank=int(cnf_rank),
                       cnf_T=float(cnf_T), cnf_steps=int(cnf_steps), cnf_solver=cnf_solver,
                       dtype=str(dtype), device=device, seed=int(seed))
         super().__init__(config, device=device, dtype=dtype)
         self.x_dim, self.z_dim, self.n_classes = x_dim, z_dim, n_classes
-        self.x_in = x_dim + (1 if n_classes else 0)
+        self.label_dims = label_dims if n_classes else 0
+        self.x_in = x_dim + self.label_dims
 
         image = Bernoulli(x_dim) if likelihood == "bernoulli" else DiscretizedLogistic(x_dim, 256)
-        self.likelihood = (Joint([image, DiscretizedLogistic(1, n_classes)]) if n_classes
+        self.likelihood = (Joint([image, DiscretizedLogistic(label_dims, n_classes)]) if n_classes
                            else image)
 
         # the posterior flow
@@ -161,7 +169,8 @@ class VAE(FlowModel):
         synchronisation) and move it to the model's device and dtype."""
         shape = getattr(x, "shape", None)
         if shape is None or len(shape) != 2 or shape[1] != self.x_in:
-            lab = f" ({self.x_dim} image columns + 1 label column)" if self.n_classes else ""
+            lab = (f" ({self.x_dim} image columns + {self.label_dims} label column(s))"
+                   if self.n_classes else "")
             raise ValueError(f"VAE data must have shape (B, {self.x_in}){lab}, got {shape}")
         x = self.prepare_data(x, (self.x_in,))
         if check:
@@ -379,8 +388,17 @@ class VAE(FlowModel):
         if self.n_classes:
             img, lab = lik.parts
             oi, ol = lik.split_out(o)
-            return self.xp.concatenate([img.mean(oi), lab.mode(ol)], axis=1)
+            return self.xp.concatenate([img.mean(oi), self.decode_label(ol)], axis=1)
         return lik.mean(o)
+
+    def decode_label(self, o_label):
+        """The label the model gives: the class maximizing Σ_j log P_n(y | o_j) over the label
+        columns j (eq. 2.9; one column: its most probable bin), as its centre (y + ½)/n
+        repeated in every label column (B, label_dims)."""
+        lab = self.likelihood.parts[1]
+        y = self.xp.argmax(lab.bin_log_probs(o_label).sum(axis=1), axis=-1)
+        u = (y.astype(o_label.dtype) + 0.5) / self.n_classes
+        return self.xp.repeat(u[:, None], self.label_dims, axis=1)
 
     def reconstruct(self, x, rng, params=None, mean=True):
         """Encode x, draw z_K ~ q(z_K | x) (one sample), decode: (B, x_in)."""

@@ -113,3 +113,13 @@ def test_labels_outside_the_class_range_and_wrong_image_size_are_refused():
         mod.to_rows(np.zeros((2, 1, 32, 32), np.uint8), np.array([3, 1]), args)
     rows = mod.to_rows(imgs, np.array([3, 1]), args)
     assert rows.shape == (2, 785)
+
+
+def test_label_channel_run(tmp_path, data_dir):
+    mod = _load_script()
+    save = str(tmp_path / "run")
+    rc = mod.main(SMALL + ["--data-dir", data_dir, "--flow", "planar", "--labels",
+                           "--label-channel", "--save", save, "--no-figures"])
+    assert rc == 0
+    res = json.load(open(os.path.join(save, "result.json")))
+    assert 0.0 <= res["test_label_accuracy"] <= 1.0

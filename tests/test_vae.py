@@ -310,3 +310,15 @@ def test_labels_round_trip_and_samples_carry_a_label():
     r = m.reconstruct(_data(np.random.default_rng(1), 3, 6, labels=True),
                       np.random.default_rng(2))
     assert r.shape == (3, 7)
+
+
+def test_label_channel_is_decoded_as_one_label_and_its_gradient_is_exact():
+    """label_dims copies of the label column (the study's label channel): one decoded label
+    (eq. 2.9), and loss_and_grad still matches central differences."""
+    rng = np.random.default_rng(12)
+    m = _small_vae("planar", labels=True, label_dims=3)
+    y = rng.integers(0, 10, (4, 1))
+    x = np.concatenate([_data(rng, 4, 6), np.repeat(label_to_unit(y, 10), 3, axis=1)], 1)
+    _loss_fd_check(m, x)
+    s = m.sample(5, np.random.default_rng(0))
+    assert s.shape == (5, 9) and np.all(s[:, -3:] == s[:, -1:])
