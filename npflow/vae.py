@@ -409,7 +409,6 @@ class VAE(FlowModel):
         zK, _, _ = self.flow_forward(z0, p, params)
         return self.output_to_x(self.decode(zK, params), rng, mean)
 
-    def log_prob(self, x, rng=None, k=100, **kw):
-        """Alias of log_likelihood (FlowModel's name)."""
-        return self.log_likelihood(x, rng if rng is not None else np.random.default_rng(0), k=k,
-                                   **kw)
+    def log_prob(self, x, rng, k=100, **kw):
+        """log_likelihood under FlowModel's name (the estimate needs an explicit rng)."""
+        return self.log_likelihood(x, rng, k=k, **kw)
