@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 NO_SLOT = False
+EXTRA = []          # flags appended to BUDGET (--extra), e.g. a larger subset; later flags win
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join("runs", "vae_table")
 
@@ -45,7 +46,7 @@ PUBLISHED_NOTE = {"orthogonal": "Sylvester (best kind)", "householder": "Sylvest
 
 
 def command(flow):
-    return [sys.executable, os.path.join(ROOT, "examples", "train_vae.py")] + BUDGET + \
+    return [sys.executable, os.path.join(ROOT, "examples", "train_vae.py")] + BUDGET + EXTRA + \
         FLOWS[flow] + ["--save", os.path.join(OUT, flow),
                        "--log-json", os.path.join(OUT, f"{flow}.jsonl")]
 
@@ -85,9 +86,12 @@ def main(argv=None):
     p.add_argument("--flows", default=",".join(FLOWS), help="comma-separated subset")
     p.add_argument("--no-slot", action="store_true",
                    help="run directly (when this script itself runs inside /work/cpuslot)")
+    p.add_argument("--out", default=OUT, help="folder of the runs and table.md")
+    p.add_argument("--extra", default="",
+                   help="flags added to every run, e.g. '--subset 48000 --epochs 10'")
     args = p.parse_args(argv)
-    global NO_SLOT
-    NO_SLOT = args.no_slot
+    global NO_SLOT, OUT, EXTRA
+    NO_SLOT, OUT, EXTRA = args.no_slot, args.out, args.extra.split()
     flows = [f for f in args.flows.split(",") if f]
     bad = [f for f in flows if f not in FLOWS]
     if bad:
@@ -101,7 +105,7 @@ def main(argv=None):
     print(text)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "table.md"), "w") as f:
-        f.write("Command of every row: python examples/train_vae.py " + " ".join(BUDGET)
+        f.write("Command of every row: python examples/train_vae.py " + " ".join(BUDGET + EXTRA)
                 + " <flow flags>\n\n" + text + "\n")
 
 
