@@ -86,12 +86,14 @@ def main(argv=None):
     p.add_argument("--flows", default=",".join(FLOWS), help="comma-separated subset")
     p.add_argument("--no-slot", action="store_true",
                    help="run directly (when this script itself runs inside /work/cpuslot)")
-    p.add_argument("--out", default=OUT, help="folder of the runs and table.md")
+    p.add_argument("--out", default=None, help="folder of the runs and table.md "
+                   "(default runs/vae_table)")
     p.add_argument("--extra", default="",
                    help="flags added to every run, e.g. '--subset 48000 --epochs 10'")
     args = p.parse_args(argv)
     global NO_SLOT, OUT, EXTRA
-    NO_SLOT, OUT, EXTRA = args.no_slot, args.out, args.extra.split()
+    NO_SLOT, EXTRA = args.no_slot, args.extra.split()
+    OUT = args.out or OUT
     flows = [f for f in args.flows.split(",") if f]
     bad = [f for f in flows if f not in FLOWS]
     if bad:
