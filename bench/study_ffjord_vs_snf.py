@@ -139,18 +139,21 @@ def fig12_and_4():
     from npflow.vae import label_to_unit, unit_to_label
     from train_mnist import label_channel, read_labels
     plt = _plt()
-    vae, cnf = _load_vae("snf_labels"), _load_cnf("ffjord_labels")
+    vaes = [(t, m) for t, m in (("H-SNF, label column", _load_vae("snf_labels")),
+                                ("H-SNF, label channel", _load_vae("snf_label_channel")))
+            if m is not None]
+    cnf = _load_cnf("ffjord_labels")
     made = []
     n = 10
     rows = []
-    if vae is not None:
+    for title, vae in vaes:
         s = to_host(vae.sample(n, np.random.default_rng(1)))
-        rows.append(("H-SNF VAE", s[:, :784].reshape(n, 28, 28), unit_to_label(s[:, -1], 10)))
+        rows.append((title, s[:, :784].reshape(n, 28, 28), unit_to_label(s[:, -1], 10)))
     if cnf is not None:
         s = to_host(cnf.sample(n, np.random.default_rng(1)))
         rows.append(("FFJORD", s[:, 0], read_labels(s)))
     if rows:
-        fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n, 1.5 * len(rows)),
+        fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.6 * len(rows)),
                                  squeeze=False)
         for r, (title, imgs, labs) in enumerate(rows):
             for j in range(n):
@@ -163,8 +166,9 @@ def fig12_and_4():
 
     x, y = _test_image()
     rows = []
-    if vae is not None:
-        xr = np.concatenate([(x.reshape(1, -1) + 0.5) / 256, label_to_unit(y, 10)[:, None]], 1)
+    for title, vae in vaes:
+        xr = np.concatenate([(x.reshape(1, -1) + 0.5) / 256,
+                             np.repeat(label_to_unit(y, 10)[:, None], vae.label_dims, 1)], 1)
         mu, sigma, p = vae.encode(xr)
         zK, _, _ = vae.flow_forward(mu, p)                 # the posterior's mean path
         zK = to_host(zK)
@@ -174,7 +178,7 @@ def fig12_and_4():
             out = to_host(vae.output_to_x(vae.decode(zK + u)))
             imgs.append(out[0, :784].reshape(28, 28))
             labs.append(unit_to_label(out[:, -1], 10)[0])
-        rows.append(("H-SNF VAE", imgs, labs))
+        rows.append((title, imgs, labs))
     if cnf is not None:
         from npflow.images import logit_inverse
         xl = label_channel(x, y)
