@@ -3,14 +3,14 @@
     q(z_0 | x) = N(μ(x), diag σ(x)²),  z_K = f_K ∘ … ∘ f_1(z_0),  p(z) = N(0, I),  p(x | z_K)
 
 The encoder is an MLP trunk h(x) and one affine head that outputs μ, the pre-softplus scale
-s (σ = softplus(s)) and every flow's raw per-sample parameters (amortized flows, eq. 1.4).
+s (σ = softplus(s)) and every flow's raw per-sample parameters (amortized flows, eq. 1.1).
 The flows are npflow.flows (planar; orthogonal, Householder, triangular Sylvester; their
 derivations are in docs/flows.md) or the amortized low-rank CNF of npflow.amortized_cnf
 (docs/vae.md section 5). The decoder is an MLP whose output parametrises a likelihood of
 npflow.likelihoods (Bernoulli, discretized logistic; with labels, a Joint of the image's and
 the label's, eq. 2.7).
 
-Training objective, one reparameterized sample per data point (eq. 1.2, 1.5):
+Training objective, one reparameterized sample per data point (eq. 1.2, 1.6):
 
     −ELBO_β(x) = −log p(x | z_K) + β [log q_0(z_0 | x) − Σ_k log|det ∂f_k/∂z_{k−1}| − log p(z_K)]
 
@@ -18,7 +18,7 @@ with β from the warm-up schedule (eq. 6.1; β = 1 is the true −ELBO). ``loss_
 the batch mean and its exact gradient for every parameter (eq. 3.1-3.6), ``log_likelihood`` the
 importance-sampled log p(x) with k samples (IWAE, eq. 4.1-4.2).
 """
-from __future__ import annotations
+from future import annotations
 
 import math
 
@@ -29,7 +29,7 @@ from .likelihoods import Bernoulli, DiscretizedLogistic, Joint, sigmoid, softplu
 from .model import FlowModel
 from .nets import MLP
 
-__all__ = ["VAE", "FLOW_KINDS", "LIKELIHOODS", "beta_schedule", "label_to_unit",
+all = ["VAE", "FLOW_KINDS", "LIKELIHOODS", "beta_schedule", "label_to_unit",
            "unit_to_label"]
 
 FLOW_KINDS = ("none", "planar", "orthogonal", "householder", "triangular", "cnf")
@@ -82,7 +82,7 @@ class VAE(FlowModel):
     Data x have shape (B, x_dim + label_dims·[n_classes > 0]).
     """
 
-    def __init__(self, x_dim, z_dim, hidden=(300, 300), flow="none", num_flows=0,
+    def init(self, x_dim, z_dim, hidden=(300, 300), flow="none", num_flows=0,
                  likelihood="bernoulli", n_classes=0, label_dims=1, activation="relu",
                  flow_opts=None,
                  cnf_hidden=(64, 64), cnf_rank=1, cnf_T=0.5, cnf_steps=4, cnf_solver="rk4",
@@ -114,7 +114,7 @@ class VAE(FlowModel):
                       cnf_hidden=[int(h) for h in cnf_hidden], cnf_rank=int(cnf_rank),
                       cnf_T=float(cnf_T), cnf_steps=int(cnf_steps), cnf_solver=cnf_solver,
                       dtype=str(dtype), device=device, seed=int(seed))
-        super().__init__(config, device=device, dtype=dtype)
+        super().init(config, device=device, dtype=dtype)
         self.x_dim, self.z_dim, self.n_classes = x_dim, z_dim, n_classes
         self.label_dims = label_dims if n_classes else 0
         self.x_in = x_dim + self.label_dims
@@ -204,7 +204,7 @@ class VAE(FlowModel):
     # ------------------------------------------------------------------ encoder / decoder
     def encode(self, x, params=None):
         """q(z_0 | x): x (B, x_in) -> (μ (B, d), σ (B, d), flow params {name: (B, *shape)})
-        (eq. 1.4; σ = softplus(s))."""
+        (eq. 1.1; σ = softplus(s))."""
         params = self.params if params is None else params
         x = self.prepare(x)
         h, _ = self.encoder.forward(self._sub(params, "enc."), x)
@@ -238,7 +238,7 @@ class VAE(FlowModel):
 
     # ------------------------------------------------------------------ the ELBO
     def _terms(self, x, eps, params, rows=None):
-        """Forward pass of eq. 1.5 for data x (B, x_in) and noise eps (B, d).
+        """Forward pass of eq. 1.6 for data x (B, x_in) and noise eps (B, d).
 
         rows: optional index array repeating x's encoder outputs (IWAE: several ε per x).
         Returns (dict of per-sample terms, caches)."""
@@ -253,7 +253,7 @@ class VAE(FlowModel):
             xr = x
         mu, s, p = self._split_head(o_head)
         sigma = softplus(s, xp)
-        z0 = mu + sigma * eps                                                    # eq. 1.1
+        z0 = mu + sigma * eps                                                    # eq. 1.2
         zK, logdet, c_flow = self.flow_forward(z0, p, params)                     # eq. 1.3
         o_dec, c_dec = self.decoder.forward(self._sub(params, "dec."), zK)
         lpx, c_lik = self.likelihood.log_prob(xr, o_dec)
@@ -264,7 +264,7 @@ class VAE(FlowModel):
         return terms, caches
 
     def loss_and_grad(self, x, rng, params=None, beta=1.0):
-        """Mean −ELBO_β over the batch (eq. 1.5) and its exact gradient (eq. 3.1-3.6).
+        """Mean −ELBO_β over the batch (eq. 1.6) and its exact gradient (eq. 3.1-3.6).
 
         x       (B, x_in) data (binary for "bernoulli", bin centres for "logistic256"; label
                 column (y + ½)/n last when n_classes > 0)
@@ -282,7 +282,7 @@ class VAE(FlowModel):
         beta = float(beta)
         eps = self.noise(rng, B)
         t, (c_enc, c_head, s, sigma, eps, zK, c_flow, c_dec, c_lik) = self._terms(x, eps, params)
-        kl = t["log_q0"] - t["logdet"] - t["log_pz"]                              # eq. 1.6
+        kl = t["log_q0"] - t["logdet"] - t["log_pz"]                              # eq. 1.5
         nelbo = -t["lpx"] + kl
         loss = float(to_host((-t["lpx"] + beta * kl).mean()))
 
@@ -319,7 +319,7 @@ class VAE(FlowModel):
         return loss, grads, stats
 
     def nelbo(self, x, rng, params=None, batch_size=1000):
-        """Per-sample −ELBO (eq. 1.5 at β = 1) with one ε per data point: (N,) host array."""
+        """Per-sample −ELBO (eq. 1.6 at β = 1) with one ε per data point: (N,) host array."""
         params = self.params if params is None else params
         x = self.prepare(x)
         out = []
