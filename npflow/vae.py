@@ -18,7 +18,7 @@ with β from the warm-up schedule (eq. 6.1; β = 1 is the true −ELBO). ``loss_
 the batch mean and its exact gradient for every parameter (eq. 3.1-3.6), ``log_likelihood`` the
 importance-sampled log p(x) with k samples (IWAE, eq. 4.1-4.2).
 """
-from future import annotations
+from __future__ import annotations
 
 import math
 
@@ -29,7 +29,7 @@ from .likelihoods import Bernoulli, DiscretizedLogistic, Joint, sigmoid, softplu
 from .model import FlowModel
 from .nets import MLP
 
-all = ["VAE", "FLOW_KINDS", "LIKELIHOODS", "beta_schedule", "label_to_unit",
+__all__ = ["VAE", "FLOW_KINDS", "LIKELIHOODS", "beta_schedule", "label_to_unit",
            "unit_to_label"]
 
 FLOW_KINDS = ("none", "planar", "orthogonal", "householder", "triangular", "cnf")
@@ -82,7 +82,7 @@ class VAE(FlowModel):
     Data x have shape (B, x_dim + label_dims·[n_classes > 0]).
     """
 
-    def init(self, x_dim, z_dim, hidden=(300, 300), flow="none", num_flows=0,
+    def __init__(self, x_dim, z_dim, hidden=(300, 300), flow="none", num_flows=0,
                  likelihood="bernoulli", n_classes=0, label_dims=1, activation="relu",
                  flow_opts=None,
                  cnf_hidden=(64, 64), cnf_rank=1, cnf_T=0.5, cnf_steps=4, cnf_solver="rk4",
@@ -114,7 +114,7 @@ class VAE(FlowModel):
                       cnf_hidden=[int(h) for h in cnf_hidden], cnf_rank=int(cnf_rank),
                       cnf_T=float(cnf_T), cnf_steps=int(cnf_steps), cnf_solver=cnf_solver,
                       dtype=str(dtype), device=device, seed=int(seed))
-        super().init(config, device=device, dtype=dtype)
+        super().__init__(config, device=device, dtype=dtype)
         self.x_dim, self.z_dim, self.n_classes = x_dim, z_dim, n_classes
         self.label_dims = label_dims if n_classes else 0
         self.x_in = x_dim + self.label_dims
