@@ -19,6 +19,13 @@ seconds per iteration, the ratio of medians npflow/torch (target <= 0.25), funct
 
 Usage:
     python bench/bench_toy.py --batch 100 1000 --iters 50 --warmup 5 --json bench_toy.json
+
+MPI data parallelism (npflow.parallel): "npflow-mpiN:SOLVER" runs the npflow step on N ranks of
+one ``mpiexec -n N`` job (MpiRunner), interleaved with the others like any runner; the printed
+"eff." is the scaling efficiency, time on 1 rank / (N × time on N ranks):
+
+    python bench/bench_toy.py --batch 100 1000 --iters 40 --warmup 5 --threads 2 --no-memory \
+        --no-count-ops --runners torch:rk38 npflow-mpi1:rk38 npflow-mpi2:rk38
 """
 from __future__ import annotations
 
@@ -59,8 +66,7 @@ LR, WEIGHT_DECAY = 1e-3, 1e-5
 # ------------------------------------------------------------------------------------ threads
 # numpy's OpenBLAS thread count at run time: npflow.backend's ctypes helpers
 # and glibc's malloc tuning (--mallopt: no mmap below 32 MiB, no trimming, whole process)
-from npflow.backend import (_openblas_functions, get_blas_threads,  # noqa: E402,F401
-                            set_blas_threads, tune_malloc)
+from npflow.backend import get_blas_threads, set_blas_threads, tune_malloc  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ data
@@ -112,70 +118,143 @@ class TorchRunner:
 
 
 class NpflowRunner:
-    """npflow.CNF with npflow.Adam(decoupled=False) (FFJORD's coupled weight decay).
-
-    threads: npflow's own data-parallel threads (``CNF.threads``: the batch cut into row
-    blocks solved in parallel, eq. 3.13 of docs/cnf.md), with OpenBLAS at one thread during the
-    step so the two kinds of threads do not compete for the cores; batches too small to split
-    (fewer than ``CNF.min_rows_per_thread`` rows per thread) run in one thread.
-    processes: npflow's data-parallel worker processes (``CNF.processes``, the same eq. 3.13;
-    this process solves one block, OpenBLAS at one thread in every process during the step).
-    threads = processes = 1: one Python thread and OpenBLAS at the process setting (--threads)."""
+    """npflow.CNF with npflow.Adam(decoupled=False) (FFJORD's coupled weight decay), in this
+    process, OpenBLAS at the process setting (--threads)."""
 
     framework = "npflow"
 
-    def __init__(self, solver, batches, seed=0, threads=1, processes=1):
+    def __init__(self, solver, batches, seed=0):
         import npflow
 
         self.solver = solver
-        self.threads = max(int(threads), int(processes))
-        self.name = f"npflow[{solver}]" + (
-            f" x{processes} processes" if processes > 1 else
-            f" x{threads} threads" if threads > 1 else "")
+        self.name = f"npflow[{solver}]"
         self.model = npflow.CNF(layer="concatsquash", activation="tanh", solver=solver,
                                 trace="exact", dtype="float32", seed=seed, **MODEL)
-        self.model.threads = int(threads)
-        self.model.processes = int(processes)
         self.params = self.model.params
         self.opt = npflow.Adam(self.params, lr=LR, weight_decay=WEIGHT_DECAY, decoupled=False)
         self.rng = np.random.default_rng(seed + 1)
         self.batches = batches
-        self._blas = _openblas_functions() if self.threads > 1 else (None, None)
 
     def step(self, i):
-        get, set_ = self._blas
-        before = get() if get is not None else None
-        if before is not None:
-            set_(1)
-        try:
-            loss, grads, stats = self.model.loss_and_grad(self.batches[i % len(self.batches)],
-                                                          self.rng, params=self.params)
-            self.params = self.opt.step(self.params, grads)
-        finally:
-            if before is not None:
-                set_(before)
+        loss, grads, stats = self.model.loss_and_grad(self.batches[i % len(self.batches)],
+                                                      self.rng, params=self.params)
+        self.params = self.opt.step(self.params, grads)
         return loss, stats.get("nfe_forward", -1), stats.get("nfe_backward", -1)
 
 
+class MpiRunner:
+    """The NpflowRunner's training step on N MPI ranks (npflow.parallel, docs/parallel.md): a
+    job ``mpiexec -n N python bench_toy.py --_mpi-child ...`` started once, one BLAS thread
+    per rank, each rank computing its rows of every batch and one Allreduce per step. step(i)
+    sends i to rank 0 over a pipe; rank 0 passes it on (a non-blocking broadcast polled with
+    short sleeps, so that waiting ranks leave the cores to the other runners), every rank
+    trains on batch i, and rank 0 answers with the step's seconds as it measured them (from
+    the broadcast to the end of the optimizer step), which ``seconds`` holds for the timer.
+    """
+
+    framework = "npflow"
+
+    def __init__(self, solver, batch, count, seed=0, ranks=2):
+        import shutil
+        import subprocess
+
+        exe = shutil.which("mpiexec")
+        if exe is None:
+            raise RuntimeError("no mpiexec on PATH (pip install mpi4py mpich)")
+        self.solver, self.ranks = solver, int(ranks)
+        self.name = f"npflow[{solver}] mpiexec -n {self.ranks}"
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+                   MKL_NUM_THREADS="1")
+        root = os.path.dirname(HERE)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
+                                    else "")
+        self.proc = subprocess.Popen(
+            [exe, "-n", str(self.ranks), sys.executable, os.path.abspath(__file__),
+             "--_mpi-child", solver, str(batch), str(count), str(seed)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the MPI job of {self.name} did not start")
+        self.seconds = None
+        self.reduce_seconds = []   # per step: seconds rank 0 spent inside Allreduce
+
+    def step(self, i):
+        self.proc.stdin.write(f"{i}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the MPI job of {self.name} ended (exit {self.proc.wait()})")
+        self.seconds, loss, nf, nb, reduce_s = json.loads(line)
+        self.reduce_seconds.append(reduce_s)
+        return loss, nf, nb
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.write("-1\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=60)
+
+
+def _mpi_child(solver, batch, count, seed):
+    """The MPI job of MpiRunner: rank 0 reads batch indices from stdin (-1: stop)."""
+    import time as _time
+
+    from npflow import parallel
+
+    comm = parallel.init()
+    set_blas_threads(1)
+    batches = make_batches(batch, count, seed)
+    runner = NpflowRunner(solver, batches, seed)
+    buf = np.zeros(1, dtype=np.int64)
+    in_reduce = [0.0]          # seconds inside Allreduce calls (incl. waiting for other ranks)
+    plain_allreduce = comm.allreduce
+
+    def timed_allreduce(vec):
+        t = _time.perf_counter()
+        out = plain_allreduce(vec)
+        in_reduce[0] += _time.perf_counter() - t
+        return out
+    comm.allreduce = timed_allreduce
+    if comm.root:
+        print("ready", flush=True)
+    while True:
+        if comm.root:
+            line = sys.stdin.readline()
+            buf[0] = int(line) if line.strip() else -1
+        if comm.size > 1:
+            req = comm.mpi.Ibcast(buf, root=0)
+            while not req.Test():
+                _time.sleep(2e-4)
+        i = int(buf[0])
+        if i < 0:
+            break
+        in_reduce[0] = 0.0
+        t0 = _time.perf_counter()
+        loss, grads, stats = parallel.loss_and_grad(
+            runner.model, batches[i % len(batches)], runner.rng, comm, params=runner.params)
+        runner.params = runner.opt.step(runner.params, grads)
+        dt = _time.perf_counter() - t0
+        if comm.root:
+            print(json.dumps([dt, loss, stats["nfe_forward"], stats["nfe_backward"],
+                              in_reduce[0]]), flush=True)
+    return 0
+
+
 def make_runner(spec, batches, seed, threads=2):
-    """FRAMEWORK:SOLVER; "npflow-dp:SOLVER" is npflow with ``threads`` data-parallel threads
-    (CNF.threads), "npflow-mp:SOLVER" with ``threads`` data-parallel processes (CNF.processes)."""
+    """FRAMEWORK:SOLVER; "npflow-mpiN:SOLVER" is npflow on N MPI ranks (MpiRunner)."""
     framework, solver = spec.split(":")
     if framework == "torch":
         runner = TorchRunner(solver, batches, seed, threads)
     elif framework == "npflow":
         runner = NpflowRunner(solver, batches, seed)
-    elif framework == "npflow-dp":
-        runner = NpflowRunner(solver, batches, seed, threads=threads)
-    elif framework == "npflow-mp":
-        runner = NpflowRunner(solver, batches, seed, processes=threads)
+    elif framework.startswith("npflow-mpi") and framework[10:].isdigit():
+        runner = MpiRunner(solver, len(batches[0]), len(batches), seed, int(framework[10:]))
     else:
         runner = None
     if runner is not None:
         runner.spec = spec
         return runner
-    raise ValueError(f"unknown runner {spec!r}: expected torch:SOLVER, npflow:SOLVER, "
-                     f"npflow-dp:SOLVER or npflow-mp:SOLVER")
+    raise ValueError(f"unknown runner {spec!r}: expected torch:SOLVER, npflow:SOLVER or "
+                     f"npflow-mpiN:SOLVER (N ranks)")
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -208,7 +287,9 @@ def time_interleaved(runners, iters, warmup, block):
                 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t0 = time.perf_counter()
                 loss, nf, nb = r.step(counters[r.name])
-                rec["times"].append(time.perf_counter() - t0)
+                dt = time.perf_counter() - t0
+                # an MPI job reports the seconds of the step as its rank 0 measured them
+                rec["times"].append(getattr(r, "seconds", None) or dt)
                 rec["faults"] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
                 rec["losses"].append(loss)
                 rec["nfe"] = (nf, nb)
@@ -273,10 +354,7 @@ def count_numpy_ops(runner, i=0):
     """numpy operations in one npflow iteration (lower bound): ufunc calls (arithmetic, matmul,
     reductions) and numpy functions on arrays derived from the parameters and data; views,
     reshapes and methods such as astype are not counted. Returns (total, Counter).
-    Counted in this process only: with worker processes (npflow-mp) it raises ValueError (their
-    operations are not seen here)."""
-    if getattr(runner.model, "processes", 1) > 1:
-        raise ValueError("not counted: part of the work runs in worker processes")
+    Counted in this process only (not for the MPI runners)."""
     params = {k: np.asarray(v).view(_CountingArray) for k, v in runner.params.items()}
     saved = runner.params
     _CountingArray.counts = collections.Counter()
@@ -357,6 +435,12 @@ def available_runners(requested):
             if fw == "torch":
                 import torch  # noqa: F401
                 import torchdiffeq  # noqa: F401
+            elif fw.startswith("npflow-mpi"):
+                import shutil
+
+                import mpi4py  # noqa: F401
+                if shutil.which("mpiexec") is None:
+                    raise RuntimeError("no mpiexec on PATH")
             else:
                 import npflow
                 npflow.CNF, npflow.Adam  # noqa: B018
@@ -394,10 +478,14 @@ def main(argv=None):
                          "process, so iterations reuse mapped pages (see tune_malloc)")
     ap.add_argument("--json", metavar="PATH", help="write all results as JSON")
     ap.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--_mpi-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.mallopt and not tune_malloc():
         print("# --mallopt: mallopt failed (not glibc?); going on without it", file=sys.stderr)
+    if args._mpi_child:
+        solver, batch, count, seed = args._mpi_child
+        return _mpi_child(solver, int(batch), int(count), int(seed))
     if args._memory_child:
         spec, batch, iters, seed = args._memory_child
         print(json.dumps(_memory_child(spec, int(batch), int(iters), int(seed), args.threads)))
@@ -448,7 +536,12 @@ def _run(args):
                      nfe_forward=rec["nfe"][0], nfe_backward=rec["nfe"][1],
                      page_faults_per_iter=rec["faults"] / max(1, len(rec["times"])),
                      loss_first=rec["losses"][0], loss_last=rec["losses"][-1])
-            if args.count_ops:
+            mpi = isinstance(r, MpiRunner)
+            if mpi:
+                e["ranks"] = r.ranks
+                e["allreduce_median"] = float(np.median(r.reduce_seconds[args.warmup:]))
+                e["allreduce_fraction"] = e["allreduce_median"] / e["median"]
+            if args.count_ops and not mpi:
                 try:
                     if r.framework == "torch":
                         n, c = count_torch_ops(r)
@@ -461,13 +554,19 @@ def _run(args):
                                                  top=dict(c.most_common(12)))
                 except Exception as exc:  # noqa: BLE001 - counting is optional
                     e["ops_per_iter"] = dict(error=f"{type(exc).__name__}: {exc}")
-            if args.memory:
+            if args.memory and not mpi:
                 e["memory"] = measure_memory(e["spec"], batch, args.seed, args.threads,
                                              mallopt=args.mallopt)
             entry[r.name] = e
-        for r in runners:             # stop npflow's worker processes/threads of this batch
-            if isinstance(r, NpflowRunner):
-                r.model.close()
+        for r in runners:             # stop the MPI jobs of this batch
+            if isinstance(r, MpiRunner):
+                r.close()
+        # scaling efficiency of the MPI runners: time on 1 rank / (N × time on N ranks)
+        for solver in {e["spec"].split(":")[1] for e in entry.values()}:
+            one = [e for e in entry.values() if e["spec"] == f"npflow-mpi1:{solver}"]
+            for e in entry.values():
+                if one and e.get("ranks", 1) > 1 and e["spec"].endswith(":" + solver):
+                    e["scaling_efficiency"] = one[0]["median"] / (e["ranks"] * e["median"])
         torch_med = [e["median"] for e in entry.values() if e["spec"].startswith("torch:rk38")]
         for e in entry.values():
             if torch_med and e["spec"].startswith("npflow"):
@@ -482,6 +581,12 @@ def _run(args):
               f"{'tracemalloc MiB':>15s}")
         for name, e in entry.items():
             ratio = f"{e['ratio_to_torch']:12.3f}" if "ratio_to_torch" in e else f"{'':12s}"
+            if "scaling_efficiency" in e:
+                name = f"{name} (eff. {e['scaling_efficiency']:.2f})"
+            if e.get("ranks", 1) > 1:
+                print(f"#   {name}: {1e3 * e['allreduce_median']:.3f} ms per step inside "
+                      f"Allreduce on rank 0 (waiting for the other ranks included), "
+                      f"{100 * e['allreduce_fraction']:.1f} % of the step")
             ops = e.get("ops_per_iter", {}).get("total", "")
             mem = e.get("memory", {})
             print(f"{name:38s} {fmt_ms(e['median'])} {fmt_ms(e['q25'])} {fmt_ms(e['q75'])} "

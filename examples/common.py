@@ -1,5 +1,5 @@
 """What every npflow example script shares: flags, run folders, the lock, signals, exit codes
-(docs/training.md, section 8). This docstring is the contract an example author relies on.
+(docs/training.md, section 9). This docstring is the contract an example author relies on.
 
 A new example in a few lines::
 
@@ -24,6 +24,12 @@ A new example in a few lines::
 
     if __name__ == "__main__":
         common.main_guard(main)
+
+Under MPI (``mpiexec -n N python examples/x.py``, docs/parallel.md): ``comm =
+common.init_ranks(args)`` right after parsing (rank 0 alone keeps its stdout), then pass
+``comm=comm`` to method_hooks, open_run (rank 0 alone takes the lock and writes args.json; the
+others follow its verdict) and train; after ``run.finish`` the ranks other than 0 return 0 and
+leave the evaluation to rank 0 (``if not comm.root: return 0``).
 
 Scripts loaded by file path (the tests do that) must put their folder on sys.path first:
 ``sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))``.
@@ -79,8 +85,8 @@ import time
 
 __all__ = ["make_parser", "parse_args", "add_run_arguments", "add_method_arguments",
            "add_deprecated_alias", "parse_methods", "method_hooks", "parse_save_every", "fail",
-           "open_run", "Run", "main_guard", "METHODS", "RUN_FILES", "RUN_CONTROL_KEYS",
-           "LOCK_NAME"]
+           "open_run", "Run", "main_guard", "warn_constant", "METHODS", "RUN_FILES",
+           "RUN_CONTROL_KEYS", "LOCK_NAME"]
 
 METHODS = ("ffjord", "rnode", "toflow", "steer", "otflow")
 # files a run writes and --force removes before starting afresh
@@ -281,17 +287,48 @@ def parse_methods(text: str, allowed=METHODS) -> set:
         fail(str(exc))
 
 
-def method_hooks(model, methods, args, steer_b=None) -> list:
+def init_ranks(args):
+    """The MPI ranks of this run (npflow.parallel.init; one process without mpiexec), each
+    on its GPU with --device gpu. The ranks other than 0 print nothing (stdout to /dev/null;
+    errors still reach stderr)."""
+    from npflow import parallel
+    try:
+        comm = parallel.init(getattr(args, "device", "cpu"))
+    except parallel.ParallelError as exc:
+        fail(str(exc), EXIT_RUNTIME)
+    if not comm.root:
+        sys.stdout = open(os.devnull, "w")
+    return comm
+
+
+def method_hooks(model, methods, args, steer_b=None, comm=None) -> list:
     """The training hooks of the chosen methods: STEER's end-time draw (half-width
-    ``steer_b``) and TO-FLOW's T step (from --lr-T, --alpha-T, --eps-T, --T-grad)."""
+    ``steer_b``) and TO-FLOW's T step (from --lr-T, --alpha-T, --eps-T, --T-grad; its ∂L/∂T
+    over the MPI ranks ``comm``)."""
     from npflow.training import SteerHook, TimeOptimizer
     hooks = []
     if "steer" in methods:
         hooks.append(SteerHook(steer_b))
     if "toflow" in methods:
         hooks.append(TimeOptimizer(model, lr=args.lr_T, alpha=args.alpha_T, eps=args.eps_T,
-                                   kind=args.T_grad))
+                                   kind=args.T_grad, comm=comm))
     return hooks
+
+
+def warn_constant(x, name: str) -> bool:
+    """Print a warning (stderr) if the host array ``x`` (N, D) is constant along a feature: a
+    density on such data is degenerate there (its NLL falls without bound). True if warned."""
+    import numpy as np
+    x = np.asarray(x)
+    if x.ndim != 2 or len(x) < 2:
+        return False
+    const = [int(j) for j in np.flatnonzero(np.ptp(x, axis=0) == 0)]
+    if const:
+        which = "every feature" if len(const) == x.shape[1] else f"features {const}"
+        print(f"warning: {name} is constant in {which}: a density there is degenerate (the NLL "
+              "falls without bound as the flow contracts it); check the data or drop those "
+              "columns", file=sys.stderr, flush=True)
+    return bool(const)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,12 +367,14 @@ class Run:
     result (returns the exit status) or None when it completed.
     """
 
-    def __init__(self, args, model_keys, lock_fd):
+    def __init__(self, args, model_keys, lock_fd, root=True):
         self.args, self.model_keys = args, tuple(model_keys)
+        self.root = root            # MPI rank 0 (or one process): the rank that reports
         self.dir = os.fspath(args.save)
         self.resume = bool(getattr(args, "resume", False))
         self.changed = {}
         self._lock_fd = lock_fd
+        self._record_before = False      # args.json before this run (None: absent)
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
@@ -353,6 +392,9 @@ class Run:
         signal (checkpoint written), 1 for a diverged or non-finite run."""
         if result.status in ("done", "already-done"):
             return None
+        if not self.root:           # the same status on every MPI rank; rank 0 reports it
+            return (SIGNAL_STATUS.get(result.signal, 128 + int(result.signal))
+                    if result.status == "interrupted" else EXIT_RUNTIME)
         if result.status == "interrupted":
             name = signal.Signals(result.signal).name
             print(f"{_prog()}: interrupted by {name} after iteration {result.iteration}; the "
@@ -373,7 +415,20 @@ class Run:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, typ, exc, tb):
+        # a run refused for bad arguments or input (exit 2, e.g. a checkpoint that does not
+        # fit) did no work: args.json goes back to what it was, so the folder's record stays
+        # the record of the runs that trained in it
+        if isinstance(exc, SystemExit) and exc.code == EXIT_BAD_ARGS and self._record_before \
+                is not False:
+            path = self.path("args.json")
+            try:
+                if self._record_before is None:
+                    os.remove(path)
+                else:
+                    _write_json_atomic(path, self._record_before)
+            except OSError:
+                pass
         self.close()
         return False
 
@@ -429,7 +484,7 @@ def _write_json_atomic(path, obj):
     os.replace(tmp, path)
 
 
-def open_run(args, model_keys=(), extra_model=None, extra_training=None) -> Run:
+def open_run(args, model_keys=(), extra_model=None, extra_training=None, comm=None) -> Run:
     """Open the run folder ``args.save`` for this run (module docstring): create it, take the
     lock, refuse an existing run without --resume / --force, check and record the settings in
     args.json. Returns a Run (a context manager that releases the lock).
@@ -438,7 +493,22 @@ def open_run(args, model_keys=(), extra_model=None, extra_training=None) -> Run:
     define the model (a change of any refuses --resume); extra_model / extra_training: dicts of
     resolved settings (e.g. per-data-set defaults) recorded and compared like the flags.
     Errors: fail() with exit 2 (bad folder, existing run, changed model), 1 (locked).
+    comm: the MPI ranks (npflow.parallel.Comm): rank 0 alone does all of this; the others wait
+    for its verdict and leave with its exit status when it failed.
     """
+    if comm is not None and comm.size > 1:
+        if not comm.root:
+            status = comm.mpi.bcast(None, root=0)
+            if status:
+                sys.exit(status)
+            return Run(args, model_keys, None, root=False)
+        try:
+            run = open_run(args, model_keys, extra_model, extra_training)
+        except SystemExit as exc:
+            comm.mpi.bcast(exc.code if isinstance(exc.code, int) and exc.code else 1, root=0)
+            raise
+        comm.mpi.bcast(0, root=0)
+        return run
     folder = os.fspath(args.save)
     resume, force = bool(getattr(args, "resume", False)), bool(getattr(args, "force", False))
     if resume and force:
@@ -478,7 +548,15 @@ def _check_and_record(run, args, model_keys, extra_model, extra_training, resume
         for name in RUN_FILES:
             if os.path.exists(run.path(name)):
                 os.remove(run.path(name))
-    record = None
+    record = legacy = None
+    if os.path.exists(record_path):
+        try:
+            with open(record_path) as f:
+                run._record_before = json.load(f)
+        except (OSError, ValueError):
+            run._record_before = False           # unreadable: never rewritten from here
+    else:
+        run._record_before = None
     if resume and os.path.exists(record_path):
         try:
             with open(record_path) as f:
@@ -488,8 +566,8 @@ def _check_and_record(run, args, model_keys, extra_model, extra_training, resume
                  "new run with --force")
         if not isinstance(record, dict) or "model" not in record:
             print(f"note: {record_path} predates recorded settings; model settings are not "
-                  "checked against it", flush=True)
-            record = None
+                  "checked against it (it is kept under 'legacy')", flush=True)
+            legacy, record = record, None
     if record is not None:
         if record.get("script") not in (None, _prog()):
             fail(f"cannot resume: {folder!r} holds a run of {record['script']}, not of "
@@ -517,6 +595,8 @@ def _check_and_record(run, args, model_keys, extra_model, extra_training, resume
     else:
         record = {"script": _prog(), "model": model, "training": training,
                   "runs": [_run_entry()]}
+        if legacy is not None:
+            record["legacy"] = legacy
     _write_json_atomic(record_path, record)
 
 
@@ -536,12 +616,14 @@ def main_guard(main, argv=None):
         signal.signal(signal.SIGTERM, on_term)
     except ValueError:      # not the main thread
         pass
+    from npflow.parallel import run as run_ranks
     try:
-        status = main(argv)
+        # under MPI, a rank leaving alone with an error status ends every rank (parallel.run)
+        status = run_ranks(main, argv)
     except KeyboardInterrupt:
         signum = got.get("signal", signal.SIGINT)
-        print(f"\n{_prog()}: interrupted by {signal.Signals(signum).name} outside the training "
-              "loop; every completed checkpoint is kept", file=sys.stderr, flush=True)
+        print(f"\n{_prog()}: interrupted by {signal.Signals(signum).name}; every completed "
+              "checkpoint is kept (continue with --resume)", file=sys.stderr, flush=True)
         status = SIGNAL_STATUS[signum]
     except Exception as exc:  # noqa: BLE001 - library errors meant for users: one line
         from npflow.backend import DeviceError

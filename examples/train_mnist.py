@@ -5,6 +5,7 @@
     python examples/train_mnist.py --device gpu                      # FFJORD's configuration
     python examples/train_mnist.py --method rnode                    # RK4 step 0.25, λ = 0.01
     python examples/train_mnist.py --dims 32,32 --batch-size 64 --solver rk4 --steps 4
+    mpiexec -n 2 python examples/train_mnist.py ...                 # 2 MPI ranks per batch
 
 The model (npflow.multiscale.MultiscaleCNF): dequantization and logit transform, then
 (1,28,28) -> blocks -> squeeze -> blocks -> factor out half -> ... with --num-blocks ODE blocks
@@ -101,7 +102,7 @@ def build_parser():
       help="solver of the test evaluation (default: the training solver)")
     a("--no-figures", action="store_true", help="skip the sample grids")
     a("--no-tune-malloc", action="store_true",
-      help="keep glibc's default malloc settings (by default npflow.backend.tune_malloc("
+      help="keep glibc's malloc settings as they are (otherwise npflow.backend.tune_malloc("
            "mmap_max=0) keeps freed memory in the heap for reuse, so the large arrays of each "
            "iteration do not page-fault in fresh, zeroed memory)")
     return p
@@ -211,6 +212,7 @@ def missing_data_message(args, exc):
 def main(argv=None) -> int:
     parser = build_parser()
     args = common.parse_args(parser, argv)
+    comm = common.init_ranks(args)       # MPI ranks under mpiexec (docs/parallel.md), else one
     import npflow
     from npflow.backend import to_host
     from npflow.multiscale import MultiscaleCNF
@@ -238,14 +240,14 @@ def main(argv=None) -> int:
     weights = {k: v for k, v in model.params.items() if k not in time_names}
     optimizer = Adam(weights, lr=args.lr, weight_decay=args.weight_decay,
                      schedule=Warmup(args.warmup) if args.warmup else None)
-    hooks = common.method_hooks(model, methods, args, steer_b)
-    with common.open_run(args, model_keys=MODEL_KEYS) as rf:
+    hooks = common.method_hooks(model, methods, args, steer_b, comm=comm)
+    with common.open_run(args, model_keys=MODEL_KEYS, comm=comm) as rf:
         return _train_and_test(args, rf, model, optimizer, hooks, methods, config, x_train,
-                               x_test, train, append_json, to_host)
+                               x_test, train, append_json, to_host, comm)
 
 
 def _train_and_test(args, rf, model, optimizer, hooks, methods, config, x_train, x_test, train,
-                    append_json, to_host):
+                    append_json, to_host, comm):
     cfg = model.config
     solver_txt = cfg["solver"] if cfg["solver"] == "dopri5" else (
         f"{cfg['solver']} " + (f"step {cfg['step_size']}" if cfg["step_size"]
@@ -280,7 +282,8 @@ def _train_and_test(args, rf, model, optimizer, hooks, methods, config, x_train,
     try:
         result = train(model, optimizer, sample_batch, args.niters, rng,
                        grad_clip=args.grad_clip, hooks=hooks, on_log=[on_log],
-                       print_fn=lambda m: print(m, flush=True), **rf.train_kwargs())
+                       print_fn=lambda m: print(m, flush=True), comm=comm,
+                       **rf.train_kwargs())
     except npflow.CheckpointError as exc:
         fail(f"cannot resume: {exc}")
     train_seconds = time.perf_counter() - t0
@@ -288,6 +291,8 @@ def _train_and_test(args, rf, model, optimizer, hooks, methods, config, x_train,
     if status is not None:
         return status
     print(result.message)
+    if not comm.root:                    # the test evaluation and the samples: rank 0 alone
+        return 0
 
     t1 = time.perf_counter()
     bpd, nfe = model.bits_per_dim(x_test, np.random.default_rng([args.seed, 2]),

@@ -5,6 +5,7 @@ TO-FLOW (docs/otflow.md, section 6).
     python examples/train_tabular.py --data miniboone --model otflow
     python examples/train_tabular.py --data 8gaussians --model otflow          # toy defaults
     python examples/train_tabular.py --data power --model ffjord --niters 2000
+    mpiexec -n 2 python examples/train_tabular.py --data miniboone   # 2 MPI ranks per batch
 
 Data: power | gas | hepmass | miniboone | bsds300 are read from DATA_DIR (default data/, the
 files of the MAF archive's data/ folder; downloaded with checksums when missing unless
@@ -301,6 +302,7 @@ def load_data(args, settings):
             raise ValueError(f"the {args.data} loader returned no {part!r} split")
         validate_data(splits[part], dim=dim, name=f"{args.data} {part} data")
         dim = splits[part].shape[1]
+    common.warn_constant(splits["train"], f"{args.data} train data")
     train = splits["train"]
     val, test = splits["val"], splits["test"]
     if args.val_n:
@@ -366,10 +368,11 @@ class ValidationHook(TrainHook):
     name = "validation"
 
     def __init__(self, evaluate, every, plateau, max_drops, best_path, log_json, n_iters,
-                 target=None):
+                 target=None, root=True):
         self.evaluate, self.every, self.plateau = evaluate, int(every), plateau
         self.max_drops, self.best_path, self.log_json = int(max_drops), best_path, log_json
         self.n_iters, self.target = n_iters, target
+        self.root = root                # MPI rank 0 (or one process): it writes best.h5
         self.t_start = time.perf_counter()
         self.val_seconds = 0.0          # time spent validating (excluded from training time)
         self.nfe_total = 0              # forward + backward NFE of all training iterations
@@ -396,7 +399,9 @@ class ValidationHook(TrainHook):
         improved = loss < self.best
         if improved:
             self.best, self.best_nll, self.best_iter = loss, nll, done
-            model.save(self.best_path, iteration=done, extra={"val_loss": loss, "val_nll": nll})
+            if self.root:
+                model.save(self.best_path, iteration=done,
+                           extra={"val_loss": loss, "val_nll": nll})
         dropped = False
         if self.plateau is not None and self.plateau.update(loss):
             # stale for more than `patience` validations: drop the lr, or stop after max_drops
@@ -475,6 +480,7 @@ def evaluation_functions(args, settings, data, is_toy):
 def main(argv=None) -> int:
     parser = build_parser()
     args = common.parse_args(parser, argv)
+    comm = common.init_ranks(args)       # MPI ranks under mpiexec (docs/parallel.md), else one
     keep_freed_memory()
     import npflow
     from npflow.data import TOY_NAMES
@@ -507,13 +513,13 @@ def main(argv=None) -> int:
     with common.open_run(args, model_keys=MODEL_KEYS,
                          extra_model={k: settings[k] for k in ("width", "alpha", "hidden",
                                                                 "blocks", "activation", "T")
-                                      if k in settings}) as rf:
+                                      if k in settings}, comm=comm) as rf:
         return _train_and_test(args, rf, settings, data, model, is_toy, append_json, train,
-                               Adam, Chain, ReduceOnPlateau, StepDecay)
+                               Adam, Chain, ReduceOnPlateau, StepDecay, comm)
 
 
 def _train_and_test(args, rf, settings, data, model, is_toy, append_json, train, Adam, Chain,
-                    ReduceOnPlateau, StepDecay):
+                    ReduceOnPlateau, StepDecay, comm):
     import npflow
     # optimiser: step decay (toy) and/or drops on a stale validation loss (tabular)
     gamma = 1.0 / settings["lr_drop"]
@@ -536,11 +542,12 @@ def _train_and_test(args, rf, settings, data, model, is_toy, append_json, train,
     validate, test = evaluation_functions(args, settings, data, is_toy)
     hooks = common.method_hooks(model, {args._method}, args,
                                 args.steer_b if args.steer_b is not None else
-                                0.5 * model.config["T"])
+                                0.5 * model.config["T"], comm=comm)
     if settings["clamp"]:
         hooks.append(ClampHook(settings["clamp"]))
     vhook = ValidationHook(validate, val_every, plateau, args.max_drops, best_path,
-                           args.log_json, settings["niters"], target=args.target_val_nll)
+                           args.log_json if comm.root else None, settings["niters"],
+                           target=args.target_val_nll, root=comm.root)
     hooks.append(vhook)
 
     shown = {k: v for k, v in settings.items()}
@@ -555,7 +562,8 @@ def _train_and_test(args, rf, settings, data, model, is_toy, append_json, train,
         if kw["checkpoint_every"] is None:
             kw["checkpoint_every"] = max(args.log_every, val_every)
         result = train(model, optimizer, data["sample_batch"], settings["niters"], rng,
-                       hooks=hooks, print_fn=lambda m: print(m, flush=True), **kw)
+                       hooks=hooks, print_fn=lambda m: print(m, flush=True), comm=comm,
+                       **kw)
     except npflow.CheckpointError as exc:
         fail(f"cannot resume: {exc}")
     except EarlyStop as exc:
@@ -569,6 +577,8 @@ def _train_and_test(args, rf, settings, data, model, is_toy, append_json, train,
         status, message, iterations = result.status, result.message, result.iteration
         print(message, flush=True)
     train_seconds = time.perf_counter() - t0
+    if not comm.root:                    # the test evaluation: rank 0 alone
+        return 0
 
     # test with the best validated parameters, more RK4 steps than training
     if os.path.exists(best_path):

@@ -4,6 +4,7 @@
     python examples/train_toy.py --data checkerboard --method toflow --niters 10000
     python examples/train_toy.py --data 8gaussians --method rnode --solver rk4 --steps 8
     python examples/train_toy.py --method toflow+rnode      # methods combine with "+"
+    mpiexec -n 2 python examples/train_toy.py               # 2 MPI ranks share every batch
 
 Writes to --save DIR: checkpoint.h5 (every --log-every iterations and at the end; atomic),
 toy.png (data | learned density | samples), curves.png (loss, NFE, T, gradient norm), and
@@ -36,8 +37,8 @@ def _limit_blas_threads(argv):
     """One BLAS thread, set before numpy loads its BLAS (a no-op once numpy is imported, and
     when the environment already sets a thread count). The toy CNF's matrix products are small
     (K·B × 64 by 64 × 64): on a busy 2-core machine, threaded BLAS made an iteration ~20×
-    slower than one thread (2 s against 0.1 s measured). More cores are used by --processes
-    (or --threads) instead: npflow's own row blocks (CNF.processes, docs/cnf.md 3.10)."""
+    slower than one thread (2 s against 0.1 s measured). More cores are used by MPI ranks
+    instead: ``mpiexec -n N python examples/train_toy.py ...`` (docs/parallel.md)."""
     n = "1"
     if "numpy" not in sys.modules and not any(v in os.environ for v in _THREAD_VARS):
         for v in _THREAD_VARS:
@@ -98,17 +99,8 @@ def build_parser():
     a("--grad-clip", type=float, default=None, help="max global gradient norm (default: off)")
     common.add_method_arguments(p, METHODS, t_grad_default="analytic")
     common.add_deprecated_alias(p, "--alpha", "--alpha-T", type=float)
-    a("--threads", type=int, default=1,
-      help="npflow's data-parallel threads (CNF.threads): with a fixed-grid solver, batches of "
-           "at least 256 rows per thread are cut into row blocks solved in parallel; BLAS "
-           "itself stays single-threaded (unless OPENBLAS/OMP/MKL_NUM_THREADS is set)")
-    a("--processes", type=int, default=1,
-      help="npflow's data-parallel processes (CNF.processes): with a fixed-grid solver, "
-           "batches of at least 32 rows per process are cut into row blocks solved by this "
-           "process and N-1 worker processes (one BLAS thread each); faster than --threads "
-           "(no shared interpreter lock): e.g. 2 on a 2-core machine")
     a("--no-tune-malloc", action="store_true",
-      help="keep glibc's default malloc settings (by default npflow.backend.tune_malloc() "
+      help="keep glibc's malloc settings as they are (otherwise npflow.backend.tune_malloc() "
            "keeps freed memory for reuse: no per-iteration page faults)")
     a("--test-n", type=int, default=10000, help="fresh samples for the final test NLL")
     a("--test-batch", type=int, default=5000)
@@ -124,13 +116,22 @@ def load_data_file(path):
     """(N, 2) float64 points from .npy or a text file."""
     if not os.path.exists(path):
         raise ValueError(f"--data-file {path!r} does not exist")
-    if path.endswith(".npy"):
-        x = np.load(path, allow_pickle=False)
-    else:
-        with open(path) as f:
-            first = f.readline()
-        delim = "," if "," in first else None
-        x = np.loadtxt(path, delimiter=delim, ndmin=2)
+    try:
+        if path.endswith(".npy"):
+            x = np.load(path, allow_pickle=False)
+        else:
+            with open(path) as f:
+                first = f.readline()
+            delim = "," if "," in first else None
+            try:
+                np.asarray(first.replace(",", " ").split(), dtype=np.float64)
+            except ValueError:
+                raise ValueError(f"its first line {first.strip()[:40]!r} is not numbers: remove "
+                                 "the header line (or comment it out with '#')") from None
+            x = np.loadtxt(path, delimiter=delim, ndmin=2)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"cannot read --data-file {path!r} as (N, 2) points (.npy, or .csv/.txt "
+                         f"numbers): {exc}") from None
     return np.asarray(x, dtype=np.float64) if x.dtype.kind in "biuf" else x
 
 
@@ -142,8 +143,7 @@ def prepare(args):
     for name, v in (("--batch-size", args.batch_size), ("--test-n", args.test_n),
                     ("--steps", args.steps), ("--blocks", args.blocks),
                     ("--test-batch", args.test_batch), ("--viz-every", args.viz_every),
-                    ("--viz-n", args.viz_n), ("--threads", args.threads),
-                    ("--processes", args.processes), ("--warmup", args.warmup + 1)):
+                    ("--viz-n", args.viz_n), ("--warmup", args.warmup + 1)):
         if v < 1:
             raise ValueError(f"{name} must be >= {1 if name != '--warmup' else 0}, got "
                              f"{v if name != '--warmup' else args.warmup}")
@@ -175,6 +175,7 @@ def prepare(args):
         x_all = load_data_file(args.data_file)
         validate_data(x_all, dim=2, name=f"data file {args.data_file!r} (train_toy.py trains "
                                           "on 2-D points)")
+        common.warn_constant(x_all, f"data file {args.data_file!r}")
         perm = np.random.default_rng([args.seed, 3]).permutation(len(x_all))
         n_test = max(1, len(x_all) // 10)
         if len(x_all) - n_test < 1:
@@ -224,6 +225,7 @@ def prepare(args):
 def main(argv=None) -> int:
     parser = build_parser()
     args = common.parse_args(parser, argv)
+    comm = common.init_ranks(args)       # MPI ranks under mpiexec (docs/parallel.md), else one
     import npflow
     if not args.no_tune_malloc:
         npflow.backend.tune_malloc()
@@ -236,8 +238,6 @@ def main(argv=None) -> int:
         fail(exc)
     try:
         model = npflow.CNF(**run["config"])
-        model.threads = args.threads
-        model.processes = args.processes
     except ValueError as exc:
         fail(f"cannot build the model: {exc}")
     except npflow.DeviceError as exc:
@@ -250,15 +250,15 @@ def main(argv=None) -> int:
     optimizer = Adam(weight_keys, lr=args.lr, weight_decay=args.weight_decay,
                      decoupled=args.weight_decay_mode == "adamw",
                      schedule=Warmup(args.warmup) if args.warmup else None)
-    hooks = common.method_hooks(model, methods, args, run["steer_b"])
+    hooks = common.method_hooks(model, methods, args, run["steer_b"], comm=comm)
 
-    with common.open_run(args, model_keys=MODEL_KEYS) as rf:
+    with common.open_run(args, model_keys=MODEL_KEYS, comm=comm) as rf:
         return _train_and_evaluate(args, rf, run, model, optimizer, hooks, methods, cfg,
-                                   train, append_json)
+                                   train, append_json, comm)
 
 
 def _train_and_evaluate(args, rf, run, model, optimizer, hooks, methods, cfg, train,
-                        append_json):
+                        append_json, comm):
     import npflow
     print(f"npflow CNF on {run['data_name']}: method {'+'.join(sorted(methods))}, "
           f"{model.num_params()} parameters, solver {cfg['solver']}"
@@ -280,7 +280,8 @@ def _train_and_evaluate(args, rf, run, model, optimizer, hooks, methods, cfg, tr
     try:
         result = train(model, optimizer, run["sample_batch"], args.niters, rng,
                        grad_clip=args.grad_clip, hooks=hooks, on_log=on_log,
-                       print_fn=lambda m: print(m, flush=True), **rf.train_kwargs())
+                       print_fn=lambda m: print(m, flush=True), comm=comm,
+                       **rf.train_kwargs())
     except npflow.CheckpointError as exc:
         fail(f"cannot resume: {exc}")
     train_seconds = time.perf_counter() - t0
@@ -288,6 +289,8 @@ def _train_and_evaluate(args, rf, run, model, optimizer, hooks, methods, cfg, tr
     if status is not None:
         return status
     print(result.message)
+    if not comm.root:                    # the evaluation and the figures: rank 0 alone
+        return 0
 
     # final evaluation: dopri5, atol = rtol = 1e-5, exact trace, fresh samples
     t1 = time.perf_counter()

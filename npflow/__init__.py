@@ -37,7 +37,7 @@ _EXPORTS = {
 }
 _SUBMODULES = {"backend", "layers", "data", "trace", "tableau", "solvers", "cnf", "otflow",
                "optim", "checkpoint", "conv", "plotting", "training", "multiscale",
-               "odenet", "model", "images", "otflow_net", "vae", "likelihoods",
+               "odenet", "model", "images", "otflow_net", "parallel", "vae", "likelihoods",
                "amortized_cnf"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)

@@ -22,8 +22,9 @@ from typing import NamedTuple
 import numpy as np  # host-side only: the seed generator and validation messages
 
 from .backend import get_array_module, to_host
-from .model import FlowModel
+from .model import FlowModel, Part, check_int, check_rows
 from .odenet import ODENet
+from .tableau import TABLEAUS
 from .solvers import odeint, terminal_time_gradient
 from . import trace as trace_mod
 
@@ -160,6 +161,80 @@ class BlockStack:
         pre = _block_prefix(b)
         return {k[len(pre):]: v for k, v in params.items() if k.startswith(pre)}
 
+    # ---- what CNF and MultiscaleCNF share: the final cotangent, the block-reverse loop and
+    # ---- the end-time gradients (docs/cnf.md, eq. 3.9-3.11)
+    def _terminal_cotangent(self, y, zbar, c, B):
+        """∂loss/∂y(T) (eq. 3.9a) for the rows of y of a batch of B samples: z̄ = ``zbar``,
+        ℓ̄ = −c (c = 1/B, or 1/(B·D ln 2) for bits/dim), Ē = λ_K/B, n̄ = λ_J/B."""
+        xp = self.xp
+        dt = zbar.dtype
+        b = zbar.shape[0]
+        lbar = xp.full((b,), -c, dtype=dt)
+        if isinstance(y, RegularizedCNFState):
+            return RegularizedCNFState(zbar, lbar, xp.full((b,), self.config["kinetic"] / B, dtype=dt),
+                                       xp.full((b,), self.config["jacobian"] / B, dtype=dt))
+        return CNFState(zbar, lbar)
+
+    def _reverse(self, tape, ybar, Ts, other=None):
+        """The block-reverse loop (eq. 3.9): walk ``tape`` backwards from the cotangent ybar of
+        the final state. A ("block", b, dyn, sol) entry runs block b's discrete adjoint; any
+        other entry goes to ``other(entry, ybar) -> ybar`` (squeeze, factor-out). With trained
+        end times, grads gets the discrete ∂L/∂T_b (eq. 3.10) under ``time_names[b]`` and sums
+        the analytic one (eq. 3.11) under "dL_dT_analytic:b".
+
+        Returns (grads: dict like params, sums: dict, nfe_backward: int)."""
+        train_T = self.config["train_T"]
+        grads, sums, nfe_b = {}, {}, 0
+        for entry in reversed(tape):
+            if entry[0] != "block":
+                ybar = other(entry, ybar)
+                continue
+            _, b, dyn, sol = entry
+            if train_T:
+                sums[f"dL_dT_analytic:{b}"] = terminal_time_gradient(dyn, sol.y1, Ts[b], ybar)
+            g = sol.backward(ybar)
+            nfe_b += g.nfe
+            pre = _block_prefix(b)
+            for k, v in g.params.items():
+                grads[pre + k] = v
+            if train_T:
+                grads[self.time_names[b]] = self.xp.asarray(g.t1, dtype=self.dtype)
+            ybar = g.y0
+        return grads, sums, int(nfe_b)
+
+    def _time_stats(self, part, n):
+        """The discrete and analytic ∂L/∂T_b of the n blocks (lists of floats) of a summed part."""
+        disc = [float(to_host(part.grads[name])) for name in self.time_names]
+        ana = [float(to_host(part.sums[f"dL_dT_analytic:{b}"])) for b in range(n)]
+        return disc, ana
+
+    def time_gradient(self, x, rng, params=None, kind="analytic", rows=None, allreduce=None):
+        """∂L/∂T_b of every block for the current params (TO-FLOW's T step, Algorithm 1), the
+        share of ``rows`` (lo, hi) of the batch x when given (docs/parallel.md; the shares of
+        a split batch add up); ``allreduce`` as in odeint.
+
+        kind "analytic": the terminal formula λ(T)·F(y(T), T) (eq. 3.11); "discrete": the exact
+        derivative of the discrete loss (eq. 3.10). Returns a list of floats, one per block.
+        """
+        if kind not in ("analytic", "discrete"):
+            raise ValueError(f"unknown time-gradient kind {kind!r}: 'analytic' or 'discrete'")
+        if not self.config["train_T"]:
+            raise ValueError("time_gradient needs a model built with train_T=True")
+        fast = self._analytic_time_gradient(x, rng, params, rows, allreduce) if (
+            kind == "analytic") else None
+        if fast is not None:
+            return fast
+        # λ at an inner block's end needs the later blocks' adjoint: the full pass, which gives
+        # the analytic formula of every block beside the discrete one
+        part = self.loss_and_grad_part(x, rng, rows=rows, params=params, allreduce=allreduce)
+        disc, ana = self._time_stats(part, len(self.nets))
+        return disc if kind == "discrete" else ana
+
+    def _analytic_time_gradient(self, x, rng, params, rows, allreduce):
+        """A cheaper analytic ∂L/∂T (one forward solve, no backward) where the model has one,
+        else None."""
+        return None
+
 
 class CNF(BlockStack, FlowModel):
     """A stack of CNF blocks (FFJORD), each an ODE with its own end time T_b (docs/cnf.md).
@@ -181,10 +256,15 @@ class CNF(BlockStack, FlowModel):
                  T=0.5, train_T=False, solver="rk4", steps=8, rtol=1e-5, atol=1e-5,
                  trace="exact", probes=1, kinetic=0.0, jacobian=0.0, blocks=1,
                  zero_last=False, dtype="float32", device="cpu", seed=0):
-        dim, blocks, steps, probes = int(dim), int(blocks), int(steps), int(probes)
-        if dim < 1 or blocks < 1 or steps < 1 or probes < 1:
-            raise ValueError(f"dim, blocks, steps and probes must be >= 1, got dim={dim}, "
-                             f"blocks={blocks}, steps={steps}, probes={probes}")
+        dim, blocks, steps, probes = (check_int(n, v) for n, v in (
+            ("dim", dim), ("blocks", blocks), ("steps", steps), ("probes", probes)))
+        hidden = [check_int("hidden widths", h) for h in hidden]
+        if solver not in TABLEAUS:
+            raise ValueError(f"unknown solver {solver!r}: expected one of {sorted(TABLEAUS)}")
+        if not (float(rtol) > 0 and float(atol) >= 0 and math.isfinite(float(rtol))
+                and math.isfinite(float(atol))):
+            raise ValueError(f"tolerances need rtol > 0 and atol >= 0 (finite), got rtol={rtol}, "
+                             f"atol={atol}")
         if trace not in TRACE_KINDS:
             raise ValueError(f"unknown trace {trace!r}: expected one of {TRACE_KINDS}")
         if not T > 0:
@@ -199,8 +279,6 @@ class CNF(BlockStack, FlowModel):
                       blocks=blocks, zero_last=bool(zero_last), dtype=str(dtype),
                       device=device, seed=int(seed))
         super().__init__(config, device=device, dtype=dtype)
-        self._threads, self._pool = 1, None          # row-block threads (eq. 3.13), pool lazy
-        self._processes, self._workers = 1, None     # row-block processes (eq. 3.13), lazy
         self.dim = dim
         self.nets = [ODENet(dim, config["hidden"], dim, layer=layer, activation=activation)
                      for _ in range(blocks)]
@@ -238,16 +316,14 @@ class CNF(BlockStack, FlowModel):
             return RegularizedCNFState(x, zero, zero, zero)
         return CNFState(x, zero)
 
-    def _flow(self, x, rng, params, Ts, regularized, trace, kw, probes=None):
-        """Solve every block forward from x (B, D) with fresh probes per block (eq. 3.1), or
-        with the given ``probes`` [(eps (K, B, D), weight) per block].
+    def _flow(self, x, rng, params, Ts, regularized, trace, kw):
+        """Solve every block forward from x (B, D) with fresh probes per block (eq. 3.1).
 
         Returns (y(T) of the last block, the solutions, the dynamics), one per block."""
         y = self._initial_state(x, regularized)
         sols, dyns = [], []
         for b, net in enumerate(self.nets):
-            eps, weight = (self._probes(trace, rng, x.shape[0]) if probes is None
-                           else probes[b])
+            eps, weight = self._probes(trace, rng, x.shape[0])
             dyn = CNFDynamics(net, self.block_params(b, params), eps, weight, regularized)
             sol = odeint(dyn, y, 0.0, Ts[b], **kw)
             sols.append(sol)
@@ -269,232 +345,96 @@ class CNF(BlockStack, FlowModel):
         T       optional end-time override (STEER, a float or one per block)
         Returns (loss: float, grads: dict like params, stats: dict). When T is trained, grads
         holds the discrete ∂L/∂T (eq. 3.10) and stats both it and the analytic one (eq. 3.11).
+        Data-parallel training splits the same computation over processes (npflow.parallel,
+        docs/parallel.md): loss_and_grad_part on each one's rows, loss_from_part on the sum.
+        """
+        part = self.loss_and_grad_part(x, rng, params=params, T=T)
+        return self.loss_from_part(part, len(x), params=params, T=T)   # len: lists too
 
-        With ``self.threads`` > 1, a fixed-grid solver and NumPy arrays, the batch is cut into
-        that many row blocks solved forward and backward in parallel threads (docs/cnf.md,
-        eq. 3.13): the loss and every gradient are sums over samples, so the blocks' parts add
-        up to the same numbers (up to rounding), with the same probes.
+    def loss_and_grad_part(self, x, rng, rows=None, params=None, T=None, allreduce=None):
+        """The part of rows ``(lo, hi)`` of the batch x (B, D) (default: all) in the loss of
+        eq. 3.8 and its gradient: a model.Part with sums "nll" (and "kinetic", "jacobian") of
+        per-sample terms over the rows, their gradient with the whole batch's cotangent
+        (eq. 3.9a, 1/B per row) and, with trained end times, ∂L/∂T (eq. 3.10-3.11).
+
+        The probes are drawn from rng for the whole batch (the same draws whatever the rows)
+        and the rows keep theirs (docs/parallel.md, eq. 1.3); ``allreduce`` (see odeint) makes an
+        adaptive solver's error norm cover the rows of every process, so the parts of any split
+        of the batch add up to the part of the whole batch.
         """
         params = self.params if params is None else params
         cfg = self.config
         x = self._prepare(x)
         B = x.shape[0]
-        xp = self.xp
+        lo, hi = check_rows(rows, B)
         regularized = cfg["kinetic"] > 0 or cfg["jacobian"] > 0
         Ts = self.end_times(params, T)
         kw = self._solver_kwargs(cfg["solver"], cfg["steps"], cfg["rtol"], cfg["atol"])
         kw["store"] = "caches" if cfg["solver"] in _FIXED_GRID else "states"
-        n = self._parallel_parts(B)
-        if n == 1:
-            part = self._loss_and_grad_part(x, rng, None, params, Ts, regularized, kw, B)
-        else:
-            # the probes of the whole batch, drawn as a single-thread call draws them
-            probes = [self._probes(cfg["trace"], rng, B) for _ in self.nets]
-            cuts = [B * i // n for i in range(n + 1)]
-            args = []
-            for lo, hi in zip(cuts[:-1], cuts[1:]):
-                pr = [(eps[:, lo:hi], w) for eps, w in probes]
-                args.append((x[lo:hi], None, pr, params, Ts, regularized, kw, B))
-            if self._processes > 1:
-                parts = self._process_parts(args)
-            else:
-                jobs = [self._executor().submit(self._loss_and_grad_part, *a) for a in args]
-                parts = [j.result() for j in jobs]
-            part = parts[0]
-            for other in parts[1:]:                                              # eq. 3.13
-                for k in part["sums"]:
-                    part["sums"][k] = part["sums"][k] + other["sums"][k]
-                for k, v in other["grads"].items():
-                    part["grads"][k] += v
-                part["dT_discrete"] = [a + b for a, b in zip(part["dT_discrete"],
-                                                             other["dT_discrete"])]
-                part["dT_analytic"] = [a + b for a, b in zip(part["dT_analytic"],
-                                                             other["dT_analytic"])]
-        sums, grads = part["sums"], part["grads"]
-        loss = sums["nll"] / B
-        if regularized:
-            loss = loss + (cfg["kinetic"] * sums["kinetic"] + cfg["jacobian"] * sums["jacobian"]) / B
-        dT_discrete, dT_analytic = part["dT_discrete"], part["dT_analytic"]
-        if cfg["train_T"]:
-            for name, g in zip(self.time_names, dT_discrete):
-                grads[name] = xp.asarray(g, dtype=self.dtype)
-
-        stats = {
-            "nll": float(sums["nll"] / B),
-            "nfe_forward": part["nfe_forward"],
-            "nfe_backward": part["nfe_backward"],
-            "T": [float(t) for t in Ts] if len(Ts) > 1 else float(Ts[0]),
-        }
-        if regularized:
-            stats["kinetic"] = float(sums["kinetic"] / B)
-            stats["jacobian"] = float(sums["jacobian"] / B)
-        if cfg["train_T"]:
-            stats["dL_dT_discrete"] = _scalars(dT_discrete)
-            stats["dL_dT_analytic"] = _scalars(dT_analytic)
-        return float(loss), grads, stats
-
-    def _loss_and_grad_part(self, x, rng, probes, params, Ts, regularized, kw, B):
-        """Forward and backward solves of rows x (b, D) of a batch of B samples: the sums over
-        these rows of the per-sample NLL (and E, n), and their gradients divided by B (eq. 3.9
-        with the cotangent of the whole batch's mean), so the parts of a batch add up."""
-        cfg = self.config
-        y, sols, dyns = self._flow(x, rng, params, Ts, regularized, cfg["trace"], kw, probes)
+        kw["allreduce"] = allreduce
+        y, tape = self._flow_rows(x, rng, (lo, hi), params, Ts, regularized, kw)
         sums = {"nll": self._nll(y.z, y.logdet).sum()}
         if regularized:
             sums["kinetic"] = y.kinetic.sum()
             sums["jacobian"] = y.jacobian.sum()
-        ybar = self._final_cotangent(y, B)          # ∂loss/∂y(T), eq. 3.9
+        ybar = self._terminal_cotangent(y, y.z / B, 1.0 / B, B)                 # eq. 3.9a
+        grads, dT_sums, nfe_b = self._reverse(tape, ybar, Ts)
+        sums.update(dT_sums)
+        same = {"nfe_forward": float(sum(e[3].nfe for e in tape)), "nfe_backward": float(nfe_b)}
+        return Part(sums, grads, same)
 
-        grads = {}
-        nfe_b = 0
-        dT_discrete, dT_analytic = [], []
-        for b in reversed(range(len(self.nets))):
-            if cfg["train_T"]:
-                dT_analytic.append(terminal_time_gradient(dyns[b], sols[b].y1, Ts[b], ybar))
-            g = sols[b].backward(ybar)
-            nfe_b += g.nfe
-            pre = _block_prefix(b)
-            for k, v in g.params.items():
-                grads[pre + k] = v
-            dT_discrete.append(g.t1)
-            ybar = g.y0
-        dT_discrete.reverse()
-        dT_analytic.reverse()
-        return dict(sums=sums, grads=grads, dT_discrete=dT_discrete, dT_analytic=dT_analytic,
-                    nfe_forward=int(sum(s.nfe for s in sols)), nfe_backward=int(nfe_b))
+    def loss_from_part(self, part, B, params=None, T=None):
+        """(loss, grads, stats) of loss_and_grad from the sum of the parts of a batch of B."""
+        cfg = self.config
+        sums = {k: float(to_host(v)) for k, v in part.sums.items()}
+        loss = sums["nll"] / B
+        stats = {"nll": sums["nll"] / B,
+                 "nfe_forward": int(round(part.same["nfe_forward"])),
+                 "nfe_backward": int(round(part.same["nfe_backward"]))}
+        Ts = [float(to_host(t)) for t in self.end_times(params, T)]
+        stats["T"] = Ts if len(Ts) > 1 else Ts[0]
+        if "kinetic" in sums:
+            loss += (cfg["kinetic"] * sums["kinetic"] + cfg["jacobian"] * sums["jacobian"]) / B
+            stats["kinetic"] = sums["kinetic"] / B
+            stats["jacobian"] = sums["jacobian"] / B
+        if cfg["train_T"]:
+            disc, ana = self._time_stats(part, len(self.nets))
+            stats["dL_dT_discrete"] = disc if len(disc) > 1 else disc[0]
+            stats["dL_dT_analytic"] = ana if len(ana) > 1 else ana[0]
+        return float(loss), dict(part.grads), stats
 
-    # ---------------------------------------------------------------- threads, processes
-    @property
-    def threads(self):
-        """Worker threads for loss_and_grad (data parallel over the batch; eq. 3.13)."""
-        return self._threads
+    def _flow_rows(self, x, rng, rows, params, Ts, regularized, kw):
+        """Solve every block forward from the rows lo:hi of x (B, D), the probes drawn for all
+        B rows and sliced (eq. 3.1): returns (y(T) of the last block, the tape
+        [("block", b, dyn, sol), ...])."""
+        lo, hi = rows
+        xr = x[lo:hi]
+        y = self._initial_state(xr, regularized)
+        tape = []
+        for b, net in enumerate(self.nets):
+            eps, weight = self._probes(self.config["trace"], rng, x.shape[0])
+            dyn = CNFDynamics(net, self.block_params(b, params), eps[:, lo:hi], weight,
+                              regularized)
+            sol = odeint(dyn, y, 0.0, Ts[b], **kw)
+            tape.append(("block", b, dyn, sol))
+            y = sol.y1
+        return y, tape
 
-    @threads.setter
-    def threads(self, n):
-        n = self._check_parallel("threads", n, self._processes, "processes")
-        if n != self._threads and self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        self._threads = n
-
-    @staticmethod
-    def _check_parallel(name, n, other, other_name):
-        n = int(n)
-        if n < 1:
-            raise ValueError(f"{name} must be >= 1, got {n}")
-        if n > 1 and other > 1:
-            raise ValueError(f"threads and processes cannot both be > 1: set {other_name} = 1 "
-                             "first")
-        return n
-
-    @property
-    def processes(self):
-        """Processes for loss_and_grad (data parallel over the batch; eq. 3.13, docs/cnf.md
-        3.10): this process solves the first row block, ``processes - 1`` worker processes the
-        others (npflow.workers: fresh interpreters, one BLAS thread each). They start at the
-        first call that splits a batch, each with a model built from ``config``; the
-        parameters, rows and probes travel with every call. ``close()`` stops them."""
-        return self._processes
-
-    @processes.setter
-    def processes(self, n):
-        n = self._check_parallel("processes", n, self._threads, "threads")
-        if n != self._processes:
-            self._close_workers()
-        self._processes = n
-
-    #: fewest rows a thread gets: below this the Python work of a solve, which holds the GIL,
-    #: outweighs the arithmetic that runs in parallel
-    min_rows_per_thread = 256
-    #: fewest rows a process gets (processes share no GIL; a call's transfer costs ~0.2 ms)
-    min_rows_per_process = 32
-
-    def _parallel_parts(self, B):
-        """How many row blocks loss_and_grad cuts a batch of B into (1 = one block)."""
-        if self.config["solver"] not in _FIXED_GRID or self.device != "cpu":
-            return 1        # adaptive steps couple the rows (one error norm); CuPy: one stream
-        if self._processes > 1:
-            return max(1, min(self._processes, B // self.min_rows_per_process))
-        if self._threads > 1:
-            return max(1, min(self._threads, B // self.min_rows_per_thread))
-        return 1
-
-    def _executor(self):
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="npflow")
-        return self._pool
-
-    def _process_parts(self, args):
-        """Parts of eq. 3.13 for the row blocks ``args`` (one argument tuple each): blocks 1..
-        go to the worker processes, block 0 is solved here meanwhile."""
-        from .workers import WorkerError, WorkerPool
-
-        if self._workers is None:
-            self._workers = WorkerPool(self._processes - 1, "npflow.cnf", "_worker_handler",
-                                       (dict(self.config),))
-        try:
-            try:
-                self._workers.submit(args[1:])
-                first = self._loss_and_grad_part(*args[0])
-            finally:
-                rest = self._workers.collect()    # every reply read, even if this part failed
-        except WorkerError:
-            self._close_workers()                 # the next call starts fresh workers
-            raise
-        return [first] + rest
-
-    def _close_workers(self):
-        if self._workers is not None:
-            self._workers.close()
-            self._workers = None
-
-    def close(self):
-        """Stop the worker threads and processes (they restart when needed)."""
-        self._close_workers()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-    def time_gradient(self, x, rng, params=None, kind="analytic"):
-        """∂L/∂T_b of every block for the current params (TO-FLOW's T step, Algorithm 1).
-
-        kind "analytic": one forward solve and the terminal formula λ(T)·F(y(T), T) (eq. 3.11),
-        no backward pass; kind "discrete": the exact derivative of the discrete loss (eq. 3.10).
-        Returns a list of floats, one per block.
-        """
-        if kind not in ("analytic", "discrete"):
-            raise ValueError(f"unknown time-gradient kind {kind!r}: 'analytic' or 'discrete'")
-        if not self.config["train_T"]:
-            raise ValueError("time_gradient needs a model built with train_T=True")
-        if kind == "discrete" or len(self.nets) > 1:
-            # several blocks: λ at an inner block's end needs the later blocks' adjoint, so the
-            # full pass runs; it reports the analytic formula of every block beside the discrete
-            _, _, stats = self.loss_and_grad(x, rng, params)
-            v = stats["dL_dT_" + kind]
-            return list(v) if isinstance(v, list) else [v]
+    def _analytic_time_gradient(self, x, rng, params, rows, allreduce):
+        """One block: one forward solve and the terminal formula (eq. 3.11), no backward."""
+        if len(self.nets) > 1:
+            return None
         params = self.params if params is None else params
         cfg = self.config
         x = self._prepare(x)
+        B = x.shape[0]
         Ts = self.end_times(params)
         kw = self._solver_kwargs(cfg["solver"], cfg["steps"], cfg["rtol"], cfg["atol"])
-        y1, _, (dyn,) = self._flow(x, rng, params, Ts, cfg["kinetic"] > 0 or cfg["jacobian"] > 0,
-                                   cfg["trace"], kw)
-        ybar = self._final_cotangent(y1, x.shape[0])
-        return [float(to_host(terminal_time_gradient(dyn, y1, Ts[0], ybar)))]
-
-    def _final_cotangent(self, y, B):
-        """∂loss/∂y(T) for the final augmented state (eq. 3.9) of b rows of a batch of B."""
-        cfg = self.config
-        xp = self.xp
-        dt = y.z.dtype
-        b = y.z.shape[0]
-        zbar = y.z / B
-        lbar = xp.full((b,), -1.0 / B, dtype=dt)
-        if isinstance(y, RegularizedCNFState):
-            return RegularizedCNFState(zbar, lbar, xp.full((b,), cfg["kinetic"] / B, dtype=dt),
-                                       xp.full((b,), cfg["jacobian"] / B, dtype=dt))
-        return CNFState(zbar, lbar)
+        kw["allreduce"] = allreduce
+        regularized = cfg["kinetic"] > 0 or cfg["jacobian"] > 0
+        y1, tape = self._flow_rows(x, rng, check_rows(rows, B), params, Ts, regularized, kw)
+        ybar = self._terminal_cotangent(y1, y1.z / B, 1.0 / B, B)
+        return [float(to_host(terminal_time_gradient(tape[0][2], y1, Ts[0], ybar)))]
 
     # ---------------------------------------------------------------- evaluation
     def log_prob(self, x, params=None, solver="dopri5", steps=None, rtol=1e-5, atol=1e-5,
@@ -540,19 +480,6 @@ class CNF(BlockStack, FlowModel):
 
     def sample(self, n, rng, params=None, solver="dopri5", steps=None, rtol=1e-5, atol=1e-5):
         """n samples: z ~ N(0, I) drawn from rng, integrated backwards from T to 0. (n, D)."""
-        z = rng.standard_normal((int(n), self.dim))
+        z = rng.standard_normal((check_int("the number of samples n", n), self.dim))
         return self.transform(z, params, inverse=True, solver=solver, steps=steps,
                               rtol=rtol, atol=atol)
-
-
-# ------------------------------------------------------------------ worker processes (eq. 3.13)
-def _worker_handler(config):
-    """Runs once in each worker process (npflow.workers): a CNF built from ``config``; the
-    handler solves one row block, ``CNF._loss_and_grad_part(*args)``."""
-    model = CNF(**config)
-    return lambda args: model._loss_and_grad_part(*args)
-
-
-def _scalars(values):
-    vals = [float(to_host(v)) for v in values]
-    return vals[0] if len(vals) == 1 else vals

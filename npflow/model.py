@@ -13,9 +13,44 @@ replacing ``params`` is all an optimiser step or a checkpoint load needs to do.
 """
 from __future__ import annotations
 
+import math
+
+import numpy
+
 from .backend import array_module, check_finite, get_array_module, resolve_dtype, to_device
 
-__all__ = ["FlowModel", "register_model", "model_class", "registered_models"]
+from typing import NamedTuple
+
+__all__ = ["FlowModel", "Part", "register_model", "model_class", "registered_models"]
+
+
+class Part(NamedTuple):
+    """A model's loss and gradient over some rows of a batch of B samples, in parts that add up
+    over any split of the batch into row blocks (docs/parallel.md, eq. 1.2):
+
+    sums   dict name -> 0-d array or float: Σ over the rows of a per-row term (e.g. "nll"),
+           or the rows' share of a batch mean (e.g. the analytic ∂L/∂T)
+    grads  dict like params: the rows' share of ∂loss/∂θ (their cotangent is the whole batch's,
+           1/B per row, so the shares of all the row blocks sum to the gradient)
+    same   dict name -> float: equal for every row block (the NFE: every block takes the same
+           steps)
+
+    ``model.loss_and_grad_part(x, rng, rows=(lo, hi), ...)`` returns one,
+    ``model.loss_from_part(part, B, ...)`` turns the sum of all the parts into (loss, grads,
+    stats), and ``loss_and_grad`` is the two with rows = the whole batch."""
+    sums: dict
+    grads: dict
+    same: dict
+
+
+def check_rows(rows, B):
+    """(lo, hi) with 0 <= lo < hi <= B from rows (None: the whole batch); ValueError if bad."""
+    if rows is None:
+        return 0, B
+    lo, hi = (int(r) for r in rows)
+    if not 0 <= lo < hi <= B:
+        raise ValueError(f"rows {rows!r} must satisfy 0 <= lo < hi <= B = {B}")
+    return lo, hi
 
 _REGISTRY: dict = {}
 
@@ -97,14 +132,37 @@ class FlowModel:
     def prepare_data(self, x, event_shape):
         """Check a batch x of shape (B, *event_shape) and move it to this model's device and
         dtype; ValueError naming the shapes, or the count of NaN/Inf (one host check)."""
-        shape = getattr(x, "shape", None)
         expected = tuple(int(s) for s in event_shape)
-        if shape is None or tuple(shape[1:]) != expected or len(shape) != len(expected) + 1:
-            dims = ", ".join(str(s) for s in expected)
-            raise ValueError(f"data must have shape (B, {dims}), got {shape}")
+        dims = ", ".join(str(s) for s in expected)
+        if isinstance(x, (list, tuple)):          # host data given as nested lists: convert
+            try:
+                x = numpy.asarray(x, dtype=numpy.float64)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"data must be an array of shape (B, {dims}); the given "
+                                 f"{type(x).__name__} is not a rectangular list of numbers "
+                                 f"({exc})") from None
+        shape = getattr(x, "shape", None)
+        if shape is None:
+            raise ValueError(f"data must be an array of shape (B, {dims}), got a "
+                             f"{type(x).__name__}; convert it with numpy.asarray(...)")
+        if tuple(shape[1:]) != expected or len(shape) != len(expected) + 1:
+            raise ValueError(f"data must have shape (B, {dims}), got {tuple(shape)}")
         if shape[0] < 1:
             raise ValueError("data batch is empty")
-        return check_finite(to_device(x, self.xp, self.dtype), "data x")
+        x = to_device(x, self.xp, self.dtype)
+        # one host synchronisation: NaN propagates through max, so one number decides both the
+        # finiteness and the overflow checks (squares of values above √max overflow)
+        xp = self.xp
+        m = float(xp.abs(x).max())
+        if not math.isfinite(m):
+            check_finite(x, "data x")
+        limit = math.sqrt(float(numpy.finfo(x.dtype).max))
+        if m > limit:
+            raise DataOverflowError(
+                f"data x has values up to {m:.3g}: beyond {limit:.3g} their squares overflow "
+                f"{x.dtype} and the loss becomes inf; standardize the data (e.g. z-score each "
+                "feature) first")
+        return x
 
     def num_params(self) -> int:
         """Number of scalar parameters."""
@@ -130,6 +188,24 @@ class FlowModel:
     def __repr__(self):
         cfg = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"{type(self).__name__}({cfg})"
+
+
+class DataOverflowError(ValueError, FloatingPointError):
+    """Data whose magnitude overflows the model's floating-point arithmetic (their squares
+    exceed the dtype's range): bad input (a ValueError) and a floating-point failure (a
+    FloatingPointError, so the training loop and the MPI reduction treat it as a non-finite
+    step)."""
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int if it is an integer (int, integral numpy number) >= ``minimum``;
+    ValueError naming ``name`` otherwise (2.5 is not silently truncated to 2)."""
+    ok = isinstance(value, (int, numpy.integer)) and not isinstance(value, bool)
+    if not ok and isinstance(value, (float, numpy.floating)) and float(value).is_integer():
+        ok = True
+    if not ok or int(value) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def params_mismatch(expected: dict, got: dict) -> str:

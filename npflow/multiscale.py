@@ -32,8 +32,8 @@ from .cnf import BlockStack, CNFDynamics, CNFState, RegularizedCNFState, TRACE_K
 from .conv import ConvNet
 from .images import (ALPHA, LOG2_256, dequantize, factor_in, factor_out, logit_inverse,
                      logit_transform, squeeze, unsqueeze)
-from .model import FlowModel
-from .solvers import odeint, terminal_time_gradient
+from .model import FlowModel, Part, check_rows
+from .solvers import odeint
 from . import trace as trace_mod
 
 __all__ = ["MultiscaleCNF", "multiscale_plan", "default_scales"]
@@ -167,21 +167,25 @@ class MultiscaleCNF(BlockStack, FlowModel):
         xt = dequantize(x, rng, xp=self.xp, dtype=self.dtype)
         return logit_transform(xt, self.config["alpha"])
 
-    def _flow(self, y0, Ts, params, rng, regularized, kw, store="states"):
-        """Forward through the plan (eq. 3.1): returns (state, parts, tape)."""
+    def _flow(self, y0, Ts, params, rng, regularized, kw, store="states", rows=None):
+        """Forward through the plan (eq. 3.1) from the rows lo:hi of y0 (B, C, H, W) (default
+        all), each block's probes drawn for all B rows and sliced: returns (state, parts,
+        tape)."""
         cfg = self.config
         K = cfg["probes"]
         weight = 1.0 / K
         xp = self.xp
         B = y0.shape[0]
-        zero = xp.zeros(B, dtype=y0.dtype)
+        lo, hi = check_rows(rows, B)
+        y0 = y0[lo:hi]
+        zero = xp.zeros(hi - lo, dtype=y0.dtype)
         y = (RegularizedCNFState(y0, zero, zero, zero) if regularized else CNFState(y0, zero))
         parts, tape = [], []
         b = 0
         for op, shape in self.plan:
             if op == "block":
                 kind = "gaussian" if cfg["trace"] == "hutchinson" else cfg["trace"]
-                eps = trace_mod.probes(kind, K, (B,) + shape, rng, self.dtype, xp)
+                eps = trace_mod.probes(kind, K, (B,) + shape, rng, self.dtype, xp)[:, lo:hi]
                 dyn = CNFDynamics(self.nets[b], self.block_params(b, params), eps, weight,
                                   regularized)
                 sol = odeint(dyn, y, 0.0, Ts[b], store=store, **kw)
@@ -212,81 +216,74 @@ class MultiscaleCNF(BlockStack, FlowModel):
         noise, then the probes of every block); T optional end-time override (STEER).
         Returns (loss, grads like params, stats) with stats "nll" and "bpd" (bits/dim of the
         batch), "nfe_forward", "nfe_backward", "T" (list), and the regularizers / ∂L/∂T.
+        Data-parallel training splits the same computation over processes (npflow.parallel,
+        docs/parallel.md): loss_and_grad_part on each one's rows, loss_from_part on the sum.
+        """
+        part = self.loss_and_grad_part(x, rng, params=params, T=T)
+        return self.loss_from_part(part, x.shape[0], params=params, T=T)
+
+    def loss_and_grad_part(self, x, rng, rows=None, params=None, T=None, allreduce=None):
+        """The part of rows ``(lo, hi)`` of the images x (B, C, H, W) (default: all) in the
+        loss and its gradient: a model.Part with the row sums "bpd" (and "kinetic",
+        "jacobian"), their gradient with the whole batch's cotangent (eq. 3.4) and, with
+        trained end times, ∂L/∂T_b. The dequantization noise and every block's probes are
+        drawn from rng for the whole batch and the rows keep theirs (docs/parallel.md, eq.
+        1.3); ``allreduce`` as in odeint (adaptive solvers).
         """
         params = self.params if params is None else params
         cfg = self.config
-        xp = self.xp
         regularized = cfg["kinetic"] > 0 or cfg["jacobian"] > 0
         y0, logdet_pre = self.preprocess(x, rng)
         B = y0.shape[0]
+        lo, hi = check_rows(rows, B)
         Ts = self.end_times(params, T)
         kw = self._solver_kwargs()
+        kw["allreduce"] = allreduce
         store = cfg["store"] if cfg["solver"] in _FIXED_GRID else "states"
-        y, parts, tape = self._flow(y0, Ts, params, rng, regularized, kw, store=store)
+        y, parts, tape = self._flow(y0, Ts, params, rng, regularized, kw, store=store,
+                                    rows=(lo, hi))
         nll = self._nll(parts, y.logdet)
         scale = 1.0 / (self.D * math.log(2))
-        bpd = (nll - logdet_pre) * scale + LOG2_256                             # eq. 4.4
-        loss = bpd.mean()
+        bpd = (nll - logdet_pre[lo:hi]) * scale + LOG2_256                     # eq. 4.4
+        sums = {"bpd": bpd.sum()}
         if regularized:
-            loss = loss + cfg["kinetic"] * y.kinetic.mean() + cfg["jacobian"] * y.jacobian.mean()
+            sums["kinetic"] = y.kinetic.sum()
+            sums["jacobian"] = y.jacobian.sum()
 
         # eq. 3.4: cotangents of the final state and of the factored-out parts
         c = scale / B
         part_bars = [p * c for p in parts]
-        lbar = xp.full((B,), -c, dtype=y0.dtype)
-        if regularized:
-            ybar = RegularizedCNFState(part_bars[-1], lbar,
-                                       xp.full((B,), cfg["kinetic"] / B, dtype=y0.dtype),
-                                       xp.full((B,), cfg["jacobian"] / B, dtype=y0.dtype))
-        else:
-            ybar = CNFState(part_bars[-1], lbar)
-        grads = {}
-        nfe_b = 0
-        dT_discrete, dT_analytic = {}, {}
-        for entry in reversed(tape):
-            if entry[0] == "block":
-                _, b, dyn, sol = entry
-                if cfg["train_T"]:
-                    dT_analytic[b] = terminal_time_gradient(dyn, sol.y1, Ts[b], ybar)
-                g = sol.backward(ybar)
-                nfe_b += g.nfe
-                for k, v in g.params.items():
-                    grads[f"b{b}.{k}"] = v
-                dT_discrete[b] = g.t1
-                ybar = g.y0
-            elif entry[0] == "squeeze":
-                ybar = ybar._replace(z=unsqueeze(ybar.z))
-            else:
-                ybar = ybar._replace(z=factor_in(ybar.z, part_bars[entry[1]]))
-        n = len(self.nets)
-        if cfg["train_T"]:
-            for b, name in enumerate(self.time_names):
-                grads[name] = xp.asarray(dT_discrete[b], dtype=self.dtype)
-        bpd_mean = float(to_host(bpd.mean()))
-        stats = {
-            "nll": bpd_mean,
-            "bpd": bpd_mean,
-            "nfe_forward": int(sum(e[3].nfe for e in tape if e[0] == "block")),
-            "nfe_backward": int(nfe_b),
-            "T": [float(to_host(t)) for t in Ts],
-        }
-        if regularized:
-            stats["kinetic"] = float(to_host(y.kinetic.mean()))
-            stats["jacobian"] = float(to_host(y.jacobian.mean()))
-        if cfg["train_T"]:
-            stats["dL_dT_discrete"] = [float(to_host(dT_discrete[b])) for b in range(n)]
-            stats["dL_dT_analytic"] = [float(dT_analytic[b]) for b in range(n)]
-        return float(to_host(loss)), grads, stats
 
-    def time_gradient(self, x, rng, params=None, kind="analytic"):
-        """∂L/∂T_b of every block (TO-FLOW's T step): a full forward and backward pass (an
-        inner block's λ needs the later blocks' adjoint); list of floats, one per block."""
-        if kind not in ("analytic", "discrete"):
-            raise ValueError(f"unknown time-gradient kind {kind!r}: 'analytic' or 'discrete'")
-        if not self.config["train_T"]:
-            raise ValueError("time_gradient needs a model built with train_T=True")
-        _, _, stats = self.loss_and_grad(x, rng, params)
-        return stats["dL_dT_" + kind]
+        def other(entry, ybar):                       # squeeze / factor-out, reversed
+            if entry[0] == "squeeze":
+                return ybar._replace(z=unsqueeze(ybar.z))
+            return ybar._replace(z=factor_in(ybar.z, part_bars[entry[1]]))
+
+        ybar = self._terminal_cotangent(y, part_bars[-1], c, B)
+        grads, dT_sums, nfe_b = self._reverse(tape, ybar, Ts, other)
+        sums.update(dT_sums)
+        same = {"nfe_forward": float(sum(e[3].nfe for e in tape if e[0] == "block")),
+                "nfe_backward": float(nfe_b)}
+        return Part(sums, grads, same)
+
+    def loss_from_part(self, part, B, params=None, T=None):
+        """(loss, grads, stats) of loss_and_grad from the sum of the parts of a batch of B."""
+        cfg = self.config
+        sums = {k: float(to_host(v)) for k, v in part.sums.items()}
+        bpd_mean = sums["bpd"] / B
+        loss = bpd_mean
+        stats = {"nll": bpd_mean, "bpd": bpd_mean,
+                 "nfe_forward": int(round(part.same["nfe_forward"])),
+                 "nfe_backward": int(round(part.same["nfe_backward"])),
+                 "T": [float(to_host(t)) for t in self.end_times(params, T)]}
+        if "kinetic" in sums:
+            loss += (cfg["kinetic"] * sums["kinetic"] + cfg["jacobian"] * sums["jacobian"]) / B
+            stats["kinetic"] = sums["kinetic"] / B
+            stats["jacobian"] = sums["jacobian"] / B
+        if cfg["train_T"]:
+            stats["dL_dT_discrete"], stats["dL_dT_analytic"] = self._time_stats(
+                part, len(self.nets))
+        return float(loss), dict(part.grads), stats
 
     # ---------------------------------------------------------------- evaluation
     def bits_per_dim(self, x, rng, params=None, solver=None, steps=None, step_size=None,

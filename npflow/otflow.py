@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np  # host side only: the seed generator and the sampling noise
 
 from .backend import get_array_module, to_host
-from .model import FlowModel
+from .model import FlowModel, Part, check_int, check_rows
 from .otflow_net import init_potential, param_names, potential_backward, potential_forward
 from .solvers import SolverError, odeint, terminal_time_gradient
 
@@ -117,8 +117,9 @@ class OTFlow(FlowModel):
 
     def __init__(self, dim, width=32, depth=2, rank=None, alpha=(1.0, 100.0, 5.0), steps=8,
                  T=1.0, train_T=False, dtype="float32", device="cpu", seed=0):
-        dim, width, depth, steps = int(dim), int(width), int(depth), int(steps)
-        rank = min(10, dim + 1) if rank is None else int(rank)
+        dim, width, depth, steps = (check_int(n, v, lo) for n, v, lo in (
+            ("dim", dim, 1), ("width", width, 1), ("depth", depth, 1), ("steps", steps, 1)))
+        rank = min(10, dim + 1) if rank is None else check_int("rank", rank)
         alpha = [float(a) for a in alpha]
         if dim < 1 or width < 1 or depth < 2:
             raise ValueError(f"OTFlow needs dim >= 1, width >= 1 and depth >= 2; got dim={dim}, "
@@ -194,11 +195,25 @@ class OTFlow(FlowModel):
         Returns (loss: float, grads: dict like params, stats: dict with nll, transport, hjb,
         nfe_forward, nfe_backward, T and, when T is trained, dL_dT_discrete (= grads["T"],
         eq. 5.30) and dL_dT_analytic (the terminal formula λ(T)·F(y(T), T), eq. 5.31)).
+        Data-parallel training splits the same computation over processes (npflow.parallel,
+        docs/parallel.md): loss_and_grad_part on each one's rows, loss_from_part on the sum.
         """
+        part = self.loss_and_grad_part(x, rng, params=params)
+        return self.loss_from_part(part, len(x), params=params)   # len: lists too
+
+    def loss_and_grad_part(self, x, rng=None, rows=None, params=None, allreduce=None):
+        """The part of rows ``(lo, hi)`` of the batch x (B, d) (default: all) in the loss of
+        eq. 5.27 and its gradient: a model.Part with the row sums "nll", "transport", "hjb",
+        their gradient with the whole batch's cotangent (eq. 5.29, 1/B per row) and, with a
+        trained T, ∂L/∂T (eq. 5.30-5.31). rng and allreduce are unused (no randomness, fixed
+        RK4 grid); accepted for the common interface."""
         params = self.params if params is None else params
         a0, a1, a2 = self.config["alpha"]
         x = self._prepare(x)
         B = x.shape[0]
+        lo, hi = check_rows(rows, B)
+        x = x[lo:hi]
+        b = hi - lo
         xp = self.xp
         T = self.end_time(params)
         dyn = self._dynamics(params)
@@ -208,22 +223,32 @@ class OTFlow(FlowModel):
         except SolverError as exc:   # a NaN/Inf state: the training loop's non-finite stop
             raise FloatingPointError(f"OTFlow loss: {exc}") from exc
         y = sol.y1
-        nll_b = self._nll(y.x, y.logdet)
-        C, L, R = nll_b.mean(), y.transport.mean(), y.hjb.mean()
-        loss = a0 * L + a1 * C + a2 * R
+        sums = {"nll": self._nll(y.x, y.logdet).sum(), "transport": y.transport.sum(),
+                "hjb": y.hjb.sum()}
         dt = x.dtype
-        ybar = OTFlowState(y.x * (a1 / B), xp.full((B,), -a1 / B, dtype=dt),   # eq. 5.29
-                           xp.full((B,), a0 / B, dtype=dt), xp.full((B,), a2 / B, dtype=dt))
+        ybar = OTFlowState(y.x * (a1 / B), xp.full((b,), -a1 / B, dtype=dt),   # eq. 5.29
+                           xp.full((b,), a0 / B, dtype=dt), xp.full((b,), a2 / B, dtype=dt))
         g = sol.backward(ybar)
         grads = dict(g.params)
-        stats = {"loss": float(loss), "nll": float(C), "transport": float(L),
-                 "hjb": float(R), "nfe_forward": int(sol.nfe), "nfe_backward": int(g.nfe),
-                 "T": float(to_host(T))}
         if self.config["train_T"]:
             grads["T"] = xp.asarray(g.t1, dtype=dt).reshape(())
-            stats["dL_dT_discrete"] = float(to_host(g.t1))
-            stats["dL_dT_analytic"] = float(to_host(terminal_time_gradient(dyn, y, T, ybar)))
-        return float(loss), grads, stats
+            sums["dL_dT_analytic"] = terminal_time_gradient(dyn, y, T, ybar)
+        return Part(sums, grads, {"nfe_forward": float(sol.nfe), "nfe_backward": float(g.nfe)})
+
+    def loss_from_part(self, part, B, params=None):
+        """(loss, grads, stats) of loss_and_grad from the sum of the parts of a batch of B."""
+        a0, a1, a2 = self.config["alpha"]
+        m = {k: float(to_host(v)) / B for k, v in part.sums.items()
+             if k in ("nll", "transport", "hjb")}
+        loss = a0 * m["transport"] + a1 * m["nll"] + a2 * m["hjb"]
+        stats = {"loss": loss, "nll": m["nll"], "transport": m["transport"], "hjb": m["hjb"],
+                 "nfe_forward": int(round(part.same["nfe_forward"])),
+                 "nfe_backward": int(round(part.same["nfe_backward"])),
+                 "T": float(to_host(self.end_time(params)))}
+        if self.config["train_T"]:
+            stats["dL_dT_discrete"] = float(to_host(part.grads["T"]))
+            stats["dL_dT_analytic"] = float(to_host(part.sums["dL_dT_analytic"]))
+        return float(loss), dict(part.grads), stats
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, x, params=None, steps=None, batch_size=10000):
@@ -274,5 +299,5 @@ class OTFlow(FlowModel):
 
     def sample(self, n, rng, params=None, steps=None):
         """n samples: z ~ N(0, I) drawn from rng (host), integrated from T back to 0. (n, d)."""
-        z = rng.standard_normal((int(n), self.dim))
+        z = rng.standard_normal((check_int("the number of samples n", n), self.dim))
         return self.transform(z, params, inverse=True, steps=steps)

@@ -66,7 +66,9 @@ def init_potential(d, width, depth, rank, rng, dtype, xp) -> dict:
                          f"got d={d}, width={m}, depth={depth}, rank={r}")
 
     def put(a):
-        return xp.asarray(a, dtype=dtype)
+        # a fresh copy every time: asarray returns its (float64) input itself, which made the
+        # residual layers' K_i / b_i one shared array (an in-place update of one moved all)
+        return xp.array(a, dtype=dtype, copy=True)
 
     bound0 = 1.0 / math.sqrt(d + 1)
     p = {"K0": put(rng.uniform(-bound0, bound0, (m, d + 1))),

@@ -106,6 +106,22 @@ def _smooth(y, k):
     return np.concatenate([np.cumsum(y[: k - 1]) / np.arange(1, k), (c[k:] - c[:-k]) / k])
 
 
+def loss_limits(loss, k, floor=None):
+    """y-limits of the loss panel: from the 1st percentile of the loss (or the floor) up to
+    the highest running mean (window k), so the early, high part of the curve stays in view
+    while single spikes do not stretch the axis. None when the loss gives no finite range."""
+    loss = np.asarray(loss, dtype=np.float64)
+    if not np.isfinite(loss).any():
+        return None
+    lo = float(np.nanpercentile(loss, 1))
+    hi = max(float(np.nanmax(_smooth(loss, k))), float(np.nanpercentile(loss, 99)))
+    if floor is not None:
+        lo = min(lo, floor)
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        return None
+    return lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo)
+
+
 def training_curves(history: dict, path, title: str = "", smooth: int | None = None,
                     floor: float | None = None):
     """Four panels against the iteration: loss (raw and running mean), NFE forward and
@@ -129,11 +145,9 @@ def training_curves(history: dict, path, title: str = "", smooth: int | None = N
         ax.axhline(floor, color="k", ls="--", lw=0.8, label=f"entropy of the data {floor:.3f}")
     ax.set_ylabel("loss (nats)")
     ax.legend(fontsize=8)
-    lo, hi = np.nanpercentile(h["loss"], [1, 99])
-    if floor is not None:
-        lo = min(lo, floor)
-    if np.isfinite(lo) and np.isfinite(hi) and hi > lo:
-        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
+    lim = loss_limits(h["loss"], k, floor)
+    if lim is not None:
+        ax.set_ylim(*lim)
     ax = axes[0, 1]
     ax.plot(it, _smooth(h["nfe_forward"], k), label="forward")
     ax.plot(it, _smooth(h["nfe_backward"], k), ls="--", label="backward")

@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np  # host side only: the per-step error-norm vector reduced across processes
+
 from .backend import get_array_module, to_host
 from .tableau import Tableau, get_tableau
 
@@ -82,17 +84,28 @@ class _Structure:
             self.kind = None
             self.n = 1
 
-    def unpack(self, y, what="state"):
-        """y -> tuple of parts (None parts kept)."""
+    def unpack(self, y, what="state", like=None):
+        """y -> tuple of parts (None parts kept). like: parts whose shapes y's must have (the
+        state a dynamics output belongs to); a host-side shape check, no synchronisation."""
         if self.kind is None:
             if isinstance(y, tuple):
                 raise ValueError(f"{what}: expected a single array like y0, got a tuple of "
                                  f"{len(y)}")
-            return (y,)
-        if not isinstance(y, tuple) or len(y) != self.n:
-            raise ValueError(f"{what}: expected a tuple of {self.n} arrays like y0, "
-                             f"got {type(y).__name__}")
-        return tuple(y)
+            parts = (y,)
+        else:
+            if not isinstance(y, tuple) or len(y) != self.n:
+                raise ValueError(f"{what}: expected a tuple of {self.n} arrays like y0, "
+                                 f"got {type(y).__name__}")
+            parts = tuple(y)
+        if like is not None:
+            for i, (p, q) in enumerate(zip(parts, like)):
+                ps, qs = getattr(p, "shape", None), getattr(q, "shape", None)
+                if p is not None and q is not None and tuple(ps or ()) != tuple(qs or ()):
+                    part = "" if self.kind is None else f" (part {i})"
+                    raise ValueError(f"{what} has shape {ps} but the state{part} has shape "
+                                     f"{qs}: dynamics.forward(t, y) must return dy/dt of y's "
+                                     "shape")
+        return parts
 
     def pack(self, parts):
         if self.kind is None:
@@ -153,7 +166,7 @@ def _stages(dynamics, struct, tab, t, h, y, n, k1=None, cache1=None):
             continue
         Y = y if not rows[i] else _combine(y, [(h * a, ks[j]) for j, a in rows[i]])
         dydt, cache = dynamics.forward(t + c[i] * h, struct.pack(Y))
-        ks.append(struct.unpack(dydt, "dynamics.forward output"))
+        ks.append(struct.unpack(dydt, "dynamics.forward output", like=Y))
         caches.append(cache)
         nfe += 1
     return ks, caches, nfe
@@ -279,8 +292,15 @@ def propose_step(h, ratio, order):
     return h * factor
 
 
-def _rms_ratio(parts, scales):
-    """max over parts of RMS(part / scale) as a 0-d array (eq. 3.1)."""
+def _rms_ratio(parts, scales, allreduce=None):
+    """max over parts of RMS(part / scale) as a 0-d array (eq. 3.1).
+
+    allreduce: None, or a function summing a host float64 vector over the processes that hold
+    the other rows of the state (npflow.parallel): each part's Σ (part/scale)² and its element
+    count are summed over them before the RMS, so every process gets the RMS of the whole
+    state and takes the same steps (docs/parallel.md, eq. 1.4). Returns a host float then."""
+    if allreduce is not None:
+        return _rms_ratio_allreduced(parts, scales, allreduce)
     r = None
     for e, s in zip(parts, scales):
         if e is None or e.size == 0:
@@ -292,36 +312,61 @@ def _rms_ratio(parts, scales):
     return 0.0 if r is None else r
 
 
-def _error_ratio(err, y0, y1, rtol, atol):
+def _rms_ratio_allreduced(parts, scales, allreduce):
+    """_rms_ratio over rows spread across processes: one host vector (Σq² per part, then the
+    counts) summed by ``allreduce``; a host float."""
+    sq, counts = [], []
+    for e, s in zip(parts, scales):
+        if e is None:
+            continue
+        xp = get_array_module(e)
+        q = e / s
+        sq.append((q * q).sum())
+        counts.append(float(e.size))
+    if not sq:
+        return 0.0
+    xp = get_array_module(sq[0])
+    vec = np.concatenate([np.asarray(to_host(xp.stack(sq)), dtype=np.float64),
+                          np.asarray(counts, dtype=np.float64)])
+    vec = allreduce(vec)
+    n = len(sq)
+    r = [math.sqrt(vec[i] / vec[n + i]) if vec[n + i] > 0 else 0.0 for i in range(n)]
+    if any(math.isnan(v) for v in r):
+        return math.nan
+    return max(r)
+
+
+def _error_ratio(err, y0, y1, rtol, atol, allreduce=None):
     """ρ = max_parts RMS(err / (atol + rtol·max(|y0|, |y1|))) (eq. 3.1); one host float."""
     scales = []
     for a, b in zip(y0, y1):
         xp = get_array_module(a)
         scales.append(atol + rtol * xp.maximum(xp.abs(a), xp.abs(b)))
-    return float(_rms_ratio(err, scales))
+    return float(_rms_ratio(err, scales, allreduce))
 
 
-def initial_step(dynamics, struct, t0, y0, f0, direction, order, rtol, atol):
+def initial_step(dynamics, struct, t0, y0, f0, direction, order, rtol, atol, allreduce=None):
     """Hairer–Wanner's starting step (Solving ODEs I, §II.4; eq. 3.3), one extra evaluation.
 
     d0 = ‖y0/sc‖, d1 = ‖f0/sc‖ with sc = atol + rtol|y0|; h0 = 0.01 d0/d1 (1e-6 if either is
     below 1e-5); f1 = F(t0 + h0, y0 + h0 f0); d2 = ‖(f1 − f0)/sc‖ / h0;
     h1 = (0.01/max(d1, d2))^(1/(order+1)) (max(1e-6, 1e-3 h0) if both ≤ 1e-15), with
     order the embedded order q̂ (4 for dopri5, as torchdiffeq passes it);
-    returns (min(100 h0, h1) ≥ 0, nfe = 1). Norms are RMS, max over parts (as eq. 3.1).
+    returns (min(100 h0, h1) ≥ 0, nfe = 1). Norms are RMS, max over parts (as eq. 3.1), over
+    the rows of every process when ``allreduce`` is given (see _rms_ratio).
     """
     scales = []
     for a in y0:
         xp = get_array_module(a)
         scales.append(atol + rtol * xp.abs(a))
-    d0 = float(_rms_ratio(y0, scales))
-    d1 = float(_rms_ratio(f0, scales))
+    d0 = float(_rms_ratio(y0, scales, allreduce))
+    d1 = float(_rms_ratio(f0, scales, allreduce))
     h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
     y_try = _combine(y0, [(direction * h0, f0)])
     f1, _ = dynamics.forward(t0 + direction * h0, struct.pack(y_try))
     f1 = struct.unpack(f1, "dynamics.forward output")
     diff = [b - a for a, b in zip(f0, f1)]
-    d2 = float(_rms_ratio(diff, scales)) / h0
+    d2 = float(_rms_ratio(diff, scales, allreduce)) / h0
     if d1 <= 1e-15 and d2 <= 1e-15:
         h1 = max(1e-6, h0 * 1e-3)
     else:
@@ -462,7 +507,8 @@ def _nonfinite_message(states, ts):
 
 def odeint(dynamics, y0, t0, t1, method="rk4", steps=None, rtol=1e-5, atol=1e-5,
            first_step=None, max_step=None, min_step=0.0, max_num_steps=10_000,
-           checkpoint=None, store="states", step_size=None, grid=None) -> Solution:
+           checkpoint=None, store="states", step_size=None, grid=None,
+           allreduce=None) -> Solution:
     """Solve dy/dt = F(t, y) from t0 to t1 (t1 < t0 allowed) with an explicit RK method.
 
     dynamics: object with .params, .forward(t, y), .backward(cache, dydt_bar) (module doc)
@@ -479,7 +525,10 @@ def odeint(dynamics, y0, t0, t1, method="rk4", steps=None, rtol=1e-5, atol=1e-5,
         rtol, atol  error ratio eq. 3.1; first_step (default: eq. 3.3, one evaluation);
         max_step (|h| cap, None = no cap); min_step (|h| floor: below it, or below 10 ulp(t) so that t + h
         would barely move, SolverError);
-        max_num_steps (attempted steps, accepted or rejected, before SolverError).
+        max_num_steps (attempted steps, accepted or rejected, before SolverError);
+        allreduce: None, or a function summing a host float64 vector over the processes that
+        hold the other rows of the state (npflow.parallel), so that the error norms (eq. 3.1,
+        3.3) cover the whole batch and every process takes the same steps.
     Memory for the backward (section 4):
         store="states" (keep y_n, recompute stages) or "caches" (keep every stage's cache);
         checkpoint=k (keep every k-th state, recompute segments; with store="states").
@@ -535,7 +584,8 @@ def odeint(dynamics, y0, t0, t1, method="rk4", steps=None, rtol=1e-5, atol=1e-5,
     if first_step is not None and not (math.isfinite(first_step) and first_step != 0):
         raise ValueError(f"first_step={first_step!r}: expected a nonzero finite number or None")
     return _solve_adaptive(dynamics, struct, tab, y, t0, t1, rtol, atol, first_step,
-                           max_step, float(min_step), int(max_num_steps), store, ckpt)
+                           max_step, float(min_step), int(max_num_steps), store, ckpt,
+                           allreduce)
 
 
 def _solve_fixed(dyn, struct, tab, y, t0, t1, grid, store, ckpt):
@@ -572,7 +622,7 @@ def _solve_fixed(dyn, struct, tab, y, t0, t1, grid, store, ckpt):
 
 
 def _solve_adaptive(dyn, struct, tab, y, t0, t1, rtol, atol, first_step, max_step, min_step,
-                    max_num_steps, store, ckpt):
+                    max_num_steps, store, ckpt, allreduce=None):
     """Embedded-pair stepping with error control (section 3): FSAL, eq. 3.1-3.3."""
     nsol = tab.n_solution_stages
     ts = [t0]
@@ -584,12 +634,12 @@ def _solve_adaptive(dyn, struct, tab, y, t0, t1, rtol, atol, first_step, max_ste
                         n_rejected=0, tape=tape)
     direction = 1.0 if t1 > t0 else -1.0
     f0, cache0 = dyn.forward(t0, struct.pack(y))
-    k1 = struct.unpack(f0, "dynamics.forward output")
+    k1 = struct.unpack(f0, "dynamics.forward output", like=y)
     nfe = 1
     if first_step is None:
         # torchdiffeq passes order − 1 (the embedded order, 4 for dopri5): exponent 1/5
         h_abs, nf = initial_step(dyn, struct, t0, y, k1, direction, tab.error_order, rtol,
-                                 atol)
+                                 atol, allreduce)
         nfe += nf
     else:
         h_abs = abs(float(first_step))
@@ -620,7 +670,7 @@ def _solve_adaptive(dyn, struct, tab, y, t0, t1, rtol, atol, first_step, max_ste
                                              with_error=True)
         nfe += nf
         k_new, cache_new = (ks[-1], caches[-1]) if tab.fsal else (None, None)
-        ratio = _error_ratio(err, y, y_new, rtol, atol)
+        ratio = _error_ratio(err, y, y_new, rtol, atol, allreduce)
         attempts += 1
         if not math.isfinite(ratio):
             raise SolverError(

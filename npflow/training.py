@@ -16,7 +16,8 @@ two the toy example uses. Their state goes into the checkpoint with the optimize
 generator's and the loss history, so ``resume=True`` continues exactly (section 7).
 
 Host synchronisation: one float per iteration for the loss (the model returns it) and one for
-the gradient norm (the non-finite check must decide); nothing else per step.
+the gradient norm (the non-finite check must decide); nothing else per step, apart from one
+finiteness check of all parameters per log line and per checkpoint.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from .backend import get_array_module, to_host
 from .checkpoint import CheckpointError, load_training_state, read_header, read_params
 from .model import params_mismatch
 from .optim import Adam, clip_grad_norm
+from . import parallel
 from .solvers import SolverError
 
 __all__ = ["train", "TrainResult", "TrainHook", "SteerHook", "TimeOptimizer", "append_json",
@@ -119,7 +121,7 @@ class TimeOptimizer(TrainHook):
     name = "toflow"
 
     def __init__(self, model, lr: float = 1e-2, alpha: float = 0.1, eps: float = 0.1,
-                 t0: float = 0.0, kind: str = "analytic", betas=(0.9, 0.999)):
+                 t0: float = 0.0, kind: str = "analytic", betas=(0.9, 0.999), comm=None):
         if not model.config.get("train_T"):
             raise ValueError("TO-FLOW's T step needs a model built with train_T=True")
         if kind not in ("analytic", "discrete", "stale"):
@@ -132,7 +134,7 @@ class TimeOptimizer(TrainHook):
         if not self.lo < self.hi:
             raise ValueError(f"TO-FLOW clipping interval [t0 + eps, 2T0 − t0 − eps] = "
                              f"[{self.lo}, {self.hi}] is empty (T0={T0}, t0={t0}, eps={eps})")
-        self.alpha, self.kind = float(alpha), kind
+        self.alpha, self.kind, self.comm = float(alpha), kind, comm
         self.names = list(model.time_names)
         self.adam = Adam({n: model.params[n] for n in self.names}, lr=lr, betas=betas)
 
@@ -141,7 +143,7 @@ class TimeOptimizer(TrainHook):
             g = stats["dL_dT_analytic"]
             g = list(g) if isinstance(g, (list, tuple)) else [g]
         else:
-            g = model.time_gradient(x, rng, kind=self.kind)
+            g = parallel.time_gradient(model, x, rng, self.comm, kind=self.kind)
         if not all(math.isfinite(v) for v in g):
             raise FloatingPointError(f"TO-FLOW: non-finite ∂L/∂T {g}")
         xp = model.xp
@@ -249,11 +251,12 @@ class TrainResult:
 
 
 def _all_finite(params) -> bool:
-    for a in params.values():
-        xp = get_array_module(a)
-        if not bool(xp.isfinite(a).all()):
-            return False
-    return True
+    """True if every parameter array is finite: one host synchronisation for all of them."""
+    arrays = list(params.values())
+    if not arrays:
+        return True
+    xp = get_array_module(arrays[0])
+    return bool(xp.stack([xp.isfinite(a).all() for a in arrays]).all())
 
 
 def _restore(model, optimizer, rng, hooks, path, print_fn):
@@ -319,9 +322,9 @@ def _restore(model, optimizer, rng, hooks, path, print_fn):
 
 
 class _Signals:
-    """SIGINT / SIGTERM -> a flag the loop reads after each iteration (section 7.3). A second
-    signal raises KeyboardInterrupt at once. Installed only in the main thread; the previous
-    handlers come back on exit."""
+    """SIGINT / SIGTERM -> a flag the loop reads after each iteration (docs/training.md,
+    section 7.1). A second signal raises KeyboardInterrupt at once. Installed only in the main
+    thread; the previous handlers come back on exit."""
 
     def __init__(self, print_fn):
         self.print_fn, self.got, self.old = print_fn, None, {}
@@ -348,7 +351,8 @@ class _Signals:
 def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int = 100,
           save_dir=None, checkpoint_name: str = "checkpoint.h5", resume: bool = False,
           log_json=None, grad_clip=None, hooks=(), on_log=(), checkpoint_every=None,
-          checkpoint_seconds=None, explode: float = 100.0, print_fn=print) -> TrainResult:
+          checkpoint_seconds=None, explode: float = 100.0, print_fn=print,
+          comm=None) -> TrainResult:
     """Train ``model`` for ``n_iters`` iterations (eq. 5.1); see the module docstring.
 
     model: a FlowModel; optimizer: an Adam over the weights (its ``keys`` are the entries it
@@ -362,11 +366,18 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
     hooks: TrainHook objects (STEER, TO-FLOW); on_log: callables receiving each log record;
     checkpoint_every: iterations between checkpoints (default log_every); checkpoint_seconds:
     also checkpoint when this many seconds passed since the last one (None: off);
-    explode: divergence threshold of section 7.4 (stop with status "diverged" when
+    explode: divergence threshold of eq. 5.2 (stop with status "diverged" when
     loss − min loss > explode·(|first loss| + 1); None: off); print_fn: where progress lines go.
 
-    SIGINT / SIGTERM (section 7.3): the iteration in progress finishes, a checkpoint is written
+    SIGINT / SIGTERM (section 7.1): the iteration in progress finishes, a checkpoint is written
     and the result has status "interrupted" and ``signal`` set; no exception, no exit.
+
+    comm: the MPI ranks that share every batch (npflow.parallel.Comm; None: this process
+    alone). Each rank computes its rows, one Allreduce combines them and every rank takes the
+    same step (docs/parallel.md); rank 0 alone prints, logs, calls on_log and writes
+    checkpoints. The loop's own decisions that depend on one rank's view (a signal received,
+    the checkpoint clock) are agreed by a second, two-number Allreduce per iteration, so all
+    ranks stop and checkpoint together.
     """
     if n_iters < 0 or log_every < 1:
         raise ValueError(f"need n_iters >= 0 and log_every >= 1, got {n_iters}, {log_every}")
@@ -380,6 +391,9 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
         raise ValueError(f"need checkpoint_every >= 1 and checkpoint_seconds > 0, got "
                          f"{checkpoint_every}, {checkpoint_seconds}")
     ckpt = None if save_dir is None else os.path.join(os.fspath(save_dir), checkpoint_name)
+    if comm is not None and not comm.root:       # rank 0 alone prints, logs and writes
+        print_fn, log_json, on_log = (lambda *a, **k: None), None, ()
+    root = comm is None or comm.root
 
     start = 0
     hist = {k: [] for k in HISTORY_KEYS}
@@ -408,9 +422,11 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
             return
         if not _all_finite(model.params):
             raise FloatingPointError("parameters contain NaN/Inf")
+        parallel.check_same(model.params, comm)
         extra = {"history": _as_arrays(hist), "n_iters": int(n_iters),
                  "hooks": {h.name: h.state_dict() for h in hooks}}
-        model.save(ckpt, optimizer=optimizer, rng=rng, iteration=iteration, extra=extra)
+        if root:
+            model.save(ckpt, optimizer=optimizer, rng=rng, iteration=iteration, extra=extra)
         last_good, last_good_it = ckpt, iteration
         t_saved = time.perf_counter()
 
@@ -439,7 +455,7 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
                 kw = {}
                 for h in hooks:
                     kw.update(h.loss_kwargs(model, rng, it))
-                loss, grads, stats = model.loss_and_grad(x, rng, **kw)
+                loss, grads, stats = parallel.loss_and_grad(model, x, rng, comm, **kw)
                 if not math.isfinite(loss):
                     failure = f"the loss is {loss}"
                 else:
@@ -497,9 +513,12 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
                 for cb in on_log:
                     cb(rec)
                 window = []
+            clock = (checkpoint_seconds is not None and
+                     time.perf_counter() - t_saved >= checkpoint_seconds)
+            if comm is not None and comm.size > 1:   # one rank's signal or clock: all agree
+                sig.got, clock = parallel.agree(sig.got, clock, comm)
             due = (done % checkpoint_every == 0 or done == n_iters or sig.got is not None or
-                   (checkpoint_seconds is not None and
-                    time.perf_counter() - t_saved >= checkpoint_seconds))
+                   clock)
             if ckpt is not None and due:
                 try:
                     save(done)
@@ -526,11 +545,11 @@ def _as_arrays(hist: dict) -> dict:
 
 
 def time_left(seconds, nfe, remaining: int, recent: int = 50) -> float:
-    """Seconds left (section 7.5): the mean time of the last ``recent`` iterations, scaled by
+    """Seconds left (section 5, eq. 5.3): the mean time of the last ``recent`` iterations, scaled by
     the NFE trend. With s̄ the recent seconds per iteration, n̄ the recent NFE per iteration
     and g ≥ 0 the least-squares slope of NFE per iteration over the last ``4·recent``
     iterations, the remaining R iterations are estimated to take
-        s̄ · Σ_{j=1..R} (n̄ + g·j)/n̄ = s̄ · R · (1 + g·(R + 1)/(2 n̄))          (eq. 7.1)
+        s̄ · Σ_{j=1..R} (n̄ + g·j)/n̄ = s̄ · R · (1 + g·(R + 1)/(2 n̄))          (eq. 5.3)
     seconds, nfe: per-iteration sequences (oldest first)."""
     if remaining <= 0 or not len(seconds):
         return 0.0
@@ -546,7 +565,7 @@ def time_left(seconds, nfe, remaining: int, recent: int = 50) -> float:
 
 def _log_record(window, row, T, optimizer, n_iters, done, logged, hist):
     sec = float(numpy.mean([w["seconds"] for w in window]))
-    nfe = [f + b for f, b in zip(hist["nfe_forward"], hist["nfe_backward"])]
+    nfe = [f + b for f, b in zip(hist["nfe_forward"][-200:], hist["nfe_backward"][-200:])]
     rec = {
         "iteration": done,
         "loss": row["loss"],
@@ -558,7 +577,7 @@ def _log_record(window, row, T, optimizer, n_iters, done, logged, hist):
         "grad_norm": row["grad_norm"],
         "lr": optimizer.current_lr(),
         "sec_per_iter": sec,
-        "time_left_s": time_left(hist["seconds"], nfe, n_iters - done),
+        "time_left_s": time_left(hist["seconds"][-200:], nfe, n_iters - done),
     }
     for k in ("kinetic", "jacobian"):
         if math.isfinite(row[k]):

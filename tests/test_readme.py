@@ -27,6 +27,13 @@ def test_ci_runs_the_readme_test_command():
 
 def test_setup_cfg_declares_the_extras():
     cfg = (ROOT / "setup.cfg").read_text()
-    for extra in ("gpu =", "test =", "bench ="):
+    for extra in ("gpu =", "test =", "bench =", "mpi ="):
         assert re.search(rf"^{re.escape(extra)}", cfg, re.M), extra
     assert "cupy-cuda12x" in cfg and "torchdiffeq" in cfg
+    assert "mpi4py" in cfg and re.search(r"^\s+mpich\s*$", cfg, re.M)
+
+
+def test_the_readme_test_command_installs_the_mpi_extra():
+    """The MPI tests (tests/test_parallel_mpi.py) run in CI only if mpi4py and mpiexec are
+    installed there."""
+    assert "mpi" in readme_commands()[1].split("]")[0]

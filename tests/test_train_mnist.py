@@ -86,7 +86,12 @@ def test_resume_continues_exactly(tmp_path, data_dir):
         np.testing.assert_array_equal(pa[k], pb[k])
 
 
-def test_gpu_without_cupy_or_gpu_is_a_clear_error(capsys, data_dir):
+@pytest.mark.parametrize("cupy", ["as installed", "missing"])
+def test_gpu_without_cupy_or_gpu_is_a_clear_error(capsys, data_dir, monkeypatch, cupy):
+    """The same one-line message whether CuPy is installed (no GPU) or not."""
+    if cupy == "missing":
+        import sys
+        monkeypatch.setitem(sys.modules, "cupy", None)     # import cupy -> ImportError
     mod = _load_script()
     with pytest.raises(SystemExit) as exc:
         mod.main(["--device", "gpu", "--data-dir", data_dir, "--niters", "1"])

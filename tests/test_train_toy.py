@@ -214,22 +214,3 @@ def test_default_flags_reach_the_quality_target(tmp_path, data, bound):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert _records(log)[-1]["test_nll"] <= bound
-
-
-@needs_cnf
-def test_threads_and_processes_flags_give_the_losses_of_one_thread(tmp_path):
-    """--threads 2 and --processes 2 cut batches of 512 into two row blocks (CNF.threads,
-    CNF.processes, docs/cnf.md 3.10); the training losses equal those of one thread up to
-    float32 rounding."""
-    base = [a if a != "16" else "512" for a in TINY] + ["--niters", "3", "--no-figures",
-                                                        "--log-every", "1"]
-    losses = []
-    for flags in (["--threads", "1"], ["--threads", "2"], ["--processes", "2"]):
-        name = "".join(flags)
-        log = tmp_path / f"log{name}.jsonl"
-        assert _run(base + flags + ["--save", str(tmp_path / name),
-                                    "--log-json", str(log)]) == 0
-        losses.append([r["loss"] for r in _records(log) if "loss" in r])
-    assert len(losses[0]) == 3
-    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
-    np.testing.assert_allclose(losses[2], losses[0], rtol=1e-5)

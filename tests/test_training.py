@@ -303,3 +303,145 @@ def test_solver_failure_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert "the ODE solver failed" in res.message and "underflow" in res.message
     assert "iteration 5) is kept" in res.message
     assert load_training_state(tmp_path / "checkpoint.h5")["iteration"] == 5
+
+
+# --------------------------------------------------------------------------------------------
+# signals, timed checkpoints, divergence, nothing to train, time left (docs/training.md §7)
+
+class _SignalAt(TrainHook):
+    """Sends ``signum`` to this process during iteration ``at`` (as a user would mid-step)."""
+    name = "signal"
+
+    def __init__(self, at, signum):
+        self.at, self.signum = at, signum
+
+    def after_step(self, model, x, rng, it, stats):
+        if it + 1 == self.at:
+            import os
+            os.kill(os.getpid(), self.signum)
+        return {}
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_signal_finishes_the_iteration_checkpoints_and_resume_equals_uninterrupted(tmp_path,
+                                                                                   signame):
+    import signal
+    signum = getattr(signal, signame)
+    before = signal.getsignal(signum)
+    model, opt, hooks = _setup(method="both")
+    full = train(model, opt, batches, 40, np.random.default_rng(1), log_every=100,
+                 save_dir=tmp_path / "a", hooks=hooks, print_fn=lambda m: None)
+    model, opt, hooks = _setup(method="both")
+    lines = []
+    res = train(model, opt, batches, 40, np.random.default_rng(1), log_every=100,
+                save_dir=tmp_path / "b", hooks=hooks + [_SignalAt(17, signum)],
+                print_fn=lines.append)
+    assert res.status == "interrupted" and res.signal == signum and res.iteration == 17
+    assert signal.getsignal(signum) is before             # the handlers are given back
+    assert load_training_state(tmp_path / "b" / "checkpoint.h5")["iteration"] == 17
+    assert any(signame in line for line in lines)
+    model, opt, hooks = _setup(method="both")
+    res2 = train(model, opt, batches, 40, np.random.default_rng(1), log_every=100,
+                 save_dir=tmp_path / "b", resume=True, hooks=hooks, print_fn=lambda m: None)
+    assert res2.status == "done"
+    np.testing.assert_array_equal(res2.history["loss"], full.history["loss"])
+
+
+def test_checkpoint_seconds_writes_between_iteration_checkpoints(tmp_path):
+    import time as _time
+
+    def slow(rng, it):
+        _time.sleep(0.03)
+        return batches(rng, it)
+    model, opt, _ = _setup()
+    res = train(model, opt, slow, 2, np.random.default_rng(0), log_every=100,
+                checkpoint_every=1000, checkpoint_seconds=0.05, save_dir=tmp_path,
+                print_fn=lambda m: None)
+    assert res.status == "done"
+    model, opt, _ = _setup()
+    seen = []
+    orig = model.save
+
+    def spy(path, **kw):
+        seen.append(kw["iteration"])
+        return orig(path, **kw)
+    model.save = spy
+    train(model, opt, slow, 6, np.random.default_rng(0), log_every=100, checkpoint_every=1000,
+          checkpoint_seconds=0.05, save_dir=tmp_path / "c", print_fn=lambda m: None)
+    assert len(seen) >= 3 and seen[-1] == 6
+    model, opt, _ = _setup()
+    seen.clear()
+    model.save = spy
+    train(model, opt, slow, 6, np.random.default_rng(0), log_every=100, checkpoint_every=1000,
+          save_dir=tmp_path / "d", print_fn=lambda m: None)
+    assert seen == [6]
+
+
+def test_exploding_loss_is_reported_as_diverged_and_keeps_the_last_checkpoint(tmp_path):
+    model, _, _ = _setup()
+    opt = Adam(dict(model.params), lr=50.0)        # absurd step: the loss explodes, finitely
+    res = train(model, opt, batches, 200, np.random.default_rng(0), log_every=1,
+                save_dir=tmp_path, log_json=tmp_path / "l.jsonl", print_fn=lambda m: None)
+    assert res.status == "diverged", res.message
+    assert "exploded" in res.message and "learning rate" in res.message
+    assert res.iteration < 200
+    recs = [json.loads(s) for s in open(tmp_path / "l.jsonl")]
+    assert "error" in recs[-1]
+
+
+def test_a_normal_run_is_not_called_diverged():
+    model, opt, _ = _setup()
+    res = train(model, opt, batches, 300, np.random.default_rng(0), log_every=100,
+                print_fn=lambda m: None)
+    assert res.status == "done"
+
+
+def test_zero_iterations_say_nothing_to_train_without_claiming_a_checkpoint(tmp_path):
+    model, opt, _ = _setup()
+    lines = []
+    res = train(model, opt, batches, 0, np.random.default_rng(0), save_dir=tmp_path,
+                print_fn=lines.append)
+    assert res.status == "already-done" and res.checkpoint is None
+    assert "0 iterations" in res.message and "checkpoint" not in res.message
+
+
+def test_time_left_follows_the_nfe_growth():
+    from npflow.training import time_left
+    flat = time_left([1.0] * 100, [10] * 100, 100)
+    assert flat == pytest.approx(100.0)
+    # NFE grows by 0.1 per iteration from 10 to 20: eq. 7.1 predicts more than the flat rate
+    nfe = list(np.linspace(10, 20, 101)[1:])
+    grown = time_left([1.0] * 100, nfe, 100)
+    g, n_bar = 0.1, float(np.mean(nfe[-50:]))
+    assert grown == pytest.approx(100 * (1 + g * 101 / (2 * n_bar)), rel=1e-6)
+    assert grown > flat
+    assert time_left([], [], 10) == 0.0 and time_left([1.0], [5], 0) == 0.0
+
+
+def test_resume_into_another_method_is_one_clear_checkpoint_error(tmp_path):
+    from npflow.checkpoint import CheckpointError
+    model, opt, hooks = _setup(method="plain")
+    train(model, opt, batches, 5, np.random.default_rng(0), save_dir=tmp_path,
+          print_fn=lambda m: None)
+    model, opt, hooks = _setup(method="toflow")        # gains a T parameter
+    with pytest.raises(CheckpointError) as info:
+        train(model, opt, batches, 10, np.random.default_rng(0), save_dir=tmp_path,
+              resume=True, hooks=hooks, print_fn=lambda m: None)
+    msg = str(info.value)
+    assert "\n" not in msg and "do not fit" in msg and "train_T" in msg
+
+
+def test_loss_panel_keeps_the_early_loss_in_view():
+    """The toy curves cut off the early loss when the limits were the 1st-99th percentiles."""
+    from npflow.plotting import loss_limits
+    rng = np.random.default_rng(0)
+    it = np.arange(10000)
+    loss = 3.0 + 5.0 * np.exp(-it / 30.0) + 0.05 * rng.normal(size=it.size)   # 8 -> 3 quickly
+    lo, hi = loss_limits(loss, 200)
+    assert hi >= loss[:5].mean() and lo <= np.percentile(loss, 1)
+    old_hi = np.percentile(loss, 99)
+    assert old_hi < loss[:5].mean()                      # what the old limits cut off
+    spiky = np.full(1000, 3.0)
+    spiky[500] = 1e6              # a single spike counts only by its share of the running mean
+    assert loss_limits(spiky, 20)[1] < 1e5
+    assert loss_limits(np.full(5, np.nan), 1) is None
