@@ -11,10 +11,14 @@ from npflow.layers import ACTIVATIONS
 from npflow.odenet import LAYER_TYPES, ODENet
 from test_layers import check_all, assert_rel_close
 
+# finite differences of second-order terms need smooth activations (ReLU has a kink at 0;
+# its checks are in tests/test_nets.py)
+SMOOTH = sorted(a for a, cls in ACTIVATIONS.items() if cls.smooth)
+
 nets = dict(
     B=st.integers(1, 5), D=st.integers(1, 6), K=st.integers(1, 4),
     hidden=st.lists(st.integers(1, 8), min_size=0, max_size=3),
-    layer=st.sampled_from(sorted(LAYER_TYPES)), activation=st.sampled_from(sorted(ACTIVATIONS)),
+    layer=st.sampled_from(sorted(LAYER_TYPES)), activation=st.sampled_from(SMOOTH),
     seed=st.integers(0, 2**32 - 1), t=st.floats(-2.0, 2.0, allow_nan=False))
 
 
@@ -122,7 +126,7 @@ def test_shape_errors_name_the_shapes():
     with pytest.raises(ValueError, match="unknown layer type 'conv'"):
         ODENet(3, (4,), 3, layer="conv")
     with pytest.raises(ValueError, match="unknown activation"):
-        ODENet(3, (4,), 3, activation="relu")
+        ODENet(3, (4,), 3, activation="cube")
 
 
 def test_non_finite_input_is_reported_where_it_enters():
