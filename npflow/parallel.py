@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 import zlib
 
@@ -100,6 +101,7 @@ class Comm:
         sys.stderr.write(f"npflow rank {self.rank}/{self.size}: {message}\n")
         sys.stderr.flush()
         if self.mpi is not None and self.size > 1:
+            _let_the_launcher_forward()
             self.mpi.Abort(code)
         raise SystemExit(code)
 
@@ -156,9 +158,20 @@ def _abort_on_uncaught(comm):
         except Exception:  # noqa: BLE001 - whatever happens, the other ranks must stop
             previous(kind, value, tb)
         finally:
+            _let_the_launcher_forward()
             comm.mpi.Abort(1)
 
     sys.excepthook = hook
+
+
+#: seconds a failing rank waits, after flushing its message, before MPI_Abort: the launcher
+#: (MPICH's hydra proxy) forwards a rank's stderr through a pipe, and an abort can tear the job
+#: down before the proxy has read the message (seen in CI on a loaded machine: empty stderr)
+ABORT_GRACE = 1.0
+
+
+def _let_the_launcher_forward():
+    time.sleep(ABORT_GRACE)
 
 
 #: seconds a rank leaving with an error code waits for the others to leave too (run)
@@ -173,7 +186,6 @@ def run(main, *args):
     (they do when all took the same decision), and otherwise ends every rank (MPI_Abort)
     instead of leaving them waiting in a collective. Exceptions are the exception hook's
     (init)."""
-    import time
     try:
         code = main(*args)
     except SystemExit as exc:
