@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import types
 
+import numpy as np
 import pytest
 
 from npflow import methods as M
-from npflow.training import SteerHook, TimeOptimizer, TrainHook
+from npflow.training import SteerHook, TrainHook
 
 
 def _args(**kw):
@@ -67,7 +68,7 @@ def test_steer_checks_its_half_width():
 
 def test_hooks_of_a_composition_are_the_methods_hooks():
     model = types.SimpleNamespace(config={"train_T": True, "T": 1.0}, time_names=["T"],
-                                  params={"T": __import__("numpy").ones(())})
+                                  params={"T": np.ones(())})
     hooks = M.compose("steer+toflow+rnode").hooks(model, _args(), steer_b=0.25)
     assert sorted(type(h).__name__ for h in hooks) == ["SteerHook", "TimeOptimizer"]
     steer = next(h for h in hooks if isinstance(h, SteerHook))
@@ -76,10 +77,17 @@ def test_hooks_of_a_composition_are_the_methods_hooks():
     assert M.compose("ffjord").hooks(model, _args()) == []
 
 
-def test_flags_come_from_the_methods():
-    import sys, os
+def _common():
+    """examples/common.py, imported as the scripts import it."""
+    import os
+    import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
     import common
+    return common
+
+
+def test_flags_come_from_the_methods():
+    common = _common()
     p = argparse.ArgumentParser()
     common.add_method_arguments(p, ("ffjord", "rnode", "toflow"), t_grad_default="stale")
     a = p.parse_args([])
@@ -108,9 +116,7 @@ def test_a_method_added_in_one_place_is_listed_flagged_and_hooked():
 
     M.register(Demo())
     try:
-        import sys, os
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-        import common
+        common = _common()
         p = argparse.ArgumentParser()
         common.add_method_arguments(p, M.method_names())
         a = p.parse_args(["--method", "rnode+demo", "--demo-rate", "3"])
