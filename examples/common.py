@@ -253,32 +253,24 @@ def parse_save_every(text):
 
 def add_method_arguments(parser, methods=METHODS[:4], default: str = "ffjord",
                          t_grad_default: str = "analytic"):
-    """--method (one of ``methods`` or a '+' combination) and the tuning flags of the methods
-    among ``methods``: --kinetic, --jacobian (rnode), --alpha-T, --eps-T, --lr-T, --T-grad
-    (toflow; --alpha is the deprecated spelling of --alpha-T), --steer-b (steer)."""
-    a = parser.add_argument
-    a("--method", default=default,
-      help=" | ".join(methods) + ", or a '+' combination such as toflow+rnode")
-    if "rnode" in methods:
-        a("--kinetic", type=float, default=None,
-          help="λ_K of RNODE's ∫‖f‖² (default: 0.01 with rnode, else 0)")
-        a("--jacobian", type=float, default=None,
-          help="λ_J of RNODE's ∫‖∂f/∂z‖²_F (default: 0.01 with rnode, else 0)")
+    """--method (one of ``methods`` or a '+' combination) and the flags of each method among
+    ``methods``, added by the method itself (npflow.methods, docs/training.md section 11):
+    --kinetic, --jacobian (rnode), --alpha-T, --eps-T, --lr-T, --T-grad (toflow; --alpha is
+    the deprecated spelling of --alpha-T), --steer-b (steer). ``t_grad_default``: the
+    script's default of --T-grad."""
+    from npflow.methods import METHODS as registry
+    parser.add_argument("--method", default=default,
+                        help=" | ".join(methods) + ", or a '+' combination such as toflow+rnode")
+    for name, method in registry.items():
+        if name in methods:
+            method.add_arguments(parser)
     if "toflow" in methods:
-        a("--alpha-T", type=float, default=0.1, help="TO-FLOW temporal regularization α·|T|")
-        a("--eps-T", type=float, default=0.1, help="TO-FLOW clipping ε: T in [t0+ε, 2T0−t0−ε]")
-        a("--lr-T", type=float, default=1e-2, help="TO-FLOW learning rate of the T optimizer")
-        a("--T-grad", default=t_grad_default, choices=["analytic", "discrete", "stale"],
-          help="TO-FLOW ∂L/∂T at the updated weights: 'analytic' (terminal formula), "
-               "'discrete' (exact derivative of the discrete loss), or 'stale' = the analytic "
-               "value from the weight step (no extra solve)")
-    if "steer" in methods:
-        a("--steer-b", type=float, default=None, help="STEER half-width b (default: T0/2)")
+        parser.set_defaults(T_grad=t_grad_default)
 
 
 def parse_methods(text: str, allowed=METHODS) -> set:
     """The set of methods named by ``text`` (a name or a '+' combination); fail() with exit 2
-    listing the valid names otherwise."""
+    listing the valid names, or naming methods that exclude each other, otherwise."""
     from npflow.training import parse_methods as _parse
     try:
         return _parse(text, allowed)
@@ -312,17 +304,11 @@ def tune_host(args, mmap_max=None):
 
 
 def method_hooks(model, methods, args, steer_b=None, comm=None) -> list:
-    """The training hooks of the chosen methods: STEER's end-time draw (half-width
-    ``steer_b``) and TO-FLOW's T step (from --lr-T, --alpha-T, --eps-T, --T-grad; its ∂L/∂T
-    over the MPI ranks ``comm``)."""
-    from npflow.training import SteerHook, TimeOptimizer
-    hooks = []
-    if "steer" in methods:
-        hooks.append(SteerHook(steer_b))
-    if "toflow" in methods:
-        hooks.append(TimeOptimizer(model, lr=args.lr_T, alpha=args.alpha_T, eps=args.eps_T,
-                                   kind=args.T_grad, comm=comm))
-    return hooks
+    """The training hooks of the chosen methods (``Method.hooks``, npflow.methods): STEER's
+    end-time draw (half-width ``steer_b``, default T0/2) and TO-FLOW's T step (from --lr-T,
+    --alpha-T, --eps-T, --T-grad; its ∂L/∂T over the MPI ranks ``comm``)."""
+    from npflow.methods import compose
+    return compose(methods).hooks(model, args, comm=comm, steer_b=steer_b)
 
 
 def warn_constant(x, name: str) -> bool:

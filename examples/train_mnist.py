@@ -41,9 +41,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (examples/common.py: flags, run folder, lock, signals)
 from common import fail  # noqa: E402
 
+from npflow.methods import METHODS as REGISTRY, RNODE, STEER, compose  # noqa: E402
 from npflow.tableau import fixed_grid, solver_names  # noqa: E402
 
-METHODS = ("ffjord", "rnode", "toflow", "steer")
+# the registered methods of the multiscale CNF (npflow.methods)
+METHODS = tuple(n for n, m in REGISTRY.items() if m.model is None)
 # the settings that define the model (and its data): --resume refuses a change of any
 MODEL_KEYS = ("data", "labels", "dims", "num_blocks", "scales", "layer_type", "T", "method",
               "trace", "alpha_logit", "zero_last", "dtype", "seed", "kinetic", "jacobian")
@@ -179,21 +181,20 @@ def prepare(args):
         raise ValueError(f"--T must be > 0, got {args.T}")
     if args.step_size is not None and not args.step_size > 0:
         raise ValueError(f"--step-size must be > 0, got {args.step_size}")
-    rnode, toflow, steer = "rnode" in methods, "toflow" in methods, "steer" in methods
-    kinetic = args.kinetic if args.kinetic is not None else (0.01 if rnode else 0.0)
-    jacobian = args.jacobian if args.jacobian is not None else (0.01 if rnode else 0.0)
-    steer_b = args.steer_b if args.steer_b is not None else 0.5 * args.T
-    if steer and not 0 < steer_b < args.T:
-        raise ValueError(f"--steer-b must be in (0, T) = (0, {args.T}), got {steer_b}")
+    combo = compose(methods)           # each method's checks and model settings (configure)
+    combo.check(args, args.T)
+    rnode = "rnode" in methods
+    kinetic, jacobian = RNODE.weights(args, False)
+    steer_b = STEER.half_width(args, args.T)
     C, H, W = DATASETS[args.data]
     config = dict(image_shape=(C + int(args.labels), H, W), hidden=parse_dims(args.dims),
                   layer=args.layer_type, scales=args.scales, blocks=args.num_blocks, T=args.T,
-                  train_T=toflow, solver=args.solver, steps=args.steps,
+                  train_T=False, solver=args.solver, steps=args.steps,
                   step_size=args.step_size, rtol=args.rtol, atol=args.atol, trace=args.trace,
                   kinetic=kinetic, jacobian=jacobian, zero_last=bool(args.zero_last or rnode),
                   alpha=args.alpha_logit, store=args.store, dtype=args.dtype, device=args.device,
                   seed=args.seed)
-    return methods, config, steer_b
+    return methods, combo.configure(config, args), steer_b
 
 
 def missing_data_message(args, exc):

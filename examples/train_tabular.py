@@ -44,10 +44,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (examples/common.py: flags, run folder, lock, signals)
 from common import fail  # noqa: E402
+from npflow.methods import METHODS as REGISTRY, RNODE  # noqa: E402
 from npflow.training import TrainHook  # noqa: E402
 
-METHODS = ("otflow", "ffjord", "rnode", "toflow", "steer", "cfm", "otcfm")
-FLOW_MATCHING = {"cfm": "independent", "otcfm": "ot"}    # npflow.cfm, docs/cfm.md
+# every registered method (npflow.methods), OT-Flow first (the default)
+METHODS = ("otflow",) + tuple(n for n in REGISTRY if n != "otflow")
+# flow matching (npflow.cfm, docs/cfm.md): method name -> coupling
+FLOW_MATCHING = {n: m.coupling for n, m in REGISTRY.items() if m.model == "cfm"}
 MODELS = METHODS              # old name
 # the settings that define the model (and its data): --resume refuses a change of any
 MODEL_KEYS = ("data", "method", "width", "depth", "rank", "dtype", "seed", "trace", "sigma",
@@ -327,8 +330,7 @@ def build_model(args, settings, dim, is_toy):
                                coupling=FLOW_MATCHING[args._method],
                                time_groups=args.time_groups)
     rnode = args._method == "rnode"
-    kinetic = args.kinetic if args.kinetic is not None else (0.01 if rnode else 0.0)
-    jacobian = args.jacobian if args.jacobian is not None else (0.01 if rnode else 0.0)
+    kinetic, jacobian = RNODE.weights(args, rnode)
     return npflow.CNF(dim, hidden=hidden, layer="concatsquash",
                       activation=settings["activation"], T=settings["T"],
                       train_T=args._method in ("ffjord", "toflow"),

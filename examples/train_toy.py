@@ -43,10 +43,12 @@ import common  # noqa: E402  (examples/common.py: flags, run folder, lock, signa
 from common import fail  # noqa: E402
 
 from npflow.layers import ACTIVATIONS  # noqa: E402
+from npflow.methods import METHODS as REGISTRY, RNODE, STEER, compose  # noqa: E402
 from npflow.odenet import LAYER_TYPES  # noqa: E402
 from npflow.tableau import fixed_grid, solver_names  # noqa: E402
 
-METHODS = ("ffjord", "rnode", "toflow", "steer", "cfm", "otcfm")
+# the registered methods this script's models run (npflow.methods): the CNF's and flow matching
+METHODS = tuple(n for n, m in REGISTRY.items() if m.model in (None, "cfm"))
 # the settings that define the model (and its data): --resume refuses a change of any
 MODEL_KEYS = ("data", "data_file", "dims", "layer_type", "nonlinearity", "blocks", "T",
               "train_T", "method", "seed", "dtype", "trace", "kinetic", "jacobian", "sigma",
@@ -217,29 +219,23 @@ def prepare(args):
         if not args.sigma >= 0:
             raise ValueError(f"--sigma must be >= 0, got {args.sigma}")
         flow_matching = dict(sigma=args.sigma, time_groups=args.time_groups,
-                             coupling="ot" if m == "otcfm" else "independent")
+                             coupling=REGISTRY[m].coupling)
     else:
         flow_matching = None
-    rnode = "rnode" in methods
-    kinetic = args.kinetic if args.kinetic is not None else (0.01 if rnode else 0.0)
-    jacobian = args.jacobian if args.jacobian is not None else (0.01 if rnode else 0.0)
-    toflow, steer = "toflow" in methods, "steer" in methods
     if args.train_T is None:           # FFJORD's toy default: T trained jointly
         args.train_T = methods == {"ffjord"}
-    if toflow and args.train_T:
-        raise ValueError("--train-T (joint T training) and --method toflow (T by its own "
-                         "optimizer) exclude each other; choose one")
-    steer_b = args.steer_b if args.steer_b is not None else 0.5 * args.T
-    if steer and not 0 < steer_b < args.T:
-        raise ValueError(f"--steer-b must be in (0, T) = (0, {args.T}), got {steer_b}")
+    combo = compose(methods)           # each method's checks and model settings (configure)
+    combo.check(args, args.T)
+    kinetic, jacobian = RNODE.weights(args, False)
     config = dict(dim=2, hidden=hidden, layer=args.layer_type, activation=args.nonlinearity,
-                  T=args.T, train_T=bool(toflow or args.train_T), solver=args.solver,
+                  T=args.T, train_T=bool(args.train_T), solver=args.solver,
                   steps=steps, rtol=args.rtol, atol=args.atol, trace=args.trace,
                   kinetic=kinetic, jacobian=jacobian, blocks=args.blocks, dtype=args.dtype,
                   device=args.device, seed=args.seed)
+    config = combo.configure(config, args)
     return dict(methods=methods, config=config, sample_batch=sample_batch, x_test=x_test,
-                data_name=data_name, limits=limits, steer_b=steer_b,
-                flow_matching=flow_matching)
+                data_name=data_name, limits=limits, steer_b=STEER.half_width(args, args.T),
+                flow_matching=flow_matching, combo=combo)
 
 
 def main(argv=None) -> int:
@@ -271,13 +267,12 @@ def main(argv=None) -> int:
         fail(f"cannot build the model: {exc}; or use --device cpu")
     methods, cfg = run["methods"], run["config"]
 
-    time_names = set(model.time_names) if cfg["train_T"] else set()
-    weight_keys = {k: v for k, v in model.params.items()
-                   if not ("toflow" in methods and k in time_names)}
+    skip = run["combo"].optimizer_skip(model)        # TO-FLOW's end times: its own optimizer
+    weight_keys = {k: v for k, v in model.params.items() if k not in skip}
     optimizer = Adam(weight_keys, lr=args.lr, weight_decay=args.weight_decay,
                      decoupled=args.weight_decay_mode == "adamw",
                      schedule=_schedule(args))
-    hooks = common.method_hooks(model, methods, args, run["steer_b"], comm=comm)
+    hooks = run["combo"].hooks(model, args, comm=comm, steer_b=run["steer_b"])
 
     with common.open_run(args, model_keys=MODEL_KEYS, comm=comm) as rf:
         return _train_and_evaluate(args, rf, run, model, optimizer, hooks, methods, cfg,

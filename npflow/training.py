@@ -34,6 +34,7 @@ import numpy
 from .backend import get_array_module, to_host
 from .checkpoint import CheckpointError, load_training_state, read_header, read_params
 from .model import params_mismatch
+from .methods import METHODS as _METHOD_REGISTRY, compose, method_names
 from .optim import Adam, clip_grad_norm
 from . import parallel
 from .solvers import SolverError
@@ -169,25 +170,18 @@ class TimeOptimizer(TrainHook):
 # --------------------------------------------------------------------------------------------
 # methods
 
-METHODS = ("ffjord", "rnode", "toflow", "steer", "otflow", "cfm", "otcfm")
+#: every registered method name (npflow.methods, docs/training.md section 11)
+METHODS = method_names()
 #: simulation-free methods (npflow.cfm, docs/cfm.md): another loss, so they combine with nothing
-FLOW_MATCHING = ("cfm", "otcfm")
+FLOW_MATCHING = tuple(n for n, m in _METHOD_REGISTRY.items() if m.model == "cfm")
 
 
 def parse_methods(text: str, allowed=METHODS) -> set:
     """The set of training methods named by ``text``: one of ``allowed`` or a '+' combination
-    such as "toflow+rnode"; ValueError listing the valid names otherwise, or when cfm / otcfm
-    is combined with another method. (The command-line flags of the methods live in
-    examples/common.py.)"""
-    parts = [m.strip().lower() for m in str(text).split("+") if m.strip()]
-    bad = [m for m in parts if m not in allowed]
-    if not parts or bad:
-        combo = " or a '+' combination such as toflow+rnode" if "toflow" in allowed else ""
-        raise ValueError(f"unknown method {text!r}: use one of {', '.join(allowed)}{combo}")
-    if len(set(parts)) > 1 and set(parts) & set(FLOW_MATCHING):
-        raise ValueError(f"method {text!r}: cfm and otcfm train by flow matching and combine "
-                         "with no other method; give one alone")
-    return set(parts)
+    such as "toflow+rnode"; ValueError listing the valid names otherwise, or when two of them
+    exclude each other (cfm / otcfm / otflow combine with nothing). npflow.methods.compose
+    gives the methods themselves."""
+    return set(compose(text, allowed).names)
 
 
 # --------------------------------------------------------------------------------------------
