@@ -9,6 +9,8 @@
 import numpy as np
 import pytest
 
+from example_files import load_example, write_idx
+
 import npflow
 from npflow.autoencoder import Autoencoder
 from npflow.latent import LatentFlow, SoftmaxRegression
@@ -132,29 +134,11 @@ def test_mismatched_dimensions_are_refused():
 # ----------------------------------------------------------------------------- the example
 
 def _load_example():
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
-                        "train_latent.py")
-    spec = importlib.util.spec_from_file_location("train_latent", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("train_latent")
 
 
 def _write_idx(folder, n_train=60, n_test=20):
-    import gzip
-    import os
-    import struct
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        x = rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)
-        y = (np.arange(n) % 10).astype(np.uint8)
-        with gzip.open(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), "wb") as f:
-            f.write(struct.pack(">IIII", 2051, n, 28, 28) + x.tobytes())
-        with gzip.open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as f:
-            f.write(struct.pack(">II", 2049, n) + y.tobytes())
+    write_idx(folder, n_train, n_test, labels="cycle")
 
 
 TINY = ["--dim", "4", "--width", "8", "--ae-epochs", "2", "--ae-batch", "10", "--niters", "4",

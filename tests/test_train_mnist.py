@@ -2,37 +2,24 @@
 a short run writes a checkpoint, samples and the test bits/dim; an interrupted run resumed from
 its checkpoint ends exactly where an uninterrupted one does; --device gpu without a GPU gives
 the clear DeviceError message."""
-import gzip
-import importlib.util
 import json
 import os
-import struct
 
 import numpy as np
 import pytest
+
+from example_files import load_example, write_idx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
 def _load_script():
-    path = os.path.join(HERE, "..", "examples", "train_mnist.py")
-    spec = importlib.util.spec_from_file_location("train_mnist", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("train_mnist")
 
 
 def _write_idx(folder, n_train=12, n_test=6):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        x = rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)
-        y = rng.integers(0, 10, n).astype(np.uint8)
-        with gzip.open(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), "wb") as f:
-            f.write(struct.pack(">IIII", 2051, n, 28, 28) + x.tobytes())
-        with gzip.open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as f:
-            f.write(struct.pack(">II", 2049, n) + y.tobytes())
+    write_idx(folder, n_train, n_test)
 
 
 SMALL = ["--dims", "4", "--num-blocks", "1", "--scales", "2", "--steps", "1",

@@ -1,7 +1,6 @@
 """Tests of examples/train_tabular.py: tiny runs end to end (toy and a fake MINIBOONE), JSON log
 and checkpoints, resume, clear errors for missing / malformed data, the non-finite stop, and a
 slow quality run of OT-Flow on 8gaussians."""
-import importlib.util
 import json
 import math
 import os
@@ -9,18 +8,12 @@ import os
 import numpy as np
 import pytest
 
+from example_files import load_example
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "train_tabular", os.path.join(ROOT, "examples", "train_tabular.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-script = _load_script()
+script = load_example("train_tabular")
 
 TINY = ["--niters", "4", "--batch-size", "64", "--val-n", "64", "--test-n", "64",
         "--log-every", "2", "--val-every", "2", "--nt", "2", "--nt-val", "2", "--nt-test", "4",

@@ -2,36 +2,23 @@
 short run writes checkpoint, best parameters, figures and the test −ELBO / NLL; an existing run
 folder is refused; bad flags and labels are one-line errors before any training; a resumed run
 continues from its checkpoint."""
-import gzip
-import importlib.util
 import json
 import os
-import struct
 
 import numpy as np
 import pytest
+
+from example_files import load_example, write_idx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load_script():
-    path = os.path.join(HERE, "..", "examples", "train_vae.py")
-    spec = importlib.util.spec_from_file_location("train_vae", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("train_vae")
 
 
 def _write_idx(folder, n_train=40, n_test=6):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        x = rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)
-        y = rng.integers(0, 10, n).astype(np.uint8)
-        with gzip.open(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), "wb") as f:
-            f.write(struct.pack(">IIII", 2051, n, 28, 28) + x.tobytes())
-        with gzip.open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as f:
-            f.write(struct.pack(">II", 2049, n) + y.tobytes())
+    write_idx(folder, n_train, n_test)
 
 
 SMALL = ["--hidden", "16", "--z-dim", "4", "--val-n", "10", "--batch-size", "10",
