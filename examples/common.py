@@ -90,8 +90,7 @@ __all__ = ["make_parser", "parse_args", "add_run_arguments", "add_method_argumen
 
 METHODS = ("ffjord", "rnode", "toflow", "steer", "otflow")
 # files a run writes and --force removes before starting afresh
-RUN_FILES = ("checkpoint.h5", "checkpoint.h5.tmp", "best.h5", "best.h5.tmp", "args.json",
-             "result.json")
+RUN_FILES = ("checkpoint.h5", "best.h5", "args.json", "result.json")
 # flags that steer the run, not the model or the training: never compared on --resume
 RUN_CONTROL_KEYS = {"save", "resume", "force", "log_json", "log_every", "save_every",
                     "data_dir", "no_download", "device", "no_figures", "no_tune_malloc",
@@ -556,9 +555,11 @@ def _check_and_record(run, args, model_keys, extra_model, extra_training, resume
              f"{', ...' if len(present) > 4 else ''}); pass --resume to continue it, --force to "
              "replace it, or choose another --save folder")
     if force:
+        from npflow.checkpoint import leftover_temporaries
         for name in RUN_FILES:
-            if os.path.exists(run.path(name)):
-                os.remove(run.path(name))
+            for path in [run.path(name)] + leftover_temporaries(run.path(name)):
+                if os.path.exists(path):
+                    os.remove(path)
     record = legacy = None
     if os.path.exists(record_path):
         try:

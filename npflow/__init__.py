@@ -37,11 +37,12 @@ _EXPORTS = {
     "get_activation": "npflow.layers",
     "get_array_module": "npflow.backend",
     "tune_malloc": "npflow.backend",
+    "VAE": "npflow.vae",
 }
 _SUBMODULES = {"cfm", "backend", "layers", "data", "trace", "tableau", "solvers", "cnf", "otflow",
                "optim", "checkpoint", "conv", "plotting", "training", "multiscale",
                "odenet", "model", "images", "otflow_net", "parallel", "nets", "autoencoder",
-               "latent"}
+               "latent", "vae", "likelihoods", "amortized_cnf"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -5,10 +5,9 @@ batch, and the training hooks of its method. Every case is run for one training 
 ``npflow.training.train`` under the strict device backend (tests/strict_xp.py) and, by
 bench/gpu_check.py, on a real GPU.
 
-Adding a model or method is one entry in CASES, e.g. (once npflow.VAE exists)::
+Adding a model or method is one entry in CASES, e.g.::
 
-    "vae-planar": Case(lambda dev, dt: npflow.VAE(8, 2, hidden=(8,), flow="planar",
-                                                  dtype=dt, device=dev), _binary(8)),
+    "vae-planar": Case(_vae("planar"), _binary(8), solver=None),
 """
 from __future__ import annotations
 
@@ -24,11 +23,14 @@ from npflow.training import SteerHook, TimeOptimizer
 @dataclass
 class Case:
     """build(device, dtype) -> model; batch(rng) -> host batch; hooks(model) -> [TrainHook];
-    solver: "fixed" (no host sync inside the solve) or "adaptive" (one per step attempt)."""
+    solver: "fixed" (no host sync inside the solve), "adaptive" (one per step attempt) or None
+    (no ODE solve in a training step); steps(model) -> (holder, key): where the fixed-grid
+    step count is read and set (``holder[key]``), so a test can double it."""
     build: Callable
     batch: Callable
     hooks: Callable = field(default=lambda model: [])
-    solver: str = "fixed"
+    solver: str | None = "fixed"
+    steps: Callable = field(default=lambda model: (model.config, "steps"))
 
     def loss_inputs(self, model):
         """(x, kw) for one ``model.loss_and_grad(x, rng, **kw)`` of this case: the host batch
@@ -97,4 +99,35 @@ CASES["otcfm"] = Case(lambda dev, dt: npflow.FlowMatchingCNF(2, hidden=(4,), blo
                                                             coupling="ot", dtype=dt,
                                                             device=dev), _gauss(2))
 
+
+# VAEs (npflow.vae): discrete flows need no solve; the amortized CNF posterior solves on a
+# fixed grid whose step count the flow object holds
+def _binary(d, n=4, labels=0):
+    def batch(rng):
+        x = (rng.uniform(size=(n, d)) < 0.5).astype(np.float64)
+        if labels:
+            x = np.concatenate([x, (rng.integers(0, labels, (n, 1)) + 0.5) / labels], axis=1)
+        return x
+    return batch
+
+
+def _vae(flow, **kw):
+    base = dict(hidden=(8,), flow=flow, num_flows=0 if flow == "none" else 2)
+    if flow == "cnf":
+        base.update(cnf_hidden=(4,), cnf_steps=2)
+    base.update(kw)
+    return lambda dev, dt: npflow.VAE(8, 2, dtype=dt, device=dev, **base)
+
+
+for _flow in ("none", "planar", "orthogonal", "triangular"):
+    CASES[f"vae-{_flow}"] = Case(_vae(_flow), _binary(8), solver=None)
+CASES["vae-householder-labels"] = Case(_vae("householder", n_classes=10),
+                                       _binary(8, labels=10), solver=None)
+CASES["vae-cnf"] = Case(_vae("cnf"), _binary(8), steps=lambda model: (vars(model.flow), "steps"))
+
 MODEL_CASES = ["cnf-exact", "multiscale", "otflow"]
+
+# the latent-space autoencoder (npflow.autoencoder); its flows are the OT-Flow and CNF cases
+CASES["autoencoder"] = Case(lambda dev, dt: npflow.Autoencoder(8, 3, hidden=(5,), dtype=dt,
+                                                               device=dev),
+                            lambda rng: rng.uniform(size=(4, 8)), solver=None)

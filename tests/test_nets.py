@@ -12,22 +12,10 @@ from hypothesis import assume, given, strategies as st
 
 from npflow import layers as L
 from npflow.nets import MLP
+from test_layers import assert_rel_close, central_difference
 
-RTOL, ATOL = 1e-6, 1e-9
 H = 1e-5            # central-difference step (directions have unit-order entries)
 MARGIN = 1e-3       # keep |pre-activation| >= MARGIN for ReLU (H·|direction| stays far below)
-
-
-def central_difference(fn, h=H):
-    """d/ds fn(s) at s = 0, fourth-order central difference."""
-    return (-fn(2 * h) + 8 * fn(h) - 8 * fn(-h) + fn(-2 * h)) / (12 * h)
-
-
-def assert_rel_close(got, want, rtol=RTOL, atol=ATOL, what=""):
-    got, want = np.asarray(got, dtype=float), np.asarray(want, dtype=float)
-    err = np.linalg.norm(got - want)
-    scale = max(np.linalg.norm(got), np.linalg.norm(want))
-    assert err <= rtol * scale + atol, f"{what}: |got - want| = {err:.3e}, scale {scale:.3e}"
 
 
 def reference_forward(net, params, x):
@@ -96,11 +84,11 @@ def test_backward_equals_central_differences_for_x_and_every_parameter(**kw):
         return np.vdot(ybar, net.forward(p, x_)[0])
 
     v = rng.standard_normal(x.shape)
-    assert_rel_close(np.vdot(xbar, v), central_difference(lambda s: F(x_=x + s * v)), what="x")
+    assert_rel_close(np.vdot(xbar, v), central_difference(lambda s: F(x_=x + s * v), H), what="x")
     for name in params:
         assert pbar[name].shape == params[name].shape, name
         v = rng.standard_normal(params[name].shape)
-        fd = central_difference(lambda s: F(p={**params, name: params[name] + s * v}))
+        fd = central_difference(lambda s: F(p={**params, name: params[name] + s * v}), H)
         assert_rel_close(np.vdot(pbar[name], v), fd, what=name)
     # inputs and cotangents are never mutated
     assert np.array_equal(x, x0) and np.array_equal(ybar, yb0)
@@ -121,7 +109,7 @@ def test_dot_product_jv_w_equals_v_jtw(K, **kw):
     for k in range(K):
         lhs, rhs = np.vdot(Jv[k], w), np.vdot(v[k], JTw)
         assert abs(lhs - rhs) <= 1e-12 * (abs(lhs) + abs(rhs)) + 1e-14
-        fd = central_difference(lambda s: net.forward(params, x + s * v[k])[0])
+        fd = central_difference(lambda s: net.forward(params, x + s * v[k])[0], H)
         assert_rel_close(Jv[k], fd, what=f"J v_{k}")
 
 
@@ -193,14 +181,14 @@ def test_relu_layer_tangent_is_step_times_xdot_and_backward_is_its_transpose(B, 
     act = L.ReLU()
     y, ydot, cache = act.forward({}, x, xdot, 0.0)
     for k in range(K):
-        fd = central_difference(lambda s: act.forward({}, x + s * xdot[k], None, 0.0)[0])
+        fd = central_difference(lambda s: act.forward({}, x + s * xdot[k], None, 0.0)[0], H)
         assert_rel_close(ydot[k], fd, what="tangent")
     a, b = rng.standard_normal(y.shape), rng.standard_normal(ydot.shape)
     xbar, xdotbar, pbar, tbar = act.backward(a, b, cache)
     v = rng.standard_normal(x.shape)
     F = lambda s: (np.vdot(a, act.forward({}, x + s * v, xdot, 0.0)[0])     # noqa: E731
                    + np.vdot(b, act.forward({}, x + s * v, xdot, 0.0)[1]))
-    assert_rel_close(np.vdot(xbar, v), central_difference(F), what="xbar")
+    assert_rel_close(np.vdot(xbar, v), central_difference(F, H), what="xbar")
     lhs, rhs = np.vdot(ydot, b), np.vdot(xdot, xdotbar)
     assert abs(lhs - rhs) <= 1e-12 * (abs(lhs) + abs(rhs)) + 1e-14
     assert pbar == {} and tbar == 0.0

@@ -155,8 +155,13 @@ def test_a_new_run_in_an_existing_run_folder_is_refused_and_nothing_is_touched(t
 def test_force_starts_afresh_and_records_a_new_history(tmp_path):
     save = str(tmp_path / "run")
     assert _run(TOY, TINY + ["--niters", "4", "--save", save]).returncode == 0
+    # a temporary left by an interrupted save of the old run (another host's, so the next
+    # save's own clean-up would keep it): --force removes it with the old run's files
+    stale = os.path.join(save, "checkpoint.h5.otherhost.1.0000abcd.tmp")
+    open(stale, "w").close()
     p = _run(TOY, TINY + ["--niters", "2", "--save", save, "--force"])
     assert p.returncode == 0, p.stderr
+    assert not os.path.exists(stale)
     from npflow.checkpoint import load_training_state
     assert load_training_state(os.path.join(save, "checkpoint.h5"))["iteration"] == 2
     record = json.load(open(os.path.join(save, "args.json")))
