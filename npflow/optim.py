@@ -4,8 +4,9 @@ Parameters are a dict name -> array (NumPy or CuPy); every update takes its arra
 the arrays themselves and never synchronises with the host: learning rates and bias
 corrections are Python floats computed with ``math``, the gradient norm stays a 0-d array.
 
-    Adam(params, lr, betas, eps, weight_decay, decoupled, schedule)
+    Adam(params, lr, betas, eps, weight_decay, decoupled, schedule, ema_decay)
         .step(params, grads) -> new params dict (inputs are not mutated)
+        .averaged(params) -> params with the owned keys replaced by their EMA (eq. 1.6)
         .state_dict() / .load_state_dict(state)     exact resume
     clip_grad_norm(grads, max_norm) -> (grads, norm)
     Warmup, StepDecay, ReduceOnPlateau, Chain       learning-rate factors
@@ -64,10 +65,14 @@ class Adam:
         the gradient like torch.optim.Adam's weight_decay (FFJORD's optimiser).
     schedule: optional schedule whose ``factor(step)`` multiplies lr (step = 0-based count of
         updates done so far); None means a constant lr.
+    ema_decay: γ in [0, 1) of an exponential moving average of the owned parameters, updated
+        after every step (eq. 1.6; 0: none). ``averaged(params)`` gives the averaged parameters
+        (what to evaluate and sample with); the average is part of ``state_dict``.
     """
 
     def __init__(self, params: dict, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, decoupled: bool = True, schedule=None):
+                 weight_decay: float = 0.0, decoupled: bool = True, schedule=None,
+                 ema_decay: float = 0.0):
         if not isinstance(params, dict) or not params:
             raise ValueError("Adam needs a non-empty dict name -> array of parameters, got "
                              f"{type(params).__name__} {params!r:.80}")
@@ -77,6 +82,11 @@ class Adam:
             raise ValueError(f"invalid Adam settings: lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay} (need lr, eps, weight_decay >= 0 "
                              "and 0 <= beta < 1)")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no average), got {ema_decay}")
+        self.ema_decay = float(ema_decay)
+        # eq. 1.6: the average starts at the initial parameters (a copy: never aliased)
+        self.ema = ({k: a.copy() for k, a in params.items()} if self.ema_decay else None)
         self.lr, self.betas, self.eps = float(lr), (b1, b2), float(eps)
         self.weight_decay, self.decoupled = float(weight_decay), bool(decoupled)
         self.schedule = schedule
@@ -113,7 +123,21 @@ class Adam:
             out[k], self.m[k], self.v[k] = adam_update(
                 p, g, self.m[k], self.v[k], step, lr, b1, b2, self.eps,
                 self.weight_decay, self.decoupled)
+            if self.ema is not None:     # eq. 1.6: p̄_t = γ p̄_{t−1} + (1 − γ) p_t
+                g_ = self.ema_decay
+                self.ema[k] = (g_ * self.ema[k] + (1.0 - g_) * out[k]).astype(p.dtype,
+                                                                               copy=False)
         self.t = step
+        return out
+
+    def averaged(self, params: dict) -> dict:
+        """A new dict: ``params`` with every owned key replaced by its moving average p̄_t
+        (eq. 1.6); the other entries passed through. Without ``ema_decay`` it raises."""
+        if self.ema is None:
+            raise ValueError("this Adam keeps no parameter average: build it with "
+                             "ema_decay > 0")
+        out = dict(params)
+        out.update({k: a.copy() for k, a in self.ema.items()})
         return out
 
     # -- state for checkpoints (exact resume) -------------------------------------------------
@@ -126,6 +150,9 @@ class Adam:
             "m": {k: to_host(a) for k, a in self.m.items()},
             "v": {k: to_host(a) for k, a in self.v.items()},
             "schedule": None if self.schedule is None else self.schedule.state_dict(),
+            **({} if self.ema is None else {
+                "ema_decay": self.ema_decay,
+                "ema": {k: to_host(a) for k, a in self.ema.items()}}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -137,7 +164,13 @@ class Adam:
         if sorted(keys) != sorted(self.keys):
             raise ValueError(f"Adam state is for parameters {sorted(keys)}, this optimiser owns "
                              f"{sorted(self.keys)}")
-        for name in ("m", "v"):
+        saved_ema = state.get("ema")
+        if (saved_ema is None) != (self.ema is None):
+            raise ValueError("the saved Adam state " + ("has" if self.ema is None else "has no")
+                             + " parameter average but this optimiser "
+                             + ("keeps none" if self.ema is None else "keeps one")
+                             + ": build it with the same ema_decay as the saved run")
+        for name in ("m", "v") + (("ema",) if saved_ema is not None else ()):
             mine = getattr(self, name)
             for k in self.keys:
                 a = state[name][k]
@@ -149,6 +182,8 @@ class Adam:
         self.lr, self.betas, self.eps = float(state["lr"]), tuple(state["betas"]), state["eps"]
         self.weight_decay, self.decoupled = float(state["weight_decay"]), bool(state["decoupled"])
         self.t = int(state["t"])
+        if saved_ema is not None:
+            self.ema_decay = float(state["ema_decay"])
         if state.get("schedule") is not None:
             if self.schedule is None:
                 raise ValueError("the saved Adam state has a schedule but this optimiser has "

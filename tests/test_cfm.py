@@ -268,3 +268,36 @@ def test_parts_of_any_row_split_add_up_to_the_whole_batch(coupling):
                                    atol=1e-14)
     assert abs(sum(float(p.sums["pair_sq_dist"]) for p in parts) / 11
                - stats["pair_sq_dist"]) < 1e-12
+
+
+def test_train_toy_ema_resume_is_exact_and_the_average_is_what_is_evaluated(tmp_path):
+    # --ema (docs/training.md eq. 1.6): the average is in the checkpoint, so 4 iterations +
+    # --resume to 6 give the same saved average and test NLL as 6 uninterrupted iterations;
+    # and the reported test NLL is the average's, not the last iterate's
+    import json
+    base = ["--method", "otcfm", "--dims", "8-8", "--log-every", "2", "--test-n", "200",
+            "--no-figures", "--ema", "0.9", "--batch-size", "16"]
+
+    def run(folder, n, *extra):
+        log = tmp_path / f"{folder}.jsonl"
+        assert _train_toy().main(base + ["--niters", str(n), "--save", str(tmp_path / folder),
+                                         "--log-json", str(log), *extra]) == 0
+        return [json.loads(s) for s in log.read_text().splitlines()]
+
+    full = run("a", 6)
+    run("b", 4)
+    part = run("b", 6, "--resume")
+    assert full[-1]["test_nll"] == part[-1]["test_nll"] and full[-1]["ema"] == 0.9
+    avg_a = npflow.checkpoint.read_params(str(tmp_path / "a" / "model_ema.h5"))
+    avg_b = npflow.checkpoint.read_params(str(tmp_path / "b" / "model_ema.h5"))
+    last = npflow.checkpoint.read_params(str(tmp_path / "a" / "checkpoint.h5"))
+    assert sorted(avg_a) == sorted(avg_b) == sorted(last)
+    for k in avg_a:
+        np.testing.assert_array_equal(avg_a[k], avg_b[k])
+    assert any(not np.array_equal(avg_a[k], last[k]) for k in last)
+    from npflow.data import toy
+    model = npflow.load(str(tmp_path / "a" / "model_ema.h5"))
+    x = toy("8gaussians", 200, np.random.default_rng([0, 2]))
+    nll = -float(np.mean(npflow.backend.to_host(model.log_prob(
+        x, solver="dopri5", rtol=1e-5, atol=1e-5, trace="exact")).astype(np.float64)))
+    assert nll == pytest.approx(full[-1]["test_nll"], rel=1e-6)

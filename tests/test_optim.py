@@ -199,3 +199,86 @@ def test_reduce_on_plateau_drops_after_patience_stale_losses():
 def test_chain_multiplies_factors():
     s = Chain(Warmup(2), StepDecay(3, 0.1))
     assert [s.factor(i) for i in range(4)] == pytest.approx([0.5, 1.0, 1.0, 0.1])
+
+
+# --------------------------------------------------------------------------------------------
+# moving average of the parameters (docs/training.md eq. 1.6)
+
+def test_ema_is_gamma_weighted_recursion_of_the_updated_parameters():
+    # eq. 1.6 by hand: p̄_0 = p_0, p̄_t = γ p̄_{t−1} + (1 − γ) p_t over three Adam steps
+    rng = np.random.default_rng(5)
+    p = {"w": rng.normal(size=(3, 2)), "T": np.array(0.5)}
+    gamma = 0.7
+    opt = Adam({"w": p["w"]}, lr=0.1, ema_decay=gamma)
+    bar = p["w"].copy()
+    q = p
+    for _ in range(3):
+        q = opt.step(q, {"w": rng.normal(size=(3, 2))})
+        bar = gamma * bar + (1 - gamma) * q["w"]
+    avg = opt.averaged(q)
+    np.testing.assert_allclose(avg["w"], bar, rtol=1e-14, atol=0)
+    assert avg["T"] is q["T"]                                 # not owned: passed through
+    assert not np.array_equal(avg["w"], q["w"])               # the average lags the iterate
+    # closed form of the recursion: p̄_3 = γ³ p_0 + (1 − γ) Σ_j γ^{3−j} p_j
+    assert opt.t == 3
+
+
+def test_ema_keeps_dtype_does_not_alias_and_leaves_the_steps_unchanged():
+    p = {"w": np.ones(4, dtype=np.float32)}
+    g = {"w": np.full(4, 0.3, dtype=np.float32)}
+    plain, avg = Adam(p, lr=0.1), Adam(p, lr=0.1, ema_decay=0.9)
+    a, b = plain.step(p, g), avg.step(p, g)
+    np.testing.assert_array_equal(a["w"], b["w"])            # the average never feeds back
+    out = avg.averaged(b)
+    assert out["w"].dtype == np.float32
+    out["w"][:] = 7.0                                          # a copy: the state is untouched
+    assert not np.any(avg.ema["w"] == 7.0) and np.all(p["w"] == 1.0)
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(1, 5))
+def test_ema_state_round_trip_through_a_checkpoint_continues_exactly(tmp_path_factory, seed,
+                                                                     n_before):
+    import npflow.checkpoint as ck
+
+    class Holder:                                   # the smallest thing checkpoint.save takes
+        config = {}
+
+        def __init__(self, params):
+            self.params = params
+
+    rng = np.random.default_rng(seed)
+    p = {"a": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=4)}
+    grads = [{k: rng.normal(size=v.shape).astype(v.dtype) for k, v in p.items()}
+             for _ in range(n_before + 3)]
+    opt = Adam(p, lr=0.01, schedule=StepDecay(2, 0.5), ema_decay=0.95)
+    q = p
+    for g in grads[:n_before]:
+        q = opt.step(q, g)
+    path = tmp_path_factory.mktemp("ema") / "c.h5"
+    ck.save(path, Holder(q), optimizer=opt)
+    state = ck.load_training_state(path)["optimizer"]
+    opt2 = Adam({k: np.zeros_like(v) for k, v in p.items()}, schedule=StepDecay(2, 0.5),
+                ema_decay=0.5)                      # the saved γ wins, like the saved lr
+    opt2.load_state_dict(state)
+    assert opt2.ema_decay == 0.95
+    q1, q2 = q, q
+    for g in grads[n_before:]:
+        q1 = opt.step(q1, g)
+        q2 = opt2.step(q2, g)
+    for k in p:
+        np.testing.assert_array_equal(q1[k], q2[k])
+        np.testing.assert_array_equal(opt.averaged(q1)[k], opt2.averaged(q2)[k])
+        assert opt2.ema[k].dtype == p[k].dtype
+
+
+def test_ema_errors_name_the_problem():
+    p = {"w": np.zeros(2)}
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="ema_decay must be in"):
+            Adam(p, ema_decay=bad)
+    with pytest.raises(ValueError, match="ema_decay > 0"):
+        Adam(p).averaged(p)
+    with pytest.raises(ValueError, match="has parameter average"):
+        Adam(p).load_state_dict(Adam(p, ema_decay=0.9).state_dict())
+    with pytest.raises(ValueError, match="has no parameter average"):
+        Adam(p, ema_decay=0.9).load_state_dict(Adam(p).state_dict())
