@@ -85,7 +85,7 @@ import time
 
 __all__ = ["make_parser", "parse_args", "add_run_arguments", "add_method_arguments",
            "add_deprecated_alias", "parse_methods", "method_hooks", "parse_save_every", "fail",
-           "open_run", "Run", "main_guard", "warn_constant", "METHODS", "RUN_FILES",
+           "open_run", "Run", "main_guard", "write_result", "warn_constant", "METHODS", "RUN_FILES",
            "RUN_CONTROL_KEYS", "LOCK_NAME"]
 
 METHODS = ("ffjord", "rnode", "toflow", "steer", "otflow")
@@ -469,6 +469,14 @@ def _run_entry(changed=None):
     return {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "pid": os.getpid(), "argv": sys.argv[1:],
             **({"changed": changed} if changed else {})}
+
+
+def write_result(args, run, final: dict) -> None:
+    """The run's final evaluation ``final``: the last --log-json object (DESIGN.md section 7)
+    and DIR/result.json, written atomically (a crash mid-write leaves the old file)."""
+    from npflow.training import append_json
+    append_json(args.log_json, final)
+    _write_json_atomic(run.path("result.json"), final)
 
 
 def _write_json_atomic(path, obj):

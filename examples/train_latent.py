@@ -451,7 +451,7 @@ def run_stages(args, run, data, flow, hidden):
     from npflow.latent import LatentFlow, SoftmaxRegression
     from npflow.optim import Adam, StepDecay
     from npflow.plotting import image_grid
-    from npflow.training import append_json, train
+    from npflow.training import train
     t_all = time.perf_counter()
 
     # stage 1
@@ -599,9 +599,7 @@ def run_stages(args, run, data, flow, hidden):
               f"{final['no_flow_mean_confidence']:.3f}")
     print(f"figures in {args.save}: samples.png, interpolation.png, curves.png; total "
           f"{time.perf_counter() - t_all:.0f} s", flush=True)
-    append_json(args.log_json, final)
-    with open(run.path("result.json"), "w") as f:
-        json.dump(final, f, indent=1)
+    common.write_result(args, run, final)
     return 0
 
 

@@ -29,7 +29,6 @@ Methods (docs/training.md §6):
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -318,9 +317,7 @@ def _train_and_test(args, rf, model, optimizer, hooks, methods, config, x_train,
     print(f"test bits/dim {test_bpd:.4f} ± {stderr:.4f} on {len(bpd)} test images "
           f"(solver {args.test_solver or cfg['solver']}, NFE {nfe:.0f}); "
           f"median {final['median_sec_per_iter']} s/it")
-    append_json(args.log_json, final)
-    with open(rf.path("result.json"), "w") as f:
-        json.dump(final, f, indent=1)
+    common.write_result(args, rf, final)
     if not args.no_figures:
         print("samples:", draw(rf.path("samples.png")))
     return 0

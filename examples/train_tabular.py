@@ -33,7 +33,6 @@ kept.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -612,9 +611,7 @@ def _train_and_test(args, rf, settings, data, model, is_toy, append_json, train,
     if not math.isfinite(test_nll):
         fail(f"the test NLL is {test_nll}: the trained model gives non-finite densities on the "
              "test data; lower the learning rate or check the data", 1)
-    append_json(args.log_json, final)
-    with open(rf.path("result.json"), "w") as f:
-        json.dump(final, f, indent=1)
+    common.write_result(args, rf, final)
     return 0
 
 

@@ -30,7 +30,6 @@ Methods (docs/training.md §6):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -367,9 +366,7 @@ def _train_and_evaluate(args, rf, run, model, optimizer, hooks, methods, cfg, tr
               + ("  <- much lower than dopri5's: the training exploited the discretization; "
                  "use dopri5, more steps or RNODE's regularizers"
                  if nll_train_solver < test_nll - 0.1 else ""))
-    append_json(args.log_json, final)
-    with open(rf.path("result.json"), "w") as f:
-        json.dump(final, f, indent=1)
+    common.write_result(args, rf, final)
 
     if not args.no_figures:
         from npflow.plotting import training_curves

@@ -35,7 +35,6 @@ logistic256 also test_bpd). --niters caps the total iterations (by default the e
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -218,9 +217,7 @@ def main(argv=None) -> int:
     except ValueError as exc:
         common.fail(str(exc))
     import npflow
-    from npflow.optim import Adam
-    from npflow.training import TrainHook, append_json, format_seconds, train
-    from npflow.vae import VAE, beta_schedule, unit_to_label
+    from npflow.vae import VAE
 
     try:
         model = VAE(**config)
@@ -368,9 +365,7 @@ def _train_and_evaluate(args, config, model, x_train, x_val, x_test, run):
           f"images" + (f" = {final['test_bpd']:.4f} bits/dim" if "test_bpd" in final else "")
           + (f"; label decoded from q(z|x): {100 * final['test_label_accuracy']:.1f}% right"
              if args.labels else ""))
-    append_json(args.log_json, final)
-    with open(run.path("result.json"), "w") as f:
-        json.dump(final, f, indent=1)
+    common.write_result(args, run, final)
     if not args.no_figures:
         figures(model, x_test, state, args, unit_to_label)
     return 0
