@@ -570,7 +570,7 @@ def _check_and_record(run, args, model_keys, extra_model, extra_training, resume
         except (OSError, ValueError) as exc:
             fail(f"cannot resume: {record_path} is unreadable ({exc}); restore it or start a "
                  "new run with --force")
-        if not isinstance(record, dict) or "model" not in record:
+        if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
             print(f"note: {record_path} predates recorded settings; model settings are not "
                   "checked against it (it is kept under 'legacy')", flush=True)
             legacy, record = record, None

@@ -414,10 +414,13 @@ def test_signal_outside_the_training_loop_is_one_line(tmp_path):
     assert "interrupted by SIGTERM" in err and "Traceback" not in err
 
 
-def test_resume_keeps_an_old_format_args_json_under_legacy(tmp_path):
+@pytest.mark.parametrize("old", [
+    {"dims": "8-8", "lr": 0.001},                        # an args.json of an older npflow
+    {"dims": "8-8", "model": "otflow"},                  # ... whose flags had a --model
+])
+def test_resume_keeps_an_old_format_args_json_under_legacy(tmp_path, old):
     save = tmp_path / "run"
     assert _run(TOY, TINY + ["--niters", "2", "--save", str(save)]).returncode == 0
-    old = {"dims": "8-8", "lr": 0.001}                   # an args.json of an older npflow
     (save / "args.json").write_text(json.dumps(old))
     p = _run(TOY, TINY + ["--niters", "3", "--save", str(save), "--resume"])
     assert p.returncode == 0, p.stderr
