@@ -3,6 +3,7 @@ eq. 9.1-9.2), the path's endpoints and continuity between blocks (eq. 9.4), its 
 the τ-derivative of the state (eq. 9.5), the loss gradient against central differences (eq.
 9.7), the OT coupling of the last part only (eq. 9.9), reproducibility, reload and bad input."""
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -265,3 +266,25 @@ def test_layout_of_plan_is_a_permutation_with_exit_blocks_in_order():
     lay = multiscale_layout(multiscale_plan((1, 28, 28), None, 2), (1, 28, 28))
     assert lay.part_sizes == [392, 196, 196] and lay.part_exit == [4, 8, 10]
     assert sorted(lay.final_index.tolist()) == list(range(784))
+
+
+@pytest.mark.parametrize("method", ["cfm", "otcfm"])
+def test_train_mnist_flow_matching_trains_and_reports_test_bpd_and_nfe(tmp_path, method):
+    import json
+    from example_files import load_example, write_idx
+    write_idx(str(tmp_path / "data" / "mnist"), 12, 6)
+    mod = load_example("train_mnist")
+    save, log = str(tmp_path / "run"), str(tmp_path / "log.jsonl")
+    rc = mod.main(["--dims", "4", "--num-blocks", "1", "--scales", "2", "--batch-size", "4",
+                   "--log-every", "1", "--warmup", "0", "--test-batch", "6", "--niters", "3",
+                   "--data-dir", str(tmp_path / "data"), "--save", save, "--method", method,
+                   "--log-json", log, "--no-figures", "--time-groups", "2"])
+    assert rc == 0
+    lines = [json.loads(v) for v in open(log)]
+    assert [r["iteration"] for r in lines[:-1]] == [1, 2, 3]
+    final = lines[-1]
+    assert final["method"] == method and np.isfinite(final["test_bpd"])
+    assert final["test_nfe"] > 0 and final["mean_nfe_forward"] == 3
+    m = npflow.load(os.path.join(save, "checkpoint.h5"))
+    assert type(m) is FlowMatchingMultiscaleCNF and m.config["solver"] == "dopri5"
+    assert m.config["coupling"] == ("ot" if method == "otcfm" else "independent")
