@@ -58,7 +58,7 @@ FLOW_MATCHING_DEFAULTS = {"cfm": dict(solver="dopri5"), "otcfm": dict(solver="do
 # the settings that define the model (and its data): --resume refuses a change of any
 MODEL_KEYS = ("data", "labels", "dims", "num_blocks", "scales", "layer_type", "T", "method",
               "trace", "alpha_logit", "zero_last", "dtype", "seed", "kinetic", "jacobian",
-              "time_groups")
+              "time_groups", "path_schedule")
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 DATASETS = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
@@ -104,6 +104,10 @@ def build_parser():
     a("--time-groups", type=int, default=4,
       help="cfm/otcfm: row groups sharing one stratified time in each block (docs/cfm.md "
            "eq. 2.6, 9.6)")
+    a("--path-schedule", default="channel", choices=["channel", "constant"],
+      help="cfm/otcfm: how far each coordinate moves in each block (docs/cfm.md eq. 9.4): "
+           "one speed per channel of the block's input (channel) or each coordinate at "
+           "constant speed to its exit block (constant)")
     a("--batch-size", type=int, default=200)
     a("--lr", type=float, default=1e-3)
     a("--warmup", type=int, default=1000, help="linear learning-rate warm-up iterations")
@@ -200,7 +204,8 @@ def prepare(args):
         if args.time_groups < 1:
             raise ValueError(f"--time-groups must be >= 1, got {args.time_groups}")
         (m,) = methods
-        flow_matching = dict(coupling=REGISTRY[m].coupling, time_groups=args.time_groups)
+        flow_matching = dict(coupling=REGISTRY[m].coupling, time_groups=args.time_groups,
+                             schedule=args.path_schedule)
     else:
         flow_matching = None
     rnode = "rnode" in methods

@@ -8,25 +8,29 @@ base N(0, I) is on the final coordinates (the factored-out parts, then the last 
 block e (the block after which it is factored out, or the last block) by pushing an index
 image through the model's own squeeze / factor_out, without the ODEs (eq. 9.2).
 
-With y the logit image (data end) and z ~ N(0, I) in final coordinates, every coordinate moves
-on its straight line from y to z during blocks 1..e at constant speed and stays at z after.
-In block k (1-based) at local time τ = s T_k, s ∈ [0, 1], its active coordinates are
+With y the logit image (data end) and z ~ N(0, I) in final coordinates (eq. 9.3), every
+coordinate moves on its straight line from y to z, reaches z at the end of its exit block e
+and is factored out there. ``path_schedule`` fixes how far it goes in each block (eq. 9.4):
+λ (done before block k) and Δ (done during block k); by default ("channel") both are constant
+over each channel of the block's input, so that a convolution can represent the speeds (with
+the brief's constant speed 1/e, the pixels of MNIST's first blocks would need speeds set by
+their row and column parity). In block k at local time τ = s T_k, s ∈ [0, 1]:
 
-    y_k(s) = x_k + ((k − 1 + s) / e_k) (z_k − x_k)                                 (eq. 9.4)
-    u_k    = d y_k / dτ = (z_k − x_k) / (e_k T_k)                                   (eq. 9.5)
+    y_k(s) = x_k + (λ_k + s Δ_k) (z_k − x_k)                                        (eq. 9.5)
+    u_k    = d y_k / dτ = Δ_k (z_k − x_k) / T_k                                     (eq. 9.6)
 
-(x_k, z_k, e_k: the data, noise and exit blocks in block k's arrangement), and the loss is the
-mean over blocks of each block's stratified regression (eq. 9.6):
+(x_k, z_k: the data and noise in block k's arrangement), and the loss is the mean over blocks
+of each block's stratified regression (eq. 9.7):
 
     L = (1/N) Σ_k Σ_j Σ_{i ∈ group j} (1 / (M n_j D_k)) ‖f_k(y_k(s_kj), s_kj T_k) − u_k‖².
 
 Its gradient is each block's network backward, without tangents, applied to 2 w (f − u)
-(eq. 9.7, as eq. 2.5); no ODE is solved in training. Couplings (eq. 9.8-9.9): "independent"
+(eq. 9.8, as eq. 2.5); no ODE is solved in training. Couplings (eq. 9.9-9.10): "independent"
 (CFM) draws z independently of the data; "ot" (OT-CFM) pairs only the *last* part's noise with
 the data by exact minibatch OT on that part's squared distances, and leaves the noise of the
 factored-out parts as drawn — pairing the whole vector would make a factored-out part depend
-on the coordinates that flow on, and the composed flow would then not end at N(0, I) (section
-9.4 of docs/cfm.md gives a Gaussian counterexample).
+on the coordinates that flow on, and the composed flow would then not end at N(0, I)
+(docs/cfm.md §9.4 gives a Gaussian counterexample).
 
 The model stays a MultiscaleCNF: ``bits_per_dim`` (dopri5, Hutchinson) and ``sample`` are
 inherited unchanged.
@@ -45,7 +49,8 @@ from .images import factor_out, squeeze
 from .model import Part, check_rows
 from .multiscale import MultiscaleCNF
 
-__all__ = ["FlowMatchingMultiscaleCNF", "Layout", "multiscale_layout", "path_state",
+__all__ = ["FlowMatchingMultiscaleCNF", "Layout", "SCHEDULES", "multiscale_layout",
+           "path_schedule", "path_state",
            "path_velocity", "draw_multiscale_noise", "multiscale_cfm_loss_and_grad"]
 
 
@@ -61,6 +66,9 @@ class Layout(NamedTuple):
     block_index  per block k, (C_k, H_k, W_k): the pixel at each coordinate of block k's input
     block_final  per block k, (C_k, H_k, W_k): the final coordinate of the same (P⁻¹ ∘ block_index)
     block_exit   per block k, (C_k, H_k, W_k): e, the 1-based exit block of the same (eq. 9.2)
+    block_start  per block k, (C_k, H_k, W_k) floats: λ, the fraction of each coordinate's path
+                 done when block k starts (eq. 9.4; filled by ``path_schedule``)
+    block_rate   per block k, (C_k, H_k, W_k) floats: Δ, the fraction done during block k
     """
     final_index: np.ndarray
     part_sizes: list
@@ -68,6 +76,8 @@ class Layout(NamedTuple):
     block_index: list
     block_final: list
     block_exit: list
+    block_start: list = None
+    block_rate: list = None
 
 
 def multiscale_layout(plan, image_shape) -> Layout:
@@ -103,18 +113,51 @@ def multiscale_layout(plan, image_shape) -> Layout:
                   block_exit=[exit_of_pixel[i] for i in block_index])
 
 
-# ------------------------------------------------------------------ the path (eq. 9.4-9.5)
-
-def path_state(x_k, z_k, inv_e, k, s):
-    """y_k(s) = x_k + ((k + s)/e)(z_k − x_k) (eq. 9.4, with k the 0-based block, i.e. the
-    number of blocks before it). x_k, z_k (n, C_k, H_k, W_k); inv_e = 1/e_k (C_k, H_k, W_k)
-    of their dtype; s a float in [0, 1]."""
-    return x_k + ((k + s) * inv_e) * (z_k - x_k)
+SCHEDULES = ("channel", "constant")
 
 
-def path_velocity(x_k, z_k, inv_e, T_k):
-    """u_k = (z_k − x_k)/(e_k T_k) (eq. 9.5), the τ-derivative of path_state."""
-    return (z_k - x_k) * (inv_e * (1.0 / T_k))
+def path_schedule(layout, rule="channel") -> Layout:
+    """The layout with each block's λ (fraction of the path done at its start) and Δ (done
+    during it), eq. 9.4: every coordinate starts at λ = 0 and, in block k (1-based),
+
+        Δ_k = (1 − λ_{k−1}) / (ē_k − k + 1),   λ_k = λ_{k−1} + Δ_k,
+
+    with ē_k = the smallest e in the coordinate's channel of block k's input (rule "channel",
+    eq. 9.4a: λ and Δ constant over each channel, which a convolution can represent) or
+    ē_k = e (rule "constant", eq. 9.4b: each coordinate at constant speed, Δ = 1/e, λ_{k−1} =
+    (k − 1)/e). Either way λ = 1 at the end of the coordinate's exit block e.
+
+    layout: from multiscale_layout; rule: "channel" | "constant". Returns the layout with
+    block_start (λ_{k−1}) and block_rate (Δ_k) filled, host float64 arrays (C_k, H_k, W_k)."""
+    if rule not in SCHEDULES:
+        raise ValueError(f"unknown path schedule {rule!r}: expected one of {SCHEDULES}")
+    D = len(layout.final_index)
+    lam = np.zeros(D)
+    starts, rates = [], []
+    for k, (idx, e) in enumerate(zip(layout.block_index, layout.block_exit)):
+        e_bar = e.astype(np.float64)
+        if rule == "channel":
+            e_bar = np.broadcast_to(e.min(axis=(1, 2), keepdims=True),
+                                    e.shape).astype(np.float64)
+        start = lam[idx]
+        rate = (1.0 - start) / (e_bar - k)                  # k 0-based: ē − (k + 1) + 1
+        lam[idx] = start + rate
+        starts.append(start)
+        rates.append(rate)
+    return layout._replace(block_start=starts, block_rate=rates)
+
+
+# ------------------------------------------------------------------ the path (eq. 9.5-9.6)
+
+def path_state(x_k, z_k, lam, delta, s):
+    """y_k(s) = x_k + (λ + s Δ)(z_k − x_k) (eq. 9.5). x_k, z_k (n, C_k, H_k, W_k); λ, Δ the
+    block's block_start, block_rate (C_k, H_k, W_k) of their dtype; s a float in [0, 1]."""
+    return x_k + (lam + s * delta) * (z_k - x_k)
+
+
+def path_velocity(x_k, z_k, delta, T_k):
+    """u_k = Δ (z_k − x_k)/T_k (eq. 9.6), the τ-derivative of path_state (τ = s T_k)."""
+    return (z_k - x_k) * (delta * (1.0 / T_k))
 
 
 def draw_multiscale_noise(rng, B, D, n_blocks, time_groups):
@@ -128,13 +171,13 @@ def draw_multiscale_noise(rng, B, D, n_blocks, time_groups):
 
 
 def multiscale_cfm_loss_and_grad(nets, block_params, Ts, layout, y, z, s, rows=None):
-    """The loss of eq. 9.6 on given noise and its exact gradient (eq. 9.7), no ODE solve.
+    """The loss of eq. 9.7 on given noise and its exact gradient (eq. 9.8), no ODE solve.
 
     nets          one ConvNet per block (forward(params, x, None, t) -> (f, None, cache);
                   backward(fbar, None, cache, need_xdotbar=False))
     block_params  the blocks' parameter dicts (no prefix); Ts the blocks' end times (floats)
-    layout        a Layout whose block_index, block_final are arrays of y's module and
-                  block_exit holds 1/e as arrays of y's dtype (``FlowMatchingMultiscaleCNF``)
+    layout        a scheduled Layout (path_schedule) whose block_index, block_final,
+                  block_start and block_rate are arrays of y's module (ints) and dtype
     y             (B, D) the logit images, flattened pixels (data end)
     z             (B, D) the paired noise in final coordinates
     s             (N, M) host floats in [0, 1): block k's row-group times
@@ -155,24 +198,25 @@ def multiscale_cfm_loss_and_grad(nets, block_params, Ts, layout, y, z, s, rows=N
     grads = [{k: xp.zeros_like(v) for k, v in p.items()} for p in block_params]
     total = xp.zeros((), dtype=y.dtype)
     for k, net in enumerate(nets):
-        idx, fin, inv_e = layout.block_index[k], layout.block_final[k], layout.block_exit[k]
+        idx, fin = layout.block_index[k], layout.block_final[k]
+        lam, delta = layout.block_start[k], layout.block_rate[k]
         x_k = yr[:, idx]                                  # data in block k's arrangement
         z_k = zr[:, fin]                                  # noise in block k's arrangement
-        D_k = int(inv_e.size)
+        D_k = int(delta.size)
         T_k = float(Ts[k])
-        u_k = path_velocity(x_k, z_k, inv_e, T_k)                                  # eq. 9.5
+        u_k = path_velocity(x_k, z_k, delta, T_k)                                  # eq. 9.6
         for j in range(M):
             lo, hi = max(cuts[j], r_lo) - r_lo, min(cuts[j + 1], r_hi) - r_lo
             if lo >= hi:
                 continue
-            w = 1.0 / (N * M * (cuts[j + 1] - cuts[j]) * D_k)                    # eq. 9.6
+            w = 1.0 / (N * M * (cuts[j + 1] - cuts[j]) * D_k)                    # eq. 9.7
             sj = float(s[k, j])
-            state = path_state(x_k[lo:hi], z_k[lo:hi], inv_e, k, sj)             # eq. 9.4
+            state = path_state(x_k[lo:hi], z_k[lo:hi], lam, delta, sj)             # eq. 9.5
             f, _, cache = net.forward(prepared[k], state, None, sj * T_k)
             r = f - u_k[lo:hi]
             total = total + w * (r * r).sum()
             _, _, pbar, _ = net.backward((2.0 * w) * r, None, cache, need_xdotbar=False)
-            g = grads[k]                                                           # eq. 9.7
+            g = grads[k]                                                           # eq. 9.8
             for name, v in pbar.items():
                 g[name] += v
     return total, grads
@@ -188,35 +232,41 @@ class FlowMatchingMultiscaleCNF(MultiscaleCNF):
     All MultiscaleCNF arguments (solver/steps/rtol/atol/trace/probes are the defaults of
     bits_per_dim and sample only, never used in training), plus
     coupling     "independent" (CFM) | "ot" (OT-CFM: the last part's noise paired with the data
-                 by exact minibatch OT, eq. 9.9)
+                 by exact minibatch OT, eq. 9.10)
     time_groups  M, row groups sharing one stratified time per block (eq. 2.6)
+    schedule     "channel" (default: every coordinate of a block's input channel moves at one
+                 speed, eq. 9.4a) | "constant" (each coordinate at constant speed to its exit
+                 block, eq. 9.4b); see ``path_schedule``
     train_T, kinetic and jacobian must keep their defaults (they belong to the likelihood
     loss).
     """
 
     def __init__(self, image_shape=(1, 28, 28), coupling="independent", time_groups=4,
-                 **kwargs):
+                 schedule="channel", **kwargs):
         if coupling not in COUPLINGS:
             raise ValueError(f"unknown coupling {coupling!r}: expected one of {COUPLINGS}")
         if int(time_groups) < 1:
             raise ValueError(f"time_groups must be >= 1, got {time_groups}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown path schedule {schedule!r}: expected one of {SCHEDULES}")
         for name in ("train_T", "kinetic", "jacobian"):
             if kwargs.get(name):
                 raise ValueError(f"flow matching trains no {name}: build the model with "
                                  f"{name} left at its default (the end times are fixed)")
         super().__init__(image_shape, **kwargs)
-        self.config.update(coupling=coupling, time_groups=int(time_groups))
-        self.layout = multiscale_layout(self.plan, self.image_shape)
+        self.config.update(coupling=coupling, time_groups=int(time_groups), schedule=schedule)
+        self.layout = path_schedule(multiscale_layout(self.plan, self.image_shape), schedule)
         xp, dt = self.xp, self.dtype
         lay = self.layout
         self._device_layout = lay._replace(
             block_index=[xp.asarray(i) for i in lay.block_index],
             block_final=[xp.asarray(i) for i in lay.block_final],
-            block_exit=[to_device(1.0 / e, xp, dt) for e in lay.block_exit])
+            block_start=[to_device(v, xp, dt) for v in lay.block_start],
+            block_rate=[to_device(v, xp, dt) for v in lay.block_rate])
 
     def draw(self, y, rng):
         """The noise of one step for the logit images y (B, C, H, W) (eq. 9.3) and, for OT-CFM,
-        the last part's noise reordered by the optimal assignment (eq. 9.9): (z (B, D) final
+        the last part's noise reordered by the optimal assignment (eq. 9.10): (z (B, D) final
         coordinates on the model's device, s host (N, M), info dict)."""
         cfg = self.config
         B = y.shape[0]
@@ -232,7 +282,7 @@ class FlowMatchingMultiscaleCNF(MultiscaleCNF):
         return to_device(z, self.xp, self.dtype), s, info
 
     def loss_and_grad(self, x, rng, params=None, T=None):
-        """The loss of eq. 9.6 on the 8-bit images x (B, C, H, W) and its exact gradient.
+        """The loss of eq. 9.7 on the 8-bit images x (B, C, H, W) and its exact gradient.
 
         rng: numpy Generator (dequantization, then z and the block times, eq. 9.3).
         Returns (loss: float, grads: dict like params, stats: dict with "cfm" (the loss),
@@ -243,7 +293,7 @@ class FlowMatchingMultiscaleCNF(MultiscaleCNF):
         return self.loss_from_part(part, x.shape[0], params=params, T=T)
 
     def loss_and_grad_part(self, x, rng, rows=None, params=None, T=None, allreduce=None):
-        """The rows ``(lo, hi)`` (default all) of the batch in eq. 9.6 and its gradient, as a
+        """The rows ``(lo, hi)`` (default all) of the batch in eq. 9.7 and its gradient, as a
         model.Part (docs/parallel.md, eq. 1.2): sums "cfm" and "pair_sq_dist", the rows'
         gradient share, same "nfe_forward", "nfe_backward" and "ot_seconds". Dequantization,
         noise, times and pairing are drawn for the whole batch on every caller."""

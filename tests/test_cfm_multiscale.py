@@ -11,8 +11,8 @@ from hypothesis import given, settings, strategies as st
 
 import npflow
 from npflow.cfm import ot_pairing
-from npflow.cfm_multiscale import (FlowMatchingMultiscaleCNF, multiscale_layout, path_state,
-                                   path_velocity)
+from npflow.cfm_multiscale import (SCHEDULES, FlowMatchingMultiscaleCNF, multiscale_layout,
+                                   path_schedule, path_state, path_velocity)
 from npflow.images import factor_out, squeeze
 
 
@@ -43,7 +43,9 @@ def structural_inputs(plan, a):
 
 
 def block_arrays(layout, y, z, k):
-    return y[:, layout.block_index[k]], z[:, layout.block_final[k]], 1.0 / layout.block_exit[k]
+    """x_k, z_k, λ_k, Δ_k of block k (eq. 9.2, 9.4)."""
+    return (y[:, layout.block_index[k]], z[:, layout.block_final[k]], layout.block_start[k],
+            layout.block_rate[k])
 
 
 SHAPES = [((1, 4, 4), 2, 1), ((1, 4, 4), 2, 2), ((2, 8, 8), 3, 1), ((1, 8, 8), 1, 2),
@@ -67,18 +69,20 @@ def test_layout_gathers_what_the_model_squeeze_and_factor_out_give(shape, scales
     assert [p[0].shape for p in parts] == [tuple(s) for s in m.part_shapes()]
 
 
+@pytest.mark.parametrize("rule", SCHEDULES)
 @pytest.mark.parametrize("shape,scales,blocks", SHAPES)
 def test_path_starts_at_data_ends_at_noise_and_is_continuous_between_blocks(shape, scales,
-                                                                            blocks):
-    m = FlowMatchingMultiscaleCNF(shape, hidden=(2,), scales=scales, blocks=blocks)
+                                                                            blocks, rule):
+    m = FlowMatchingMultiscaleCNF(shape, hidden=(2,), scales=scales, blocks=blocks,
+                                  schedule=rule)
     lay = m.layout
     B, D = 4, int(np.prod(shape))
     rng = np.random.default_rng(1)
     y, z = rng.standard_normal((B, D)), rng.standard_normal((B, D))
     N = len(m.nets)
-    x0, z0, inv_e0 = block_arrays(lay, y, z, 0)
+    x0, z0, lam0, delta0 = block_arrays(lay, y, z, 0)
     # data end: block 1 at s = 0 is the data in the model's arrangement
-    np.testing.assert_array_equal(path_state(x0, z0, inv_e0, 0, 0.0),
+    np.testing.assert_array_equal(path_state(x0, z0, lam0, delta0, 0.0),
                                   y.reshape((B,) + shape))
     # walk the plan with the path's end states: each block's end state, pushed through the
     # structural ops, is the next block's start state; every factored-out part and the last
@@ -86,11 +90,11 @@ def test_path_starts_at_data_ends_at_noise_and_is_continuous_between_blocks(shap
     k, parts, state = 0, [], None
     for op, _ in m.plan:
         if op == "block":
-            xk, zk, inv_e = block_arrays(lay, y, z, k)
-            if state is not None:                       # continuity (eq. 9.4 at s = 0 and 1)
-                np.testing.assert_allclose(path_state(xk, zk, inv_e, k, 0.0), state,
+            xk, zk, lam, delta = block_arrays(lay, y, z, k)
+            if state is not None:                       # continuity (eq. 9.5 at s = 0 and 1)
+                np.testing.assert_allclose(path_state(xk, zk, lam, delta, 0.0), state,
                                            rtol=0, atol=1e-12)
-            state = path_state(xk, zk, inv_e, k, 1.0)
+            state = path_state(xk, zk, lam, delta, 1.0)
             k += 1
         elif op == "squeeze":
             state = squeeze(state)
@@ -103,6 +107,41 @@ def test_path_starts_at_data_ends_at_noise_and_is_continuous_between_blocks(shap
     assert k == N
 
 
+@pytest.mark.parametrize("shape,scales,blocks", SHAPES)
+def test_channel_schedule_is_constant_over_each_channel_of_every_block(shape, scales, blocks):
+    lay = path_schedule(FlowMatchingMultiscaleCNF(shape, hidden=(2,), scales=scales,
+                                                  blocks=blocks).layout, "channel")
+    for lam, delta in zip(lay.block_start, lay.block_rate):          # eq. 9.4a
+        for a in (lam, delta):
+            np.testing.assert_array_equal(a, np.broadcast_to(a[:, :1, :1], a.shape))
+        assert np.all(delta >= 0) and np.all(lam + delta <= 1 + 1e-12)
+
+
+def test_constant_speed_schedule_needs_parity_dependent_speeds_on_one_channel_images():
+    """eq. 9.4b on (1, 8, 8): the first block's single channel holds pixels leaving at
+    different blocks, so its speed 1/e varies with the pixel's row and column parity (what a
+    convolution cannot represent); the channel schedule is uniform there."""
+    base = FlowMatchingMultiscaleCNF((1, 8, 8), hidden=(2,), scales=3, blocks=1).layout
+    e0 = base.block_exit[0][0]
+    assert np.all(e0[1::2] == 2) and np.all(e0[0::2, 0::2] == 5) and np.all(e0[0::2, 1::2] == 4)
+    const = path_schedule(base, "constant")
+    np.testing.assert_allclose(const.block_rate[0], 1.0 / base.block_exit[0])
+    chan = path_schedule(base, "channel")
+    np.testing.assert_allclose(chan.block_rate[0], 0.5)      # the earliest exit is block 2
+
+
+@pytest.mark.parametrize("shape,scales", [((2, 4, 4), 2), ((4, 8, 8), 2), ((1, 8, 8), 1)])
+def test_schedules_coincide_when_every_channel_leaves_at_one_block(shape, scales):
+    """With two scales and an even channel count (or one scale) the one factor-out splits
+    whole channels of the first blocks, so e is constant over each channel of every block and
+    eq. 9.4a = eq. 9.4b (Δ = 1/e)."""
+    base = FlowMatchingMultiscaleCNF(shape, hidden=(2,), scales=scales, blocks=2).layout
+    a, b = path_schedule(base, "channel"), path_schedule(base, "constant")
+    for k in range(len(base.block_index)):
+        np.testing.assert_allclose(a.block_rate[k], 1.0 / base.block_exit[k], rtol=1e-14)
+        np.testing.assert_allclose(a.block_start[k], b.block_start[k], rtol=1e-14, atol=1e-15)
+
+
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10**6), k=st.integers(0, 2), s=st.floats(0.01, 0.99),
        T=st.floats(0.2, 2.0))
@@ -110,10 +149,11 @@ def test_target_velocity_is_the_time_derivative_of_the_path_state(seed, k, s, T)
     lay = tiny().layout
     rng = np.random.default_rng(seed)
     y, z = rng.standard_normal((3, 16)), rng.standard_normal((3, 16))
-    xk, zk, inv_e = block_arrays(lay, y, z, k)
+    xk, zk, lam, delta = block_arrays(lay, y, z, k)
     h = 1e-6                                   # τ = s T: d/dτ = (1/T) d/ds
-    fd = (path_state(xk, zk, inv_e, k, s + h) - path_state(xk, zk, inv_e, k, s - h)) / (2 * h * T)
-    np.testing.assert_allclose(path_velocity(xk, zk, inv_e, T), fd, rtol=1e-7, atol=1e-8)
+    fd = (path_state(xk, zk, lam, delta, s + h) - path_state(xk, zk, lam, delta, s - h)) \
+        / (2 * h * T)
+    np.testing.assert_allclose(path_velocity(xk, zk, delta, T), fd, rtol=1e-7, atol=1e-8)
 
 
 def check_gradient(m, x, seed, rtol=1e-6):
@@ -136,11 +176,11 @@ def check_gradient(m, x, seed, rtol=1e-6):
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 10**6), B=st.integers(1, 5), groups=st.integers(1, 4),
        blocks=st.integers(1, 2), ot=st.booleans(), T=st.floats(0.3, 1.5),
-       layer=st.sampled_from(["concat", "concatsquash"]))
+       layer=st.sampled_from(["concat", "concatsquash"]), rule=st.sampled_from(SCHEDULES))
 def test_multiscale_cfm_gradient_matches_central_differences(seed, B, groups, blocks, ot, T,
-                                                             layer):
+                                                             layer, rule):
     m = tiny(blocks=blocks, T=T, layer=layer, time_groups=groups, seed=seed % 1000,
-             coupling="ot" if ot else "independent")
+             coupling="ot" if ot else "independent", schedule=rule)
     check_gradient(m, images(np.random.default_rng(seed), B), seed)
 
 
@@ -155,11 +195,11 @@ def test_loss_is_the_block_mean_of_per_row_regressions_on_the_path():
     z, s, _ = m.draw(yimg, rng)
     N, ref = len(m.nets), 0.0
     for k in range(N):
-        xk, zk, inv_e = block_arrays(m.layout, y, z, k)
+        xk, zk, lam, delta = block_arrays(m.layout, y, z, k)
         for j, (lo, hi) in enumerate([(0, 2), (2, 4)]):
-            st_ = path_state(xk[lo:hi], zk[lo:hi], inv_e, k, s[k, j])
+            st_ = path_state(xk[lo:hi], zk[lo:hi], lam, delta, s[k, j])
             f, _, _ = m.nets[k].forward(m.block_params(k), st_, None, s[k, j] * 0.7)
-            u = path_velocity(xk[lo:hi], zk[lo:hi], inv_e, 0.7)
+            u = path_velocity(xk[lo:hi], zk[lo:hi], delta, 0.7)
             ref += ((f - u) ** 2).sum() / (N * 2 * 2 * xk[0].size)
     assert abs(loss - ref) <= 1e-12 * abs(ref)
 
@@ -247,6 +287,7 @@ def test_float32_model_returns_float32_gradients():
     (dict(time_groups=0), "time_groups"),
     (dict(train_T=True), "train_T"),
     (dict(kinetic=0.1), "kinetic"),
+    (dict(schedule="linear"), "unknown path schedule"),
 ])
 def test_bad_arguments_raise_one_line_errors(kw, match):
     with pytest.raises(ValueError, match=match):
