@@ -259,6 +259,7 @@ class FlowMatchingMultiscaleCNF(MultiscaleCNF):
         xp, dt = self.xp, self.dtype
         lay = self.layout
         self._device_layout = lay._replace(
+            final_index=xp.asarray(lay.final_index),
             block_index=[xp.asarray(i) for i in lay.block_index],
             block_final=[xp.asarray(i) for i in lay.block_final],
             block_start=[to_device(v, xp, dt) for v in lay.block_start],
@@ -314,12 +315,9 @@ class FlowMatchingMultiscaleCNF(MultiscaleCNF):
         for k in range(N):
             pre = _block_prefix(k)
             grads.update({pre + name: v for name, v in gl[k].items()})
-        d = yf[lo:hi][:, self._final_index_device()] - z[lo:hi]
+        d = yf[lo:hi][:, self._device_layout.final_index] - z[lo:hi]     # P y − z (eq. 9.1)
         same = {"nfe_forward": float(N), "nfe_backward": float(N), **info}
         return Part({"cfm": total, "pair_sq_dist": (d * d).sum()}, grads, same)
-
-    def _final_index_device(self):
-        return self.xp.asarray(self.layout.final_index)
 
     def loss_from_part(self, part, B, params=None, T=None):
         """(loss, grads, stats) of loss_and_grad from the sum of the parts of a batch of B."""
