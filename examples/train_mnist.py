@@ -57,8 +57,9 @@ METHODS = tuple(n for n, m in REGISTRY.items() if m.model in (None, "cfm"))
 FLOW_MATCHING_DEFAULTS = {"cfm": dict(solver="dopri5"), "otcfm": dict(solver="dopri5")}
 # the settings that define the model (and its data): --resume refuses a change of any
 MODEL_KEYS = ("data", "labels", "dims", "num_blocks", "scales", "layer_type", "T", "method",
-              "trace", "alpha_logit", "zero_last", "dtype", "seed", "kinetic", "jacobian",
-              "time_groups", "path_schedule")
+              "trace", "alpha_logit", "zero_last", "dtype", "seed", "kinetic", "jacobian")
+# (--time-groups and --path-schedule shape the flow-matching loss only: training settings,
+# recorded, and a change on --resume is allowed and noted like --lr's)
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 DATASETS = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
