@@ -126,6 +126,9 @@ def check_args(args):
         raise ValueError(f"--depth must be >= 2, got {args.depth}")
     if not -1 <= args.conditional <= 9:
         raise ValueError(f"--conditional must be a class 0-9 or -1, got {args.conditional}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise ValueError(f"--time-limit must be > 0 seconds (leave it out for no limit), got "
+                         f"{args.time_limit}")
     if args.clamp < 0 or not args.lr_drop >= 1 or (args.lr is not None and args.lr <= 0):
         raise ValueError("--clamp must be >= 0, --lr-drop >= 1 and --lr > 0")
     try:

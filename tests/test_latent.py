@@ -189,7 +189,8 @@ def test_example_bad_flags_are_one_line_errors(tmp_path, capsys):
     for bad, msg in ((["--alpha", "1,2"], "--alpha needs three values"),
                      (["--conditional", "12"], "--conditional must be"),
                      (["--hidden", "a,b"], "--hidden must be comma-separated"),
-                     (["--batch-size", "0"], "--batch-size must be >= 1")):
+                     (["--batch-size", "0"], "--batch-size must be >= 1"),
+                     (["--time-limit", "0"], "--time-limit must be > 0")):
         with pytest.raises(SystemExit):
             mod.main(bad + ["--save", str(tmp_path / "r")])
         assert msg in capsys.readouterr().err
