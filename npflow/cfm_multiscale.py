@@ -11,12 +11,12 @@ image through the model's own squeeze / factor_out, without the ODEs (eq. 9.2).
 With y the logit image (data end) and z ~ N(0, I) in final coordinates (eq. 9.3), every
 coordinate moves on its straight line from y to z, reaches z at the end of its exit block e
 and is factored out there. ``path_schedule`` fixes how far it goes in each block (eq. 9.4):
-λ (done before block k) and Δ (done during block k); by default ("channel") both are constant
-over each channel of the block's input, so that a convolution can represent the speeds (with
-the brief's constant speed 1/e, the pixels of MNIST's first blocks would need speeds set by
-their row and column parity). In block k at local time τ = s T_k, s ∈ [0, 1]:
+λ_{k−1} (done before block k) and Δ_k (done during it); by default ("channel") both are
+constant over each channel of the block's input, so that a convolution can represent the
+speeds (with the constant speed 1/e of eq. 9.4b, the pixels of MNIST's first blocks would need
+speeds set by their row and column parity). In block k at local time τ = s T_k, s ∈ [0, 1]:
 
-    y_k(s) = x_k + (λ_k + s Δ_k) (z_k − x_k)                                        (eq. 9.5)
+    y_k(s) = x_k + (λ_{k−1} + s Δ_k) (z_k − x_k)                                    (eq. 9.5)
     u_k    = d y_k / dτ = Δ_k (z_k − x_k) / T_k                                     (eq. 9.6)
 
 (x_k, z_k: the data and noise in block k's arrangement), and the loss is the mean over blocks
