@@ -43,8 +43,7 @@ _EXPORTS = {
 _SUBMODULES = {"cfm", "backend", "layers", "data", "trace", "tableau", "solvers", "cnf", "otflow",
                "cfm_multiscale", "optim", "checkpoint", "conv", "plotting", "training",
                "multiscale", "odenet", "model", "images", "otflow_net", "parallel", "nets",
-               "autoencoder",
-               "latent", "vae", "likelihoods", "amortized_cnf"}
+               "autoencoder", "latent", "vae", "likelihoods", "amortized_cnf"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 
