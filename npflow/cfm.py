@@ -200,8 +200,8 @@ class FlowMatchingCNF(CNF):
         params  parameter dict (default self.params); T: not supported (None)
         Returns (loss: float, grads: dict like params, stats: dict with "cfm" (the loss),
         "nfe_forward" = "nfe_backward" = 1 (one evaluation of f on the batch, cut into M row
-        groups), "T" (list, one per block), "pair_sq_dist" = mean ‖x_i − z_i‖² of the pairs used, and for OT-CFM
-        "ot_seconds", the host time of the assignment).
+        groups), "T" (list, one per block), "pair_sq_dist" = mean ‖x_i − z_i‖² of the pairs
+        used, and for OT-CFM "ot_seconds", the host time of the assignment).
         """
         part = self.loss_and_grad_part(x, rng, params=params, T=T)
         return self.loss_from_part(part, len(x), params=params, T=T)   # len: lists too

@@ -324,8 +324,8 @@ class CNF(BlockStack, FlowModel):
         config = dict(dim=dim, hidden=[int(h) for h in hidden], layer=layer,
                       activation=activation, T=float(T), train_T=bool(train_T), solver=solver,
                       steps=steps, rtol=float(rtol), atol=float(atol), trace=trace,
-                      probes=probes, **settings, blocks=blocks, zero_last=bool(zero_last), dtype=str(dtype),
-                      device=device, seed=int(seed))
+                      probes=probes, **settings, blocks=blocks, zero_last=bool(zero_last),
+                      dtype=str(dtype), device=device, seed=int(seed))
         super().__init__(config, device=device, dtype=dtype)
         self.dim = dim
         self.nets = [ODENet(dim, config["hidden"], dim, layer=layer, activation=activation)
@@ -397,13 +397,28 @@ class CNF(BlockStack, FlowModel):
         """The part of rows ``(lo, hi)`` of the batch x (B, D) (default: all) in the loss of
         eq. 4.1 and its gradient: a model.Part with sums "nll" (and one per state term, e.g.
         RNODE's "kinetic", "jacobian") of per-sample terms over the rows, their gradient with
-        the whole batch's cotangent (eq. 5.1a, 1/B per row) and, with trained end times, ∂L/∂T (eq. 6.1-6.2).
+        the whole batch's cotangent (eq. 5.1a, 1/B per row) and, with trained end times,
+        ∂L/∂T (eq. 6.1-6.2).
 
         The probes are drawn from rng for the whole batch (the same draws whatever the rows)
         and the rows keep theirs (docs/parallel.md, eq. 1.3); ``allreduce`` (see odeint) makes an
         adaptive solver's error norm cover the rows of every process, so the parts of any split
         of the batch add up to the part of the whole batch.
         """
+        store = "caches" if fixed_grid(self.config["solver"]) else "states"
+        B, Ts, terms, y, tape = self._solve_rows(x, rng, rows, params, T, allreduce, store)
+        sums = {"nll": self._nll(y.z, y.logdet).sum(), **self._term_sums(y, terms)}
+        ybar = self._terminal_cotangent(y, y.z / B, 1.0 / B, B, terms)          # eq. 5.1a
+        grads, dT_sums, nfe_b = self._reverse(tape, ybar, Ts)
+        sums.update(dT_sums)
+        same = {"nfe_forward": float(sum(e[3].nfe for e in tape)), "nfe_backward": float(nfe_b)}
+        return Part(sums, grads, same)
+
+    def _solve_rows(self, x, rng, rows, params, T, allreduce, store=None):
+        """The training forward pass of rows ``(lo, hi)`` (default all) of the batch x (B, D)
+        with the training solver and the methods' state terms: returns (B, the end times Ts,
+        the terms, y(T) of the last block, the tape); ``store`` as in odeint (None: its
+        default)."""
         params = self.params if params is None else params
         cfg = self.config
         x = self._prepare(x)
@@ -412,15 +427,11 @@ class CNF(BlockStack, FlowModel):
         terms = self.state_terms
         Ts = self.end_times(params, T)
         kw = self._solver_kwargs(cfg["solver"], cfg["steps"], cfg["rtol"], cfg["atol"])
-        kw["store"] = "caches" if fixed_grid(cfg["solver"]) else "states"
+        if store is not None:
+            kw["store"] = store
         kw["allreduce"] = allreduce
         y, tape = self._flow_rows(x, rng, (lo, hi), params, Ts, terms, kw)
-        sums = {"nll": self._nll(y.z, y.logdet).sum(), **self._term_sums(y, terms)}
-        ybar = self._terminal_cotangent(y, y.z / B, 1.0 / B, B, terms)          # eq. 5.1a
-        grads, dT_sums, nfe_b = self._reverse(tape, ybar, Ts)
-        sums.update(dT_sums)
-        same = {"nfe_forward": float(sum(e[3].nfe for e in tape)), "nfe_backward": float(nfe_b)}
-        return Part(sums, grads, same)
+        return B, Ts, terms, y, tape
 
     def _flow_rows(self, x, rng, rows, params, Ts, terms, kw):
         """Solve every block forward from the rows lo:hi of x (B, D), the probes drawn for all
@@ -442,15 +453,7 @@ class CNF(BlockStack, FlowModel):
         """One block: one forward solve and the terminal formula (eq. 6.2), no backward."""
         if len(self.nets) > 1:
             return None
-        params = self.params if params is None else params
-        cfg = self.config
-        x = self._prepare(x)
-        B = x.shape[0]
-        Ts = self.end_times(params)
-        kw = self._solver_kwargs(cfg["solver"], cfg["steps"], cfg["rtol"], cfg["atol"])
-        kw["allreduce"] = allreduce
-        terms = self.state_terms
-        y1, tape = self._flow_rows(x, rng, check_rows(rows, B), params, Ts, terms, kw)
+        B, Ts, terms, y1, tape = self._solve_rows(x, rng, rows, params, None, allreduce)
         ybar = self._terminal_cotangent(y1, y1.z / B, 1.0 / B, B, terms)
         return [float(to_host(terminal_time_gradient(tape[0][2], y1, Ts[0], ybar)))]
 

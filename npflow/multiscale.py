@@ -227,9 +227,9 @@ class MultiscaleCNF(BlockStack, FlowModel):
         """The part of rows ``(lo, hi)`` of the images x (B, C, H, W) (default: all) in the
         loss and its gradient: a model.Part with the row sums "bpd" (and one per state term,
         e.g. RNODE's "kinetic", "jacobian"), their gradient with the whole batch's cotangent
-        (eq. 3.4) and, with trained end times, ∂L/∂T_b. The dequantization noise and every block's probes are
-        drawn from rng for the whole batch and the rows keep theirs (docs/parallel.md, eq.
-        1.3); ``allreduce`` as in odeint (adaptive solvers).
+        (eq. 3.4) and, with trained end times, ∂L/∂T_b. The dequantization noise and every
+        block's probes are drawn from rng for the whole batch and the rows keep theirs
+        (docs/parallel.md, eq. 1.3); ``allreduce`` as in odeint (adaptive solvers).
         """
         params = self.params if params is None else params
         cfg = self.config

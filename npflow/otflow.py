@@ -194,8 +194,8 @@ class OTFlow(FlowModel):
         which npflow.training treats as a non-finite loss.
         Returns (loss: float, grads: dict like params, stats: dict with nll, transport, hjb,
         nfe_forward, nfe_backward, T (a list of one float, as every model's stats) and, when
-        T is trained, dL_dT_discrete (= grads["T"], docs/solvers.md, eq. 2.10) and dL_dT_analytic (the terminal formula λ(T)·F(y(T), T),
-        eq. 4.6)).
+        T is trained, dL_dT_discrete (= grads["T"], docs/solvers.md, eq. 2.10) and
+        dL_dT_analytic (the terminal formula λ(T)·F(y(T), T), eq. 4.6)).
         Data-parallel training splits the same computation over processes (npflow.parallel,
         docs/parallel.md): loss_and_grad_part on each one's rows, loss_from_part on the sum.
         """

@@ -84,7 +84,8 @@ def test_state_term_rate_backward_matches_central_differences(name, shape, K, se
     rng, f, Jeps = _arrays(seed, shape, K)
     df, dJ, rbar, fbar, Jbar = _vjp_pieces(term, rng, f, Jeps, w)
     h = 1e-6
-    fd = (term.rate(f + h * df, Jeps + h * dJ, w) - term.rate(f - h * df, Jeps - h * dJ, w)) / (2 * h)
+    fd = (term.rate(f + h * df, Jeps + h * dJ, w)
+          - term.rate(f - h * df, Jeps - h * dJ, w)) / (2 * h)
     assert term.rate(f, Jeps, w).shape == (shape[0],)
     an = np.sum(fbar * df) + np.sum(Jbar * dJ)
     assert abs(an - np.dot(rbar, fd)) <= 1e-7 * max(1.0, abs(an))
