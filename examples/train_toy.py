@@ -101,6 +101,9 @@ def build_parser():
     a("--warmup", type=int, default=0, help="linear learning-rate warm-up iterations")
     a("--lr-halve-every", type=int, default=0,
       help="halve the learning rate every N iterations (0: constant)")
+    a("--lr-cosine", action="store_true",
+      help="decay the lr along a half cosine to 0 over --niters (docs/training.md eq. 3.5) "
+           "instead of halving it every --lr-halve-every iterations")
     a("--grad-clip", type=float, default=None, help="max global gradient norm (default: off)")
     a("--ema", type=float, default=0.0,
       help="decay γ of an exponential moving average of the weights (docs/training.md eq. "
@@ -383,10 +386,14 @@ def _train_and_evaluate(args, rf, run, model, optimizer, hooks, methods, cfg, tr
 
 
 def _schedule(args):
-    """Warm-up and/or halving every --lr-halve-every iterations (npflow.optim, eq. 3.1-3.4)."""
-    from npflow.optim import Chain, StepDecay, Warmup
-    parts = ([Warmup(args.warmup)] if args.warmup else []) + (
-        [StepDecay(args.lr_halve_every, 0.5)] if args.lr_halve_every else [])
+    """Warm-up, then a half-cosine decay over --niters (--lr-cosine) or halving every
+    --lr-halve-every iterations (npflow.optim, eq. 3.1-3.5)."""
+    from npflow.optim import Chain, Cosine, StepDecay, Warmup
+    parts = [Warmup(args.warmup)] if args.warmup else []
+    if args.lr_cosine:
+        parts.append(Cosine(max(args.niters, 1)))
+    elif args.lr_halve_every:
+        parts.append(StepDecay(args.lr_halve_every, 0.5))
     return None if not parts else parts[0] if len(parts) == 1 else Chain(*parts)
 
 

@@ -22,7 +22,7 @@ import math
 from .backend import get_array_module, to_device, to_host
 
 __all__ = ["adam_update", "Adam", "clip_grad_norm", "global_norm", "Warmup", "StepDecay",
-           "ReduceOnPlateau", "Chain", "Constant"]
+           "Cosine", "ReduceOnPlateau", "Chain", "Constant"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def clip_grad_norm(grads: dict, max_norm, keys=None):
 
 
 # --------------------------------------------------------------------------------------------
-# learning-rate schedules (eq. 3.1-3.4): factor(step) multiplies the base lr
+# learning-rate schedules (eq. 3.1-3.5): factor(step) multiplies the base lr
 
 class Constant:
     """factor = 1."""
@@ -279,6 +279,24 @@ class StepDecay(Constant):
 
     def state_dict(self) -> dict:
         return {"type": "StepDecay", "every": self.every, "gamma": self.gamma}
+
+
+class Cosine(Constant):
+    """Half-cosine decay over ``total`` updates (eq. 3.5):
+    factor = floor + (1 − floor)·½(1 + cos(π·min(step, total)/total)), from 1 at step 0 to
+    ``floor`` at step ``total`` and after."""
+
+    def __init__(self, total: int, floor: float = 0.0):
+        if total <= 0 or not 0.0 <= floor <= 1.0:
+            raise ValueError(f"Cosine needs total > 0 and 0 <= floor <= 1, got {total}, {floor}")
+        self.total, self.floor = int(total), float(floor)
+
+    def factor(self, step: int) -> float:
+        r = min(step, self.total) / self.total
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * r))
+
+    def state_dict(self) -> dict:
+        return {"type": "Cosine", "total": self.total, "floor": self.floor}
 
 
 class ReduceOnPlateau(Constant):

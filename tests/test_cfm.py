@@ -301,3 +301,15 @@ def test_train_toy_ema_resume_is_exact_and_the_average_is_what_is_evaluated(tmp_
     nll = -float(np.mean(npflow.backend.to_host(model.log_prob(
         x, solver="dopri5", rtol=1e-5, atol=1e-5, trace="exact")).astype(np.float64)))
     assert nll == pytest.approx(full[-1]["test_nll"], rel=1e-6)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], [1.0, 1.0, 0.5, 0.5]),                                   # otcfm's halving (every 2)
+    (["--lr-cosine"], [1.0, 0.5, 0.0, 0.0]),                      # eq. 3.5 over --niters 2
+])
+def test_train_toy_lr_cosine_replaces_the_halving(flags, expected):
+    mod = _train_toy()
+    args = mod.build_parser().parse_args(["--method", "otcfm", "--niters", "2",
+                                          "--lr-halve-every", "2"] + flags)
+    s = mod._schedule(args)
+    assert [s.factor(i) for i in range(4)] == pytest.approx(expected)

@@ -125,6 +125,19 @@ def test_softmax_regression_gradient_equals_central_differences():
         assert abs(np.vdot(g, v) - fd) < 1e-7 * max(1, abs(fd))
 
 
+def test_gaussian_fit_baseline_has_the_codes_mean_and_covariance_even_when_singular():
+    mod = _load_example()
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((3, 3))
+    c = np.concatenate([rng.standard_normal((4000, 3)) @ A.T + [1.0, -2.0, 0.5],
+                        np.zeros((4000, 1))], axis=1)            # a dead 4th dimension
+    g = mod.gaussian_fit_codes(c, 200000, np.random.default_rng(1))
+    assert g.shape == (200000, 4)
+    np.testing.assert_allclose(g.mean(0), c.mean(0), atol=0.03)
+    np.testing.assert_allclose(np.cov(g, rowvar=False), np.cov(c, rowvar=False), atol=0.05)
+    assert np.all(g[:, 3] == 0.0)
+
+
 def test_mismatched_dimensions_are_refused():
     ae = Autoencoder(5, 2)
     with pytest.raises(ValueError, match="differs from the autoencoder's code dimension"):
@@ -162,6 +175,7 @@ def test_example_writes_figures_and_test_nll_last(tmp_path, model, capsys):
     recs = [json.loads(line) for line in open(log)]
     assert "test_nll" in recs[-1] and np.isfinite(recs[-1]["test_nll"])
     assert sum(recs[-1]["generated_label_histogram"]) == 1000
+    assert sum(recs[-1]["gaussian_fit_label_histogram"]) == 1000
     assert any(r.get("stage") == "autoencoder" for r in recs)
     assert "latent test NLL" in capsys.readouterr().out
     # a second run into the same folder is refused; --resume reuses the autoencoder

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from npflow.optim import (Adam, Chain, ReduceOnPlateau, StepDecay, Warmup, adam_update,
+from npflow.optim import (Adam, Chain, Cosine, ReduceOnPlateau, StepDecay, Warmup, adam_update,
                           clip_grad_norm, global_norm)
 
 
@@ -194,6 +194,16 @@ def test_reduce_on_plateau_drops_after_patience_stale_losses():
     assert (s2.best, s2.stale, s2.scale) == (1.0, 0, 0.5)
     with pytest.raises(ValueError, match="non-finite"):
         s.update(float("nan"))
+
+
+def test_cosine_falls_from_one_to_its_floor_along_a_half_cosine():
+    s = Cosine(total=100, floor=0.1)
+    f = [s.factor(i) for i in (0, 50, 100, 150)]
+    assert f == pytest.approx([1.0, 0.55, 0.1, 0.1])
+    assert s.factor(25) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert all(s.factor(i) >= s.factor(i + 1) for i in range(120))
+    with pytest.raises(ValueError, match="Cosine needs"):
+        Cosine(0)
 
 
 def test_chain_multiplies_factors():
