@@ -12,7 +12,9 @@ the network on a batch; flow matching counts 1 + 1 per iteration), test NLL and 
 
 Same network for the five velocity-field methods: ConcatSquash ODENet D-64-64-64-D, tanh
 (FFJORD's toy net); OT-Flow keeps its own potential network (width --otflow-width, 2 layers).
-Each method keeps its own toy defaults otherwise:
+The methods are the registry's (npflow.methods: every registered name, their model settings by
+``configure`` and their loop steps by ``hooks`` at the flags' defaults). Each method keeps its
+own toy defaults otherwise:
   ffjord  dopri5 (1e-5) training, exact trace, T0 = 0.5 trained jointly, batch 100, Adam 1e-3
   rnode   RK4 8 steps, λ_K = λ_J = 0.01, T = 0.5 fixed, batch 100
   toflow  dopri5, T trained by its own Adam (analytic ∂L/∂T, α = 0.1), batch 100
@@ -40,11 +42,13 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from npflow.methods import METHODS as REGISTRY, compose, method_names  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-METHODS = ("ffjord", "rnode", "toflow", "steer", "otflow", "cfm", "otcfm")
+METHODS = method_names()          # every registered method, in registry order
 DATASETS = ("checkerboard", "8gaussians", "product8")
 # targets: a test NLL a decent fit reaches (floors: log 32 = 3.466, 2.832, 4·2.832 = 11.33)
 TARGETS = {"checkerboard": 3.70, "8gaussians": 3.00, "product8": 12.0}
@@ -69,48 +73,50 @@ def make_data(name, seed):
     return 2, sample, toy(name, 10_000, np.random.default_rng([seed, 6]))
 
 
+def _flag_defaults():
+    """Every registered method's flags at their defaults (an argparse.Namespace)."""
+    p = argparse.ArgumentParser()
+    for m in REGISTRY.values():
+        m.add_arguments(p)
+    return p.parse_args([])
+
+
 def build(method, dim, seed, otflow_width):
     """(model, optimizer, hooks, batch size) with the method's toy defaults."""
     import npflow
     from npflow.cfm import FlowMatchingCNF
     from npflow.optim import Adam, StepDecay
-    from npflow.training import SteerHook, TimeOptimizer
     hidden = (64, 64, 64)
-    if method == "otflow":
+    if REGISTRY[method].model == "otflow":
         model = npflow.OTFlow(dim, width=otflow_width, depth=2, alpha=(1.0, 100.0, 5.0),
                               steps=8, T=1.0, seed=seed)
         opt = Adam(model.params, lr=0.1, weight_decay=0.0, schedule=StepDecay(250, 0.5))
         return model, opt, [], 2048
-    if method in ("cfm", "otcfm"):
+    if REGISTRY[method].model == "cfm":
         model = FlowMatchingCNF(dim, hidden=hidden, T=1.0, sigma=0.0, time_groups=16,
-                                coupling="ot" if method == "otcfm" else "independent",
-                                seed=seed)
+                                coupling=REGISTRY[method].coupling, seed=seed)
         return model, Adam(model.params, lr=2e-3, weight_decay=1e-5, decoupled=False,
                            schedule=StepDecay(10000, 0.5)), [], 128
+    combo, flags = compose(method), _flag_defaults()
     kw = dict(hidden=hidden, T=0.5, trace="exact", seed=seed, solver="dopri5",
               rtol=1e-5, atol=1e-5)
+    kw = combo.configure(kw, flags)            # RNODE: λ_K = λ_J = 0.01; TO-FLOW: train_T
     if method == "ffjord":
-        kw["train_T"] = True
-    elif method == "rnode":
-        kw.update(solver="rk4", steps=8, kinetic=0.01, jacobian=0.01)
-    elif method == "toflow":
-        kw["train_T"] = True
+        kw["train_T"] = True                   # FFJORD's toy set-up: T trained jointly
+    if "rnode" in combo:
+        kw.update(solver="rk4", steps=8)       # RNODE's fixed grid
     model = npflow.CNF(dim, **kw)
-    weights = {k: v for k, v in model.params.items()
-               if not (method == "toflow" and k in model.time_names)}
+    skip = combo.optimizer_skip(model)         # TO-FLOW's end times
+    weights = {k: v for k, v in model.params.items() if k not in skip}
     opt = Adam(weights, lr=1e-3, weight_decay=1e-5, decoupled=False)
-    hooks = []
-    if method == "toflow":
-        hooks.append(TimeOptimizer(model, lr=1e-2, alpha=0.1, eps=0.1, kind="analytic"))
-    if method == "steer":
-        hooks.append(SteerHook(0.25))
+    hooks = combo.hooks(model, flags)          # TO-FLOW: analytic ∂L/∂T, α = 0.1; STEER: b = T/2
     return model, opt, hooks, 100
 
 
 def evaluate(method, model, x):
     """(test NLL, test-time NFE) by the usual exact evaluator of the method."""
     from npflow.backend import to_host
-    if method == "otflow":
+    if REGISTRY[method].model == "otflow":
         steps = 4 * model.config["steps"]
         lp = model.log_prob(x, steps=steps)
         nfe = 4 * steps

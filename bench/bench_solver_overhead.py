@@ -145,7 +145,7 @@ def make_cases(B, dtype, rng):
             from npflow.cnf import CNFDynamics, CNFState
             eps = np.broadcast_to(np.eye(2, dtype=dtype)[:, None, :], (2, B, 2)).copy()
             cases["cnf (z, ℓ), exact trace"] = (
-                CNFDynamics(net, params, eps, 1.0, False),
+                CNFDynamics(net, params, eps, 1.0),
                 CNFState(x, np.zeros(B, dtype)))
         except ImportError:
             pass

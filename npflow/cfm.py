@@ -200,8 +200,8 @@ class FlowMatchingCNF(CNF):
         params  parameter dict (default self.params); T: not supported (None)
         Returns (loss: float, grads: dict like params, stats: dict with "cfm" (the loss),
         "nfe_forward" = "nfe_backward" = 1 (one evaluation of f on the batch, cut into M row
-        groups), "T", "pair_sq_dist" = mean ‖x_i − z_i‖² of the pairs used, and for OT-CFM
-        "ot_seconds", the host time of the assignment).
+        groups), "T" (list, one per block), "pair_sq_dist" = mean ‖x_i − z_i‖² of the pairs
+        used, and for OT-CFM "ot_seconds", the host time of the assignment).
         """
         part = self.loss_and_grad_part(x, rng, params=params, T=T)
         return self.loss_from_part(part, len(x), params=params, T=T)   # len: lists too
@@ -240,7 +240,7 @@ class FlowMatchingCNF(CNF):
         Ts = [float(to_host(t)) for t in self.end_times(params)]
         stats = {"cfm": loss, "nfe_forward": int(round(part.same["nfe_forward"])),
                  "nfe_backward": int(round(part.same["nfe_backward"])),
-                 "T": Ts[0] if len(Ts) == 1 else Ts,
+                 "T": Ts,
                  "pair_sq_dist": float(to_host(part.sums["pair_sq_dist"])) / B,
                  "time_groups": len(group_cuts(B, self.config["time_groups"])) - 1}
         if "ot_seconds" in part.same:

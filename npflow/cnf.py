@@ -4,11 +4,15 @@ The augmented state of one CNF block (eq. 1.1), with z(t0) = x, ℓ(t0) = 0:
 
     dz/dt = f(z, t; θ)                    z        (B, *event_shape)
     dℓ/dt = tr ∂f/∂z   (exact or Hutchinson, eq. 2.1-2.2)          ℓ        (B,)
-    dE/dt = ‖f‖² / D          (kinetic energy, RNODE, eq. 3.1)     E        (B,)
-    dn/dt = ‖∂f/∂z ε‖² / D    (Jacobian Frobenius, RNODE, eq. 3.2) n        (B,)
+    dq/dt = r(f, Jε)   (the training methods' state terms)        q        (B,) each
 
 log p(x) = log N(z(T); 0, I) + ℓ(T)                                (eq. 1.2)
-loss     = mean_b [ ½‖z(T)‖² + (D/2) log 2π − ℓ(T) ] + λ_K mean E(T) + λ_J mean n(T)   (eq. 4.1)
+loss     = mean_b [ ½‖z(T)‖² + (D/2) log 2π − ℓ(T) ] + Σ_q λ_q mean q(T)   (eq. 4.1)
+
+The state terms q, their weights λ_q and their adjoints belong to the training methods
+(npflow/methods.py, docs/training.md eq. 11.1-11.4): RNODE's kinetic energy E (eq. 3.1) and
+Jacobian Frobenius norm n (eq. 3.2). The models ask the registry which terms their settings
+switch on (``methods.state_terms``) and integrate them generically.
 
 Every derivative comes from the layers' tangent/adjoint rules (docs/layers.md) and the solver's
 discrete adjoint (docs/solvers.md); the end time's gradient comes out of the same pass
@@ -16,19 +20,22 @@ discrete adjoint (docs/solvers.md); the end time's gradient comes out of the sam
 """
 from __future__ import annotations
 
+import collections
+import functools
 import math
 from typing import NamedTuple
 
 import numpy as np  # host-side only: the seed generator and validation messages
 
 from .backend import get_array_module, to_host
+from .methods import model_settings, state_terms, sum_features
 from .model import FlowModel, Part, check_int, check_rows
 from .odenet import ODENet
 from .tableau import TABLEAUS, fixed_grid
 from .solvers import odeint, terminal_time_gradient
 from . import trace as trace_mod
 
-__all__ = ["CNF", "BlockStack", "CNFState", "RegularizedCNFState", "CNFDynamics", "TRACE_KINDS"]
+__all__ = ["CNF", "BlockStack", "CNFState", "state_type", "CNFDynamics", "TRACE_KINDS"]
 
 TRACE_KINDS = ("exact", "hutchinson", "gaussian", "rademacher")
 
@@ -39,17 +46,14 @@ class CNFState(NamedTuple):
     logdet: object
 
 
-class RegularizedCNFState(NamedTuple):
-    """State with RNODE's integrals: z (B, ...), logdet (B,), kinetic E (B,), jacobian n (B,)."""
-    z: object
-    logdet: object
-    kinetic: object
-    jacobian: object
-
-
-def _sum_features(a):
-    """Σ over every axis but the batch axis: (B, ...) -> (B,)."""
-    return a.reshape(a.shape[0], -1).sum(axis=1)
+@functools.lru_cache(maxsize=None)
+def state_type(names=()):
+    """The NamedTuple of a CNF state with the state terms ``names`` (a tuple of str) after
+    z (B, ...) and logdet (B,), each (B,): CNFState when there are none; with RNODE's,
+    fields (z, logdet, kinetic, jacobian)."""
+    if not names:
+        return CNFState
+    return collections.namedtuple("CNFState_" + "_".join(names), ("z", "logdet") + names)
 
 
 class CNFDynamics:
@@ -64,42 +68,43 @@ class CNFDynamics:
     eps     probes (K, B, ...) with the shape of z behind the K axis, or None (no trace:
             the state is z alone, used for sampling)
     weight  trace weight: 1 for the exact basis, 1/K for Hutchinson (eq. 2.1-2.2)
-    regularized  carry E and n (eq. 3.1-3.2)
+    terms   the methods' state terms carried after z and ℓ (methods.StateTerm, e.g. RNODE's
+            kinetic and jacobian, eq. 3.1-3.2), in state order; needs eps
     """
 
-    def __init__(self, net, params, eps=None, weight=1.0, regularized=False):
+    def __init__(self, net, params, eps=None, weight=1.0, terms=()):
         self.net = net
         self.params = params
         self.eps = eps
         self.weight = weight
-        self.regularized = regularized
+        self.terms = tuple(terms)
+        self.state = state_type(tuple(t.name for t in self.terms))
         # the parameters are fixed for the solve: let the network precompute what it can
         self._net_params = net.prepare(params) if hasattr(net, "prepare") else params
 
     def forward(self, t, y):
-        """F(y, t) -> (dydt, cache); y a CNFState / RegularizedCNFState, or z alone if eps is None."""
+        """F(y, t) -> (dydt, cache); y a ``self.state`` (z, logdet, terms...), or z alone if
+        eps is None. The terms' rates are r(f, Jε) (docs/training.md eq. 11.1)."""
         if self.eps is None:
             f, _, cache = self.net.forward(self._net_params, y, None, t)
             return f, (cache, None, None)
         z = y.z
         f, Jeps, cache = self.net.forward(self._net_params, z, self.eps, t)
-        D = z[0].size
         K, B = Jeps.shape[0], Jeps.shape[1]
         xp = get_array_module(Jeps)
         dlogdet = xp.einsum("kbd,kbd->b", self.eps.reshape(K, B, -1),
                             Jeps.reshape(K, B, -1))                                 # eq. 2.1
         if self.weight != 1.0:
             dlogdet *= self.weight
-        if not self.regularized:
-            return CNFState(f, dlogdet), (cache, f, Jeps)
-        dkin = _sum_features(f * f) / D                                            # eq. 3.1
-        djac = self.weight * _sum_features((Jeps * Jeps).sum(axis=0)) / D           # eq. 3.2
-        return RegularizedCNFState(f, dlogdet, dkin, djac), (cache, f, Jeps)
+        rates = [t.rate(f, Jeps, self.weight) for t in self.terms]                 # eq. 11.1
+        return self.state(f, dlogdet, *rates), (cache, f, Jeps)
 
     def backward(self, cache, ybar):
         """Adjoint of forward (eq. 5.1): cotangents of dydt -> (y_bar, params_bar, t_bar).
 
-        y_bar's ℓ (and E, n) parts are None: F does not depend on them (zero cotangent)."""
+        Each state term adds its rate's adjoint to f̄ and (Jε)‾ (docs/training.md eq. 11.4;
+        RNODE's: eq. 5.1b-c). y_bar's ℓ and term parts are None: F does not depend on them
+        (zero cotangent)."""
         ncache, f, Jeps = cache
         if self.eps is None:
             zbar, _, pbar, tbar = self.net.backward(ybar, None, ncache)
@@ -108,17 +113,17 @@ class CNFDynamics:
         fbar = ybar.z
         lbar = ybar.logdet if self.weight == 1.0 else self.weight * ybar.logdet
         Jeps_bar = lbar.reshape(bshape) * self.eps
-        if self.regularized:
-            D = f[0].size
-            fbar = fbar + (2.0 / D) * ybar.kinetic.reshape(bshape[1:]) * f
-            Jeps_bar = Jeps_bar + (2.0 * self.weight / D) * ybar.jacobian.reshape(bshape) * Jeps
+        for t in self.terms:                                                       # eq. 11.4
+            fb, jb = t.rate_backward(getattr(ybar, t.name), f, Jeps, self.weight)
+            if fb is not None:
+                fbar = fbar + fb
+            if jb is not None:
+                Jeps_bar = Jeps_bar + jb
         # the probes are constants: their cotangent is not needed
         zbar, _, pbar, tbar = self.net.backward(fbar, Jeps_bar, ncache, need_xdotbar=False)
-        # F does not depend on ℓ, E, n: their cotangents are zero, given as None (the solver's
-        # convention for a zero part)
-        if self.regularized:
-            return RegularizedCNFState(zbar, None, None, None), pbar, tbar
-        return CNFState(zbar, None), pbar, tbar
+        # F does not depend on ℓ or the terms: their cotangents are zero, given as None (the
+        # solver's convention for a zero part)
+        return self.state(zbar, None, *([None] * len(self.terms))), pbar, tbar
 
 
 def _block_prefix(b):
@@ -127,8 +132,26 @@ def _block_prefix(b):
 
 class BlockStack:
     """What every stack of CNF blocks shares (CNF, MultiscaleCNF): ``self.nets`` (one network
-    per block), block parameters named "b{block}.{name}", and one end time per block, trained
-    under the names ``self.time_names`` when config["train_T"]."""
+    per block), block parameters named "b{block}.{name}", one end time per block, trained
+    under the names ``self.time_names`` when config["train_T"], the methods' state terms
+    (``state_terms``), and the statistics of a loss from its summed part (``loss_from_part``;
+    the main per-sample sum is named ``loss_sum``)."""
+
+    loss_sum = "nll"
+
+    @property
+    def state_terms(self):
+        """The training methods' state terms this model carries (methods.state_terms)."""
+        return state_terms(self.config)
+
+    def _initial_state(self, x, terms=()):
+        """y(0) = (x, ℓ = 0, q = 0 for every term) for x (B, ...) (eq. 1.1)."""
+        zero = self.xp.zeros(x.shape[0], dtype=x.dtype)
+        return state_type(tuple(t.name for t in terms))(x, zero, *([zero] * len(terms)))
+
+    def _term_sums(self, y, terms):
+        """Σ over the rows of every state term's q(T) (B,): {name: 0-d array}."""
+        return {t.name: getattr(y, t.name).sum() for t in terms}
 
     def _init_block_params(self, rng, **init_kw):
         """Fresh params of every block (drawn in block order from rng) plus the trained T's."""
@@ -162,17 +185,44 @@ class BlockStack:
 
     # ---- what CNF and MultiscaleCNF share: the final cotangent, the block-reverse loop and
     # ---- the end-time gradients (docs/cnf.md, eq. 5.1-6.2)
-    def _terminal_cotangent(self, y, zbar, c, B):
+    def _terminal_cotangent(self, y, zbar, c, B, terms=()):
         """∂loss/∂y(T) (eq. 5.1a) for the rows of y of a batch of B samples: z̄ = ``zbar``,
-        ℓ̄ = −c (c = 1/B, or 1/(B·D ln 2) for bits/dim), Ē = λ_K/B, n̄ = λ_J/B."""
+        ℓ̄ = −c (c = 1/B, or 1/(B·D ln 2) for bits/dim), q̄ = λ_q/B for every state term q
+        (docs/training.md eq. 11.3; RNODE: Ē = λ_K/B, n̄ = λ_J/B)."""
         xp = self.xp
         dt = zbar.dtype
         b = zbar.shape[0]
         lbar = xp.full((b,), -c, dtype=dt)
-        if isinstance(y, RegularizedCNFState):
-            return RegularizedCNFState(zbar, lbar, xp.full((b,), self.config["kinetic"] / B, dtype=dt),
-                                       xp.full((b,), self.config["jacobian"] / B, dtype=dt))
-        return CNFState(zbar, lbar)
+        qbars = [xp.full((b,), self.config[t.setting] / B, dtype=dt) for t in terms]
+        return type(y)(zbar, lbar, *qbars)
+
+    def loss_from_part(self, part, B, params=None, T=None):
+        """(loss, grads, stats) of loss_and_grad from the sum of the parts of a batch of B.
+
+        loss = Σ ``loss_sum`` / B + Σ_q λ_q Σ q(T) / B (eq. 4.1, docs/training.md eq. 11.2).
+        stats: "nll" (and ``loss_sum``) = the mean main term, "nfe_forward", "nfe_backward",
+        "T" = the end time of every block (list of floats), each state term's mean q(T) under
+        its name, and with trained end times "dL_dT_discrete" / "dL_dT_analytic" (eq.
+        6.1-6.2; a float for a model whose one end time is "T", else a list per block)."""
+        cfg = self.config
+        sums = {k: float(to_host(v)) for k, v in part.sums.items()}
+        mean = sums[self.loss_sum] / B
+        loss = mean
+        stats = {"nll": mean}
+        stats[self.loss_sum] = mean
+        stats.update(nfe_forward=int(round(part.same["nfe_forward"])),
+                     nfe_backward=int(round(part.same["nfe_backward"])),
+                     T=[float(to_host(t)) for t in self.end_times(params, T)])
+        terms = self.state_terms
+        if terms:
+            loss += sum(cfg[t.setting] * sums[t.name] for t in terms) / B       # eq. 11.2
+            stats.update({t.name: sums[t.name] / B for t in terms})
+        if cfg["train_T"]:
+            disc, ana = self._time_stats(part, len(self.nets))
+            if self.time_names == ["T"]:
+                disc, ana = disc[0], ana[0]
+            stats["dL_dT_discrete"], stats["dL_dT_analytic"] = disc, ana
+        return float(loss), dict(part.grads), stats
 
     def _reverse(self, tape, ybar, Ts, other=None):
         """The block-reverse loop (eq. 5.1): walk ``tape`` backwards from the cotangent ybar of
@@ -248,14 +298,15 @@ class CNF(BlockStack, FlowModel):
                 "midpoint"; `steps` steps) or adaptive ("dopri5", "bosh3")
     trace       "exact" (basis probes) | "hutchinson"/"gaussian" | "rademacher"
     probes      K, the number of Hutchinson probes (ignored for "exact")
-    kinetic, jacobian  RNODE's λ_K, λ_J (eq. 4.1)
     zero_last   zero the last layer of every block so the flow starts as the identity (RNODE)
+    **method_settings  the training methods' model settings (methods.model_settings), e.g.
+                RNODE's kinetic = λ_K and jacobian = λ_J (eq. 4.1); each off (0) by default
     """
 
     def __init__(self, dim, hidden=(64, 64, 64), layer="concatsquash", activation="tanh",
                  T=0.5, train_T=False, solver="rk4", steps=8, rtol=1e-5, atol=1e-5,
-                 trace="exact", probes=1, kinetic=0.0, jacobian=0.0, blocks=1,
-                 zero_last=False, dtype="float32", device="cpu", seed=0):
+                 trace="exact", probes=1, blocks=1, zero_last=False, dtype="float32",
+                 device="cpu", seed=0, **method_settings):
         dim, blocks, steps, probes = (check_int(n, v) for n, v in (
             ("dim", dim), ("blocks", blocks), ("steps", steps), ("probes", probes)))
         hidden = [check_int("hidden widths", h) for h in hidden]
@@ -269,15 +320,12 @@ class CNF(BlockStack, FlowModel):
             raise ValueError(f"unknown trace {trace!r}: expected one of {TRACE_KINDS}")
         if not T > 0:
             raise ValueError(f"end time T must be > 0, got {T}")
-        if kinetic < 0 or jacobian < 0:
-            raise ValueError(f"regularizer weights must be >= 0, got kinetic={kinetic}, "
-                             f"jacobian={jacobian}")
+        settings = model_settings(method_settings, "CNF")
         config = dict(dim=dim, hidden=[int(h) for h in hidden], layer=layer,
                       activation=activation, T=float(T), train_T=bool(train_T), solver=solver,
                       steps=steps, rtol=float(rtol), atol=float(atol), trace=trace,
-                      probes=probes, kinetic=float(kinetic), jacobian=float(jacobian),
-                      blocks=blocks, zero_last=bool(zero_last), dtype=str(dtype),
-                      device=device, seed=int(seed))
+                      probes=probes, **settings, blocks=blocks, zero_last=bool(zero_last),
+                      dtype=str(dtype), device=device, seed=int(seed))
         super().__init__(config, device=device, dtype=dtype)
         self.dim = dim
         self.nets = [ODENet(dim, config["hidden"], dim, layer=layer, activation=activation)
@@ -309,22 +357,16 @@ class CNF(BlockStack, FlowModel):
             kw["steps"] = steps
         return kw
 
-    def _initial_state(self, x, regularized):
-        xp = self.xp
-        zero = xp.zeros(x.shape[0], dtype=x.dtype)
-        if regularized:
-            return RegularizedCNFState(x, zero, zero, zero)
-        return CNFState(x, zero)
-
-    def _flow(self, x, rng, params, Ts, regularized, trace, kw):
-        """Solve every block forward from x (B, D) with fresh probes per block (eq. 1.1).
+    def _flow(self, x, rng, params, Ts, trace, kw):
+        """Solve every block forward from x (B, D) with fresh probes per block (eq. 1.1), no
+        state terms (evaluation).
 
         Returns (y(T) of the last block, the solutions, the dynamics), one per block."""
-        y = self._initial_state(x, regularized)
+        y = self._initial_state(x)
         sols, dyns = [], []
         for b, net in enumerate(self.nets):
             eps, weight = self._probes(trace, rng, x.shape[0])
-            dyn = CNFDynamics(net, self.block_params(b, params), eps, weight, regularized)
+            dyn = CNFDynamics(net, self.block_params(b, params), eps, weight)
             sol = odeint(dyn, y, 0.0, Ts[b], **kw)
             sols.append(sol)
             dyns.append(dyn)
@@ -333,7 +375,7 @@ class CNF(BlockStack, FlowModel):
 
     def _nll(self, z, logdet):
         """Per-sample −log p(x) = ½‖z‖² + (D/2) log 2π − ℓ (eq. 1.2)."""
-        return 0.5 * _sum_features(z * z) + 0.5 * self.dim * math.log(2 * math.pi) - logdet
+        return 0.5 * sum_features(z * z) + 0.5 * self.dim * math.log(2 * math.pi) - logdet
 
     # ---------------------------------------------------------------- training
     def loss_and_grad(self, x, rng, params=None, T=None):
@@ -353,68 +395,55 @@ class CNF(BlockStack, FlowModel):
 
     def loss_and_grad_part(self, x, rng, rows=None, params=None, T=None, allreduce=None):
         """The part of rows ``(lo, hi)`` of the batch x (B, D) (default: all) in the loss of
-        eq. 4.1 and its gradient: a model.Part with sums "nll" (and "kinetic", "jacobian") of
-        per-sample terms over the rows, their gradient with the whole batch's cotangent
-        (eq. 5.1a, 1/B per row) and, with trained end times, ∂L/∂T (eq. 6.1-6.2).
+        eq. 4.1 and its gradient: a model.Part with sums "nll" (and one per state term, e.g.
+        RNODE's "kinetic", "jacobian") of per-sample terms over the rows, their gradient with
+        the whole batch's cotangent (eq. 5.1a, 1/B per row) and, with trained end times,
+        ∂L/∂T (eq. 6.1-6.2).
 
         The probes are drawn from rng for the whole batch (the same draws whatever the rows)
         and the rows keep theirs (docs/parallel.md, eq. 1.3); ``allreduce`` (see odeint) makes an
         adaptive solver's error norm cover the rows of every process, so the parts of any split
         of the batch add up to the part of the whole batch.
         """
-        params = self.params if params is None else params
-        cfg = self.config
-        x = self._prepare(x)
-        B = x.shape[0]
-        lo, hi = check_rows(rows, B)
-        regularized = cfg["kinetic"] > 0 or cfg["jacobian"] > 0
-        Ts = self.end_times(params, T)
-        kw = self._solver_kwargs(cfg["solver"], cfg["steps"], cfg["rtol"], cfg["atol"])
-        kw["store"] = "caches" if fixed_grid(cfg["solver"]) else "states"
-        kw["allreduce"] = allreduce
-        y, tape = self._flow_rows(x, rng, (lo, hi), params, Ts, regularized, kw)
-        sums = {"nll": self._nll(y.z, y.logdet).sum()}
-        if regularized:
-            sums["kinetic"] = y.kinetic.sum()
-            sums["jacobian"] = y.jacobian.sum()
-        ybar = self._terminal_cotangent(y, y.z / B, 1.0 / B, B)                 # eq. 5.1a
+        store = "caches" if fixed_grid(self.config["solver"]) else "states"
+        B, Ts, terms, y, tape = self._solve_rows(x, rng, rows, params, T, allreduce, store)
+        sums = {"nll": self._nll(y.z, y.logdet).sum(), **self._term_sums(y, terms)}
+        ybar = self._terminal_cotangent(y, y.z / B, 1.0 / B, B, terms)          # eq. 5.1a
         grads, dT_sums, nfe_b = self._reverse(tape, ybar, Ts)
         sums.update(dT_sums)
         same = {"nfe_forward": float(sum(e[3].nfe for e in tape)), "nfe_backward": float(nfe_b)}
         return Part(sums, grads, same)
 
-    def loss_from_part(self, part, B, params=None, T=None):
-        """(loss, grads, stats) of loss_and_grad from the sum of the parts of a batch of B."""
+    def _solve_rows(self, x, rng, rows, params, T, allreduce, store=None):
+        """The training forward pass of rows ``(lo, hi)`` (default all) of the batch x (B, D)
+        with the training solver and the methods' state terms: returns (B, the end times Ts,
+        the terms, y(T) of the last block, the tape); ``store`` as in odeint (None: its
+        default)."""
+        params = self.params if params is None else params
         cfg = self.config
-        sums = {k: float(to_host(v)) for k, v in part.sums.items()}
-        loss = sums["nll"] / B
-        stats = {"nll": sums["nll"] / B,
-                 "nfe_forward": int(round(part.same["nfe_forward"])),
-                 "nfe_backward": int(round(part.same["nfe_backward"]))}
-        Ts = [float(to_host(t)) for t in self.end_times(params, T)]
-        stats["T"] = Ts if len(Ts) > 1 else Ts[0]
-        if "kinetic" in sums:
-            loss += (cfg["kinetic"] * sums["kinetic"] + cfg["jacobian"] * sums["jacobian"]) / B
-            stats["kinetic"] = sums["kinetic"] / B
-            stats["jacobian"] = sums["jacobian"] / B
-        if cfg["train_T"]:
-            disc, ana = self._time_stats(part, len(self.nets))
-            stats["dL_dT_discrete"] = disc if len(disc) > 1 else disc[0]
-            stats["dL_dT_analytic"] = ana if len(ana) > 1 else ana[0]
-        return float(loss), dict(part.grads), stats
+        x = self._prepare(x)
+        B = x.shape[0]
+        lo, hi = check_rows(rows, B)
+        terms = self.state_terms
+        Ts = self.end_times(params, T)
+        kw = self._solver_kwargs(cfg["solver"], cfg["steps"], cfg["rtol"], cfg["atol"])
+        if store is not None:
+            kw["store"] = store
+        kw["allreduce"] = allreduce
+        y, tape = self._flow_rows(x, rng, (lo, hi), params, Ts, terms, kw)
+        return B, Ts, terms, y, tape
 
-    def _flow_rows(self, x, rng, rows, params, Ts, regularized, kw):
+    def _flow_rows(self, x, rng, rows, params, Ts, terms, kw):
         """Solve every block forward from the rows lo:hi of x (B, D), the probes drawn for all
         B rows and sliced (eq. 1.1): returns (y(T) of the last block, the tape
         [("block", b, dyn, sol), ...])."""
         lo, hi = rows
         xr = x[lo:hi]
-        y = self._initial_state(xr, regularized)
+        y = self._initial_state(xr, terms)
         tape = []
         for b, net in enumerate(self.nets):
             eps, weight = self._probes(self.config["trace"], rng, x.shape[0])
-            dyn = CNFDynamics(net, self.block_params(b, params), eps[:, lo:hi], weight,
-                              regularized)
+            dyn = CNFDynamics(net, self.block_params(b, params), eps[:, lo:hi], weight, terms)
             sol = odeint(dyn, y, 0.0, Ts[b], **kw)
             tape.append(("block", b, dyn, sol))
             y = sol.y1
@@ -424,16 +453,8 @@ class CNF(BlockStack, FlowModel):
         """One block: one forward solve and the terminal formula (eq. 6.2), no backward."""
         if len(self.nets) > 1:
             return None
-        params = self.params if params is None else params
-        cfg = self.config
-        x = self._prepare(x)
-        B = x.shape[0]
-        Ts = self.end_times(params)
-        kw = self._solver_kwargs(cfg["solver"], cfg["steps"], cfg["rtol"], cfg["atol"])
-        kw["allreduce"] = allreduce
-        regularized = cfg["kinetic"] > 0 or cfg["jacobian"] > 0
-        y1, tape = self._flow_rows(x, rng, check_rows(rows, B), params, Ts, regularized, kw)
-        ybar = self._terminal_cotangent(y1, y1.z / B, 1.0 / B, B)
+        B, Ts, terms, y1, tape = self._solve_rows(x, rng, rows, params, None, allreduce)
+        ybar = self._terminal_cotangent(y1, y1.z / B, 1.0 / B, B, terms)
         return [float(to_host(terminal_time_gradient(tape[0][2], y1, Ts[0], ybar)))]
 
     # ---------------------------------------------------------------- evaluation
@@ -454,7 +475,7 @@ class CNF(BlockStack, FlowModel):
                                  rtol, atol)
         out, nfes = [], []
         for start in range(0, x.shape[0], batch_size):
-            y, sols, _ = self._flow(x[start:start + batch_size], rng, params, Ts, False, trace, kw)
+            y, sols, _ = self._flow(x[start:start + batch_size], rng, params, Ts, trace, kw)
             out.append(-self._nll(y.z, y.logdet))
             nfes.append(sum(sol.nfe for sol in sols))
         lp = self.xp.concatenate(out)

@@ -4,22 +4,70 @@ section 11).
 A training method is what the command line's ``--method NAME`` selects: FFJORD (maximum
 likelihood, the empty method), RNODE, TO-FLOW, STEER, OT-Flow, CFM, OT-CFM. Each is one
 ``Method`` subclass here that names itself, adds its own flags, says what it cannot be combined
-with, sets the model settings it needs and builds its training hooks. ``METHODS`` is the
-registry (name -> instance, in the order the examples list them); ``compose("toflow+rnode")``
-checks the exclusions and chains the parts, so a combination is the methods' parts applied in
-registry order.
+with, sets the model settings it needs, supplies the state terms the CNF integrates for it
+and builds its training hooks. ``METHODS`` is the registry (name -> instance, in the order the
+examples list them); ``compose("toflow+rnode")`` checks the exclusions and chains the parts, so
+a combination is the methods' parts applied in registry order.
 
-The numerical parts of the methods stay where their derivations are: RNODE's state terms and
-terminal cotangents in npflow/cnf.py (docs/cnf.md), selected by the model settings ``kinetic``
-and ``jacobian`` that ``RNODE.configure`` sets; TO-FLOW's and STEER's loop steps in
-npflow/training.py (``TimeOptimizer``, ``SteerHook``; section 6), built by their ``hooks``;
-OT-Flow and flow matching are models of their own (npflow/otflow.py, npflow/cfm.py) that a
-script builds when ``Method.model`` names them.
+Where each method's parts are:
+  RNODE    here: its settings λ_K, λ_J, its state terms ``KineticEnergy`` and
+           ``JacobianFrobenius`` (rates and their adjoints, docs/cnf.md eq. 3.1-3.2 and
+           5.1b-c) and its stats keys; the CNF models (npflow/cnf.py, npflow/multiscale.py)
+           ask the registry which terms to carry (``model_settings``, ``state_terms``) and
+           integrate them by the generic rules of docs/training.md eq. 11.1-11.4.
+  TO-FLOW, STEER  their flags here, their loop steps in npflow/training.py (``TimeOptimizer``,
+           ``SteerHook``; section 6), built by their ``hooks``.
+  OT-Flow, CFM, OT-CFM  models of their own (npflow/otflow.py, npflow/cfm.py) that a script
+           builds when ``Method.model`` names them.
 """
 from __future__ import annotations
 
-__all__ = ["Method", "FFJORD", "RNODE", "TOFlow", "STEER", "OTFlowMethod", "FlowMatching",
-           "METHODS", "Composite", "compose", "method_names", "register"]
+__all__ = ["Method", "StateTerm", "FFJORD", "RNODE", "KineticEnergy", "JacobianFrobenius",
+           "TOFlow", "STEER", "OTFlowMethod", "FlowMatching", "METHODS", "Composite", "compose",
+           "method_names", "register", "model_settings", "state_terms", "term_names",
+           "sum_features"]
+
+
+def sum_features(a):
+    """Σ over every axis but the batch axis: (B, ...) -> (B,)."""
+    return a.reshape(a.shape[0], -1).sum(axis=1)
+
+
+class StateTerm:
+    """One integral a method adds to the CNF's augmented state beside z and ℓ
+    (docs/training.md, eq. 11.1-11.4):
+
+        dq/dt = r(f, Jε),   q(0) = 0,   loss += λ · (1/B) Σ_b q_b(T),   q̄(T) = λ/B
+
+    Attributes
+        name     str, the state field and the stats / history key (the batch mean of q(T)).
+        setting  str, the model setting holding the loss weight λ (one of the method's
+                 ``settings``).
+
+    Both rules take the quantities the CNF dynamics computes anyway (shapes for a block on
+    events of shape S, batch B, K probes):
+        f     (B, *S)     the network's output f(z, t)
+        Jeps  (K, B, *S)  the Jacobian-probe products Jε_k = (∂f/∂z) ε_k
+        w     float       the trace weight (1 for the exact basis, 1/K for Hutchinson)
+
+        rate(f, Jeps, w) -> (B,)                         r of eq. 11.1
+        rate_backward(rbar, f, Jeps, w) -> (fbar, Jeps_bar)
+              the adjoint of ``rate`` (eq. 11.4): rbar (B,) -> cotangents like f and Jeps,
+              either None where r does not depend on it. Tested against central differences
+              and by the dot-product test.
+    """
+
+    name = ""
+    setting = ""
+
+    def rate(self, f, Jeps, w):
+        raise NotImplementedError
+
+    def rate_backward(self, rbar, f, Jeps, w):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"<state term {self.name}>"
 
 
 class Method:
@@ -32,6 +80,10 @@ class Method:
                   method. Exclusion is symmetric: declaring it on either side suffices.
         model     None (the CNF of npflow.cnf) or the name of the model family the method
                   trains ("otflow", "cfm"); methods with a model of their own exclude "*".
+        settings  dict, the CNF model settings the method owns (name -> the value that
+                  switches it off, also the default); the CNF models accept them as keyword
+                  arguments and keep them in their config (``model_settings``).
+        terms     tuple of ``StateTerm``, the integrals the method adds to the CNF state.
 
     Methods (each has a no-op default, so a method overrides only what it changes)
         add_arguments(parser)          add the method's own flags (argparse), with defaults
@@ -43,6 +95,10 @@ class Method:
                                        ``config`` of model keyword arguments (λ_K, λ_J,
                                        train_T, ...), flags winning over the method's
                                        defaults; returns ``config``.
+        check_settings(config)         ValueError for a bad value of its ``settings`` in a
+                                       model's config, before the model is built.
+        state_terms(config) -> tuple   the terms the model carries under ``config``: all of
+                                       ``terms`` when any of ``settings`` is on, else none.
         hooks(model, args, comm=None, **given) -> list of npflow.training.TrainHook
                                        the loop steps of the method (TO-FLOW's T step, STEER's
                                        T draw); ``given`` holds script-computed values
@@ -54,20 +110,27 @@ class Method:
       1. Subclass ``Method``; set ``name``, ``help`` and, if it cannot combine with some
          methods, ``excludes``.
       2. Put its flags in ``add_arguments`` and their checks in ``check``.
-      3. Its state terms and terminal cotangents go into the model (npflow/cnf.py, derived in
-         docs/cnf.md) behind a model setting; ``configure`` sets that setting.
+      3. A new integral in the CNF state (a regularizer like RNODE's): a ``StateTerm`` with
+         its rate and the rate's adjoint (derive both in docs/, eq. 11.1-11.4), listed in
+         ``terms``; its loss weight is a model setting named in ``settings`` and checked in
+         ``check_settings``; ``configure`` sets it from the flags. The CNF models integrate
+         the term, add λ·mean q(T) to the loss, seed its cotangent λ/B, report it in stats
+         and the training history, and give ∂L/∂θ and ∂L/∂T, without being edited.
       4. Anything it does between weight steps is a ``TrainHook`` (npflow/training.py)
          returned by ``hooks``.
       5. ``register(YourMethod())``; the examples list it in ``--method``'s choices and help,
          add its flags and build its hooks without being edited (a script restricts the
          names it offers when its model cannot run a method).
-      6. Test: its flags, its exclusions, and that training with it changes what it should.
+      6. Test: its flags, its exclusions, that training with it changes what it should, and
+         every rate_backward against central differences and by the dot-product test.
     """
 
     name = ""
     help = ""
     excludes: tuple = ()
     model = None
+    settings: dict = {}
+    terms: tuple = ()
 
     def add_arguments(self, parser) -> None:
         pass
@@ -77,6 +140,13 @@ class Method:
 
     def configure(self, config: dict, args) -> dict:
         return config
+
+    def check_settings(self, config: dict) -> None:
+        pass
+
+    def state_terms(self, config: dict) -> tuple:
+        on = any(config.get(k, off) != off for k, off in self.settings.items())
+        return tuple(self.terms) if on else ()
 
     def hooks(self, model, args, comm=None, **given) -> list:
         return []
@@ -95,13 +165,47 @@ class FFJORD(Method):
     help = "maximum likelihood (FFJORD)"
 
 
+class KineticEnergy(StateTerm):
+    """RNODE's kinetic energy E (docs/cnf.md eq. 3.1): r = ‖f‖²/D, adjoint f̄ = (2/D) r̄ f
+    (eq. 5.1b); D the number of features of one sample."""
+
+    name = "kinetic"
+    setting = "kinetic"
+
+    def rate(self, f, Jeps, w):
+        return sum_features(f * f) / f[0].size                                    # eq. 3.1
+
+    def rate_backward(self, rbar, f, Jeps, w):
+        bshape = (-1,) + (1,) * (f.ndim - 1)              # (B,) -> broadcast over (B, ...)
+        return (2.0 / f[0].size) * rbar.reshape(bshape) * f, None                 # eq. 5.1b
+
+
+class JacobianFrobenius(StateTerm):
+    """RNODE's Jacobian Frobenius norm n (docs/cnf.md eq. 3.2, the estimator of eq. 2.3):
+    r = w Σ_k ‖Jε_k‖²/D, adjoint (Jε_k)‾ = (2w/D) r̄ Jε_k (eq. 5.1c)."""
+
+    name = "jacobian"
+    setting = "jacobian"
+
+    def rate(self, f, Jeps, w):
+        return w * sum_features((Jeps * Jeps).sum(axis=0)) / f[0].size            # eq. 3.2
+
+    def rate_backward(self, rbar, f, Jeps, w):
+        bshape = (1, -1) + (1,) * (f.ndim - 1)            # (B,) -> broadcast over (K, B, ...)
+        return None, (2.0 * w / f[0].size) * rbar.reshape(bshape) * Jeps          # eq. 5.1c
+
+
 class RNODE(Method):
-    """RNODE: λ_K ∫‖f‖² dt + λ_J ∫‖∂f/∂z‖²_F dt added to the loss (docs/cnf.md); the state
-    terms and their cotangents are npflow.cnf's, switched on by ``kinetic`` / ``jacobian``."""
+    """RNODE (Finlay et al. 2020): λ_K ∫‖f‖²/D dt + λ_J ∫‖∂f/∂z‖²_F/D dt added to the loss
+    (docs/cnf.md eq. 3.1-4.1). Its settings ``kinetic`` = λ_K and ``jacobian`` = λ_J; with
+    either > 0 the CNF carries both integrals (``KineticEnergy``, ``JacobianFrobenius``) and
+    reports them as stats "kinetic" and "jacobian"."""
 
     name = "rnode"
     help = "adds λ_K ∫‖f‖² and λ_J ∫‖∂f/∂z‖²_F (RNODE)"
     default_weight = 0.01
+    settings = {"kinetic": 0.0, "jacobian": 0.0}
+    terms = (KineticEnergy(), JacobianFrobenius())
 
     def add_arguments(self, parser):
         a = parser.add_argument
@@ -121,6 +225,12 @@ class RNODE(Method):
     def configure(self, config, args):
         config["kinetic"], config["jacobian"] = self.weights(args, True)
         return config
+
+    def check_settings(self, config):
+        k, j = config["kinetic"], config["jacobian"]
+        if not (k >= 0 and j >= 0):
+            raise ValueError(f"regularizer weights must be >= 0, got kinetic={k}, "
+                             f"jacobian={j}")
 
 
 class TOFlow(Method):
@@ -213,6 +323,12 @@ def register(method: Method) -> Method:
         raise ValueError(f"a method name is lower case without '+', got {method.name!r}")
     if method.name in METHODS:
         raise ValueError(f"method {method.name!r} is registered already")
+    taken = {"z", "logdet", "nll", "bpd", "T"} | {t.name for m in METHODS.values()
+                                                    for t in m.terms}
+    clash = [t.name for t in method.terms if t.name in taken or not t.name.isidentifier()]
+    if clash:
+        raise ValueError(f"method {method.name!r}: state term name(s) {clash} are taken or "
+                         "not identifiers; choose new ones")
     METHODS[method.name] = method
     return method
 
@@ -228,6 +344,41 @@ del _m
 def method_names(allowed=None) -> tuple:
     """The registered names in registry order, restricted to ``allowed`` if given."""
     return tuple(n for n in METHODS if allowed is None or n in allowed)
+
+
+def _cnf_methods():
+    """The registered methods that train the CNF (``model`` None): the owners of its settings
+    and state terms."""
+    return [m for m in METHODS.values() if m.model is None]
+
+
+def model_settings(given: dict, owner: str = "the model") -> dict:
+    """Every CNF method setting (registry order): its value in ``given`` (the model's keyword
+    arguments beyond its own), else the method's off value, cast to the off value's type and
+    checked by its method (``check_settings``). TypeError naming an unknown argument of
+    ``owner``."""
+    out = {}
+    for m in _cnf_methods():
+        for k, off in m.settings.items():
+            out[k] = type(off)(given.get(k, off))
+    unknown = sorted(set(given) - set(out))
+    if unknown:
+        raise TypeError(f"{owner} got unknown argument(s) {', '.join(unknown)}: method "
+                        f"settings are {', '.join(out) or 'none'}")
+    for m in _cnf_methods():
+        m.check_settings(out)
+    return out
+
+
+def state_terms(config: dict) -> tuple:
+    """The state terms a CNF with model settings ``config`` carries, in registry order
+    (docs/training.md eq. 11.1); each term's ``name`` is unique."""
+    return tuple(t for m in _cnf_methods() for t in m.state_terms(config))
+
+
+def term_names() -> tuple:
+    """Names of every registered state term: the stats and history keys the methods add."""
+    return tuple(t.name for m in _cnf_methods() for t in m.terms)
 
 
 def _excluded(a: Method, b: Method) -> bool:

@@ -8,10 +8,10 @@ For a (1, 28, 28) image and three scales (FFJORD's ODENVP, docs/reference.md sec
 
 Each block is an ODE dz/dt = f_b(z, t) with its own ConvNet (docs/images.md eq. 1.12) and its
 own end time T_b (trained under TO-FLOW), solved by npflow.odeint with the CNF dynamics of
-npflow.cnf (augmented state z, logdet, and RNODE's kinetic / jacobian integrals). Squeeze and
-factor-out act on z only (volume preserving, eq. 2.1 and 3.1), so the log-determinants of the
-blocks simply add, and the Gaussian base density covers the factored-out parts and the final z
-together (eq. 3.2):
+npflow.cnf (augmented state z, logdet, and the training methods' state terms, e.g. RNODE's
+kinetic / jacobian integrals, npflow/methods.py). Squeeze and factor-out act on z only
+(volume preserving, eq. 2.1 and 3.1), so the log-determinants of the blocks simply add, and
+the Gaussian base density covers the factored-out parts and the final z together (eq. 3.2):
 
     log p(y) = Σ_parts log N(z_part; 0, I) + Σ_b ℓ_b(T_b)
 
@@ -28,7 +28,8 @@ import math
 import numpy as np  # host-side only: seed generator, host statistics
 
 from .backend import to_device, to_host
-from .cnf import BlockStack, CNFDynamics, CNFState, RegularizedCNFState, TRACE_KINDS
+from .cnf import BlockStack, CNFDynamics, TRACE_KINDS
+from .methods import model_settings
 from .conv import ConvNet
 from .images import (ALPHA, LOG2_256, dequantize, factor_in, factor_out, logit_inverse,
                      logit_transform, squeeze, unsqueeze)
@@ -89,19 +90,23 @@ class MultiscaleCNF(BlockStack, FlowModel):
                  "midpoint") with ``steps`` per block or ``step_size`` (RNODE: rk4, 0.25), or
                  adaptive ("dopri5", "bosh3") with rtol/atol
     trace        "rademacher" (FFJORD images) | "gaussian"/"hutchinson"; probes K
-    kinetic, jacobian  RNODE's λ_K, λ_J; zero_last: each block starts as the identity
+    zero_last    each block starts as the identity
     alpha        logit margin (eq. 4.2; FFJORD 1e-6)
     store        what the solves keep for the backward: "states" (recompute each step's stages,
                  least memory) or "caches" (keep every stage's layer caches: no recompute,
                  memory ∝ steps × stages × activations; fixed-grid solvers only)
+    **method_settings  the training methods' model settings (methods.model_settings), e.g.
+                 RNODE's kinetic = λ_K and jacobian = λ_J (eq. 3.3); each off (0) by default
     params: "b{b}.{i}.weight", ... for block b, and "T{b}" when train_T.
     """
+
+    loss_sum = "bpd"                  # BlockStack.loss_from_part: the loss is mean bits/dim
 
     def __init__(self, image_shape=(1, 28, 28), hidden=(64, 64, 64), layer="concat",
                  scales=None, blocks=2, T=1.0, train_T=False, solver="rk4", steps=4,
                  step_size=None, rtol=1e-5, atol=1e-5, trace="rademacher", probes=1,
-                 kinetic=0.0, jacobian=0.0, zero_last=False, alpha=ALPHA, store="states",
-                 dtype="float32", device="cpu", seed=0):
+                 zero_last=False, alpha=ALPHA, store="states", dtype="float32", device="cpu",
+                 seed=0, **method_settings):
         image_shape = tuple(int(v) for v in image_shape)
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
@@ -110,9 +115,7 @@ class MultiscaleCNF(BlockStack, FlowModel):
                              f"trace would need C·H·W probes), got {trace!r}")
         if not T > 0:
             raise ValueError(f"end time T must be > 0, got {T}")
-        if kinetic < 0 or jacobian < 0:
-            raise ValueError(f"regularizer weights must be >= 0, got kinetic={kinetic}, "
-                             f"jacobian={jacobian}")
+        settings = model_settings(method_settings, "MultiscaleCNF")
         if store not in ("states", "caches"):
             raise ValueError(f"store must be 'states' or 'caches', got {store!r}")
         plan = multiscale_plan(image_shape, scales, int(blocks))
@@ -121,8 +124,7 @@ class MultiscaleCNF(BlockStack, FlowModel):
                       blocks=int(blocks), T=float(T), train_T=bool(train_T), solver=solver,
                       steps=int(steps), step_size=None if step_size is None else float(step_size),
                       rtol=float(rtol), atol=float(atol), trace=trace, probes=int(probes),
-                      kinetic=float(kinetic), jacobian=float(jacobian),
-                      zero_last=bool(zero_last), alpha=float(alpha), store=store,
+                      **settings, zero_last=bool(zero_last), alpha=float(alpha), store=store,
                       dtype=str(dtype),
                       device=device, seed=int(seed))
         super().__init__(config, device=device, dtype=dtype)
@@ -168,19 +170,17 @@ class MultiscaleCNF(BlockStack, FlowModel):
         xt = dequantize(x, rng, xp=self.xp, dtype=self.dtype)
         return logit_transform(xt, self.config["alpha"])
 
-    def _flow(self, y0, Ts, params, rng, regularized, kw, store="states", rows=None):
+    def _flow(self, y0, Ts, params, rng, terms, kw, store="states", rows=None):
         """Forward through the plan (eq. 3.1) from the rows lo:hi of y0 (B, C, H, W) (default
-        all), each block's probes drawn for all B rows and sliced: returns (state, parts,
-        tape)."""
+        all) with the state terms ``terms``, each block's probes drawn for all B rows and
+        sliced: returns (state, parts, tape)."""
         cfg = self.config
         K = cfg["probes"]
         weight = 1.0 / K
         xp = self.xp
         B = y0.shape[0]
         lo, hi = check_rows(rows, B)
-        y0 = y0[lo:hi]
-        zero = xp.zeros(hi - lo, dtype=y0.dtype)
-        y = (RegularizedCNFState(y0, zero, zero, zero) if regularized else CNFState(y0, zero))
+        y = self._initial_state(y0[lo:hi], terms)
         parts, tape = [], []
         b = 0
         for op, shape in self.plan:
@@ -188,7 +188,7 @@ class MultiscaleCNF(BlockStack, FlowModel):
                 kind = "gaussian" if cfg["trace"] == "hutchinson" else cfg["trace"]
                 eps = trace_mod.probes(kind, K, (B,) + shape, rng, self.dtype, xp)[:, lo:hi]
                 dyn = CNFDynamics(self.nets[b], self.block_params(b, params), eps, weight,
-                                  regularized)
+                                  terms)
                 sol = odeint(dyn, y, 0.0, Ts[b], store=store, **kw)
                 tape.append(("block", b, dyn, sol))
                 y = sol.y1
@@ -225,15 +225,15 @@ class MultiscaleCNF(BlockStack, FlowModel):
 
     def loss_and_grad_part(self, x, rng, rows=None, params=None, T=None, allreduce=None):
         """The part of rows ``(lo, hi)`` of the images x (B, C, H, W) (default: all) in the
-        loss and its gradient: a model.Part with the row sums "bpd" (and "kinetic",
-        "jacobian"), their gradient with the whole batch's cotangent (eq. 3.4) and, with
-        trained end times, ∂L/∂T_b. The dequantization noise and every block's probes are
-        drawn from rng for the whole batch and the rows keep theirs (docs/parallel.md, eq.
-        1.3); ``allreduce`` as in odeint (adaptive solvers).
+        loss and its gradient: a model.Part with the row sums "bpd" (and one per state term,
+        e.g. RNODE's "kinetic", "jacobian"), their gradient with the whole batch's cotangent
+        (eq. 3.4) and, with trained end times, ∂L/∂T_b. The dequantization noise and every
+        block's probes are drawn from rng for the whole batch and the rows keep theirs
+        (docs/parallel.md, eq. 1.3); ``allreduce`` as in odeint (adaptive solvers).
         """
         params = self.params if params is None else params
         cfg = self.config
-        regularized = cfg["kinetic"] > 0 or cfg["jacobian"] > 0
+        terms = self.state_terms
         y0, logdet_pre = self.preprocess(x, rng)
         B = y0.shape[0]
         lo, hi = check_rows(rows, B)
@@ -241,15 +241,12 @@ class MultiscaleCNF(BlockStack, FlowModel):
         kw = self._solver_kwargs()
         kw["allreduce"] = allreduce
         store = cfg["store"] if fixed_grid(cfg["solver"]) else "states"
-        y, parts, tape = self._flow(y0, Ts, params, rng, regularized, kw, store=store,
+        y, parts, tape = self._flow(y0, Ts, params, rng, terms, kw, store=store,
                                     rows=(lo, hi))
         nll = self._nll(parts, y.logdet)
         scale = 1.0 / (self.D * math.log(2))
         bpd = (nll - logdet_pre[lo:hi]) * scale + LOG2_256                     # eq. 4.4
-        sums = {"bpd": bpd.sum()}
-        if regularized:
-            sums["kinetic"] = y.kinetic.sum()
-            sums["jacobian"] = y.jacobian.sum()
+        sums = {"bpd": bpd.sum(), **self._term_sums(y, terms)}
 
         # eq. 3.4: cotangents of the final state and of the factored-out parts
         c = scale / B
@@ -260,31 +257,12 @@ class MultiscaleCNF(BlockStack, FlowModel):
                 return ybar._replace(z=unsqueeze(ybar.z))
             return ybar._replace(z=factor_in(ybar.z, part_bars[entry[1]]))
 
-        ybar = self._terminal_cotangent(y, part_bars[-1], c, B)
+        ybar = self._terminal_cotangent(y, part_bars[-1], c, B, terms)
         grads, dT_sums, nfe_b = self._reverse(tape, ybar, Ts, other)
         sums.update(dT_sums)
         same = {"nfe_forward": float(sum(e[3].nfe for e in tape if e[0] == "block")),
                 "nfe_backward": float(nfe_b)}
         return Part(sums, grads, same)
-
-    def loss_from_part(self, part, B, params=None, T=None):
-        """(loss, grads, stats) of loss_and_grad from the sum of the parts of a batch of B."""
-        cfg = self.config
-        sums = {k: float(to_host(v)) for k, v in part.sums.items()}
-        bpd_mean = sums["bpd"] / B
-        loss = bpd_mean
-        stats = {"nll": bpd_mean, "bpd": bpd_mean,
-                 "nfe_forward": int(round(part.same["nfe_forward"])),
-                 "nfe_backward": int(round(part.same["nfe_backward"])),
-                 "T": [float(to_host(t)) for t in self.end_times(params, T)]}
-        if "kinetic" in sums:
-            loss += (cfg["kinetic"] * sums["kinetic"] + cfg["jacobian"] * sums["jacobian"]) / B
-            stats["kinetic"] = sums["kinetic"] / B
-            stats["jacobian"] = sums["jacobian"] / B
-        if cfg["train_T"]:
-            stats["dL_dT_discrete"], stats["dL_dT_analytic"] = self._time_stats(
-                part, len(self.nets))
-        return float(loss), dict(part.grads), stats
 
     # ---------------------------------------------------------------- evaluation
     def bits_per_dim(self, x, rng, params=None, solver=None, steps=None, step_size=None,
@@ -297,7 +275,7 @@ class MultiscaleCNF(BlockStack, FlowModel):
         out, nfes = [], []
         for s in range(0, x.shape[0], batch_size):
             y0, logdet_pre = self.preprocess(x[s:s + batch_size], rng)
-            y, parts, tape = self._flow(y0, Ts, params, rng, False, kw)
+            y, parts, tape = self._flow(y0, Ts, params, rng, (), kw)
             nll = self._nll(parts, y.logdet)
             out.append(to_host((nll - logdet_pre) / (self.D * math.log(2)) + LOG2_256))
             nfes.append(sum(e[3].nfe for e in tape if e[0] == "block"))

@@ -193,9 +193,9 @@ class OTFlow(FlowModel):
         Raises FloatingPointError when the state becomes NaN/Inf (the solver's SolverError),
         which npflow.training treats as a non-finite loss.
         Returns (loss: float, grads: dict like params, stats: dict with nll, transport, hjb,
-        nfe_forward, nfe_backward, T and, when T is trained, dL_dT_discrete (= grads["T"],
-        docs/solvers.md, eq. 2.10) and dL_dT_analytic (the terminal formula λ(T)·F(y(T), T),
-        eq. 4.6)).
+        nfe_forward, nfe_backward, T (a list of one float, as every model's stats) and, when
+        T is trained, dL_dT_discrete (= grads["T"], docs/solvers.md, eq. 2.10) and
+        dL_dT_analytic (the terminal formula λ(T)·F(y(T), T), eq. 4.6)).
         Data-parallel training splits the same computation over processes (npflow.parallel,
         docs/parallel.md): loss_and_grad_part on each one's rows, loss_from_part on the sum.
         """
@@ -245,7 +245,7 @@ class OTFlow(FlowModel):
         stats = {"loss": loss, "nll": m["nll"], "transport": m["transport"], "hjb": m["hjb"],
                  "nfe_forward": int(round(part.same["nfe_forward"])),
                  "nfe_backward": int(round(part.same["nfe_backward"])),
-                 "T": float(to_host(self.end_time(params)))}
+                 "T": [float(to_host(self.end_time(params)))]}
         if self.config["train_T"]:
             stats["dL_dT_discrete"] = float(to_host(part.grads["T"]))
             stats["dL_dT_analytic"] = float(to_host(part.sums["dL_dT_analytic"]))

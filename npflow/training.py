@@ -34,16 +34,24 @@ import numpy
 from .backend import get_array_module, to_host
 from .checkpoint import CheckpointError, load_training_state, read_header, read_params
 from .model import params_mismatch
-from .methods import METHODS as _METHOD_REGISTRY, compose, method_names
+from .methods import METHODS as _METHOD_REGISTRY, compose, method_names, term_names
 from .optim import Adam, clip_grad_norm
 from . import parallel
 from .solvers import SolverError
 
 __all__ = ["train", "TrainResult", "TrainHook", "SteerHook", "TimeOptimizer", "append_json",
-           "format_seconds", "parse_methods", "HISTORY_KEYS", "METHODS"]
+           "format_seconds", "parse_methods", "HISTORY_KEYS", "history_keys", "METHODS"]
 
-HISTORY_KEYS = ("iteration", "loss", "nll", "nfe_forward", "nfe_backward", "T", "grad_norm",
-                "kinetic", "jacobian", "seconds")
+
+def history_keys() -> tuple:
+    """The per-iteration history of train(): the loop's keys, each registered state term's
+    stats key (RNODE's "kinetic", "jacobian"; npflow.methods) and "seconds"."""
+    return (("iteration", "loss", "nll", "nfe_forward", "nfe_backward", "T", "grad_norm")
+            + term_names() + ("seconds",))
+
+
+#: history_keys() of the methods registered when npflow.training is imported
+HISTORY_KEYS = history_keys()
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,7 +166,7 @@ class TimeOptimizer(TrainHook):
             new[n] = xp.clip(new[n], self.lo, self.hi).astype(model.params[n].dtype)  # eq. 6.4
         model.params = new
         Ts = [float(to_host(new[n])) for n in self.names]
-        return {"T": Ts[0] if len(Ts) == 1 else Ts, "dL_dT": g[0] if len(g) == 1 else g}
+        return {"T": Ts, "dL_dT": g[0] if len(g) == 1 else g}
 
     def state_dict(self) -> dict:
         return {"adam": self.adam.state_dict()}
@@ -238,7 +246,7 @@ class TrainResult:
     was finished and checkpointed; ``signal`` holds the signal number); "nonfinite" (stopped on
     a NaN/Inf loss, gradient or parameter); "diverged" (the loss exploded, see ``train``).
     iteration: completed iterations; history: dict name -> numpy array (one entry per
-    iteration, HISTORY_KEYS); message: what happened; checkpoint: path of the last good
+    iteration, history_keys()); message: what happened; checkpoint: path of the last good
     checkpoint (or None).
     """
     status: str
@@ -396,13 +404,14 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
     root = comm is None or comm.root
 
     start = 0
-    hist = {k: [] for k in HISTORY_KEYS}
+    keys, terms = history_keys(), term_names()
+    hist = {k: [] for k in keys}
     if resume:
         if ckpt is None:
             raise ValueError("resume=True needs save_dir (where the checkpoint is)")
         if os.path.exists(ckpt):
             start, saved = _restore(model, optimizer, rng, hooks, ckpt, print_fn)
-            for k in HISTORY_KEYS:
+            for k in keys:
                 hist[k] = saved.get(k, [math.nan] * start)[:start]
             print_fn(f"resumed from {ckpt} at iteration {start}")
         else:
@@ -486,9 +495,8 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
             row = {"iteration": it + 1, "loss": loss, "nll": stats.get("nll", loss),
                    "nfe_forward": stats.get("nfe_forward", 0), "nfe_backward":
                    stats.get("nfe_backward", 0), "T": _scalar(T), "grad_norm": gnorm,
-                   "kinetic": _scalar(stats.get("kinetic")),
-                   "jacobian": _scalar(stats.get("jacobian")), "seconds": seconds}
-            for k in HISTORY_KEYS:
+                   **{k: _scalar(stats.get(k)) for k in terms}, "seconds": seconds}
+            for k in keys:
                 hist[k].append(float(row[k]))
             window.append(row)
             done = it + 1
@@ -506,8 +514,8 @@ def train(model, optimizer, sample_batch, n_iters: int, rng, *, log_every: int =
                 if not _all_finite(model.params):
                     return stop("nonfinite", done, f"stopped at iteration {done}: the "
                                 f"parameters contain NaN/Inf; {kept()}")
-                rec = _log_record(window, row, T, optimizer, n_iters, done, logged, hist)
-                print_fn(_progress_line(rec, n_iters))
+                rec = _log_record(window, row, T, optimizer, n_iters, done, logged, hist, terms)
+                print_fn(_progress_line(rec, n_iters, terms))
                 append_json(log_json, rec)
                 records.append(rec)
                 for cb in on_log:
@@ -563,7 +571,7 @@ def time_left(seconds, nfe, remaining: int, recent: int = 50) -> float:
     return s_bar * remaining * (1.0 + (g * (remaining + 1) / (2.0 * n_bar) if n_bar > 0 else 0.0))
 
 
-def _log_record(window, row, T, optimizer, n_iters, done, logged, hist):
+def _log_record(window, row, T, optimizer, n_iters, done, logged, hist, terms=()):
     sec = float(numpy.mean([w["seconds"] for w in window]))
     nfe = [f + b for f, b in zip(hist["nfe_forward"][-200:], hist["nfe_backward"][-200:])]
     rec = {
@@ -579,7 +587,7 @@ def _log_record(window, row, T, optimizer, n_iters, done, logged, hist):
         "sec_per_iter": sec,
         "time_left_s": time_left(hist["seconds"][-200:], nfe, n_iters - done),
     }
-    for k in ("kinetic", "jacobian"):
+    for k in terms:                     # the methods' state terms (RNODE's kinetic, jacobian)
         if math.isfinite(row[k]):
             rec[k] = row[k]
     if "dL_dT" in logged:
@@ -587,11 +595,20 @@ def _log_record(window, row, T, optimizer, n_iters, done, logged, hist):
     return rec
 
 
-def _progress_line(rec, n_iters):
-    T = rec["T"]
-    T_txt = "-" if T is None else (", ".join(f"{t:.4f}" for t in T) if isinstance(T, list)
-                                   else f"{T:.4f}")
-    reg = "".join(f" | {k[:3]} {rec[k]:.4g}" for k in ("kinetic", "jacobian") if k in rec)
+def _T_text(T) -> str:
+    """The end times of a progress line: each of up to three blocks, else their range."""
+    if T is None:
+        return "-"
+    T = list(T) if isinstance(T, (list, tuple)) else [T]
+    if len(T) <= 3:
+        return ", ".join(f"{t:.4f}" for t in T)
+    return f"{min(T):.4f}..{max(T):.4f} ({len(T)} blocks)"
+
+
+def _progress_line(rec, n_iters, terms=None):
+    T_txt = _T_text(rec["T"])
+    terms = term_names() if terms is None else terms
+    reg = "".join(f" | {k[:3]} {rec[k]:.4g}" for k in terms if k in rec)
     return (f"iter {rec['iteration']:>6d}/{n_iters} | loss {rec['loss']:.4f} "
             f"(avg {rec['loss_avg']:.4f}) | nfe fwd {rec['nfe_forward']:.0f} bwd "
             f"{rec['nfe_backward']:.0f} | T {T_txt} | grad {rec['grad_norm']:.3g}{reg} | "
