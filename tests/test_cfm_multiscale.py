@@ -282,6 +282,7 @@ def test_trained_model_is_a_multiscale_cnf_with_bits_per_dim_and_reloads(tmp_pat
         _, g, stats = m.loss_and_grad(x, np.random.default_rng(i))
         m.params = {k: v - 0.05 * g[k] for k, v in m.params.items()}
     assert stats["nfe_forward"] == len(m.nets) == 3
+    assert stats["T"] == [0.7, 0.7, 0.7]                 # one end time per block, a list
     bpd, nfe = m.bits_per_dim(x, np.random.default_rng(3), return_nfe=True)
     assert bpd.shape == (4,) and np.all(np.isfinite(bpd)) and nfe > 0
     path = str(tmp_path / "m.h5")
