@@ -26,6 +26,12 @@ Methods (docs/training.md §6):
   toflow  every block's end time trained by its own Adam (lr --lr-T) after each weight step,
           temporal regularization α|T|, clipping to [t0 + ε, 2T0 − t0 − ε]
   steer   each training step integrates block b to T'_b ~ U[T_b − b, T_b + b]
+  cfm     flow matching (docs/cfm.md §9): every block's ConvNet regressed onto the velocity of
+          a straight path from the logit image to N(0, I) noise in the multiscale map's final
+          coordinates, each coordinate reaching its noise at the block where it is factored
+          out; no ODE solve in training (--time-groups stratified times per block)
+  otcfm   the same with the last part's noise paired with the data by exact OT per batch
+          (cfm/otcfm evaluate and sample with dopri5 unless --solver says otherwise)
 """
 from __future__ import annotations
 
@@ -43,11 +49,17 @@ from common import fail  # noqa: E402
 from npflow.methods import METHODS as REGISTRY, RNODE, STEER, compose  # noqa: E402
 from npflow.tableau import fixed_grid, solver_names  # noqa: E402
 
-# the registered methods of the multiscale CNF (npflow.methods)
-METHODS = tuple(n for n, m in REGISTRY.items() if m.model is None)
+# the registered methods of the multiscale CNF (npflow.methods): the likelihood methods and
+# flow matching (npflow.cfm_multiscale)
+METHODS = tuple(n for n, m in REGISTRY.items() if m.model in (None, "cfm"))
+# defaults of the flow-matching methods (explicit flags win): they never solve in training, so
+# --solver is the solver of the test evaluation and the samples, dopri5 as FFJORD evaluates
+FLOW_MATCHING_DEFAULTS = {"cfm": dict(solver="dopri5"), "otcfm": dict(solver="dopri5")}
 # the settings that define the model (and its data): --resume refuses a change of any
 MODEL_KEYS = ("data", "labels", "dims", "num_blocks", "scales", "layer_type", "T", "method",
               "trace", "alpha_logit", "zero_last", "dtype", "seed", "kinetic", "jacobian")
+# (--time-groups and --path-schedule shape the flow-matching loss only: training settings,
+# recorded, and a change on --resume is allowed and noted like --lr's)
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 DATASETS = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
@@ -90,6 +102,13 @@ def build_parser():
       help="zero-initialise every block's last layer (the default with rnode)")
     common.add_method_arguments(p, METHODS, t_grad_default="stale")
     common.add_deprecated_alias(p, "--alpha", "--alpha-T", type=float)
+    a("--time-groups", type=int, default=4,
+      help="cfm/otcfm: row groups sharing one stratified time in each block (docs/cfm.md "
+           "eq. 2.6, 9.6)")
+    a("--path-schedule", default="channel", choices=["channel", "constant"],
+      help="cfm/otcfm: how far each coordinate moves in each block (docs/cfm.md eq. 9.4): "
+           "one speed per channel of the block's input (channel) or each coordinate at "
+           "constant speed to its exit block (constant)")
     a("--batch-size", type=int, default=200)
     a("--lr", type=float, default=1e-3)
     a("--warmup", type=int, default=1000, help="linear learning-rate warm-up iterations")
@@ -182,6 +201,14 @@ def prepare(args):
         raise ValueError(f"--step-size must be > 0, got {args.step_size}")
     combo = compose(methods)           # each method's checks and model settings (configure)
     combo.check(args, args.T)
+    if combo.model == "cfm":           # flow matching: its own model (npflow.cfm_multiscale)
+        if args.time_groups < 1:
+            raise ValueError(f"--time-groups must be >= 1, got {args.time_groups}")
+        (m,) = methods
+        flow_matching = dict(coupling=REGISTRY[m].coupling, time_groups=args.time_groups,
+                             schedule=args.path_schedule)
+    else:
+        flow_matching = None
     rnode = "rnode" in methods
     kinetic, jacobian = RNODE.weights(args, False)
     steer_b = STEER.half_width(args, args.T)
@@ -193,7 +220,7 @@ def prepare(args):
                   kinetic=kinetic, jacobian=jacobian, zero_last=bool(args.zero_last or rnode),
                   alpha=args.alpha_logit, store=args.store, dtype=args.dtype, device=args.device,
                   seed=args.seed)
-    return methods, combo.configure(config, args), steer_b
+    return methods, combo.configure(config, args), steer_b, flow_matching
 
 
 def missing_data_message(args, exc):
@@ -214,6 +241,10 @@ def missing_data_message(args, exc):
 def main(argv=None) -> int:
     parser = build_parser()
     args = common.parse_args(parser, argv)
+    method = str(args.method).strip().lower()
+    if method in FLOW_MATCHING_DEFAULTS:            # the method's own defaults, flags win
+        parser.set_defaults(**FLOW_MATCHING_DEFAULTS[method])
+        args = common.parse_args(parser, argv)
     comm = common.init_ranks(args)       # MPI ranks under mpiexec (docs/parallel.md), else one
     import npflow
     from npflow.backend import to_host
@@ -223,11 +254,15 @@ def main(argv=None) -> int:
 
     common.tune_host(args, mmap_max=0)   # OPENBLAS_NUM_THREADS=2: two BLAS threads instead
     try:
-        methods, config, steer_b = prepare(args)
+        methods, config, steer_b, flow_matching = prepare(args)
     except ValueError as exc:
         fail(exc)
     try:
-        model = MultiscaleCNF(**config)
+        if flow_matching is not None:
+            from npflow.cfm_multiscale import FlowMatchingMultiscaleCNF
+            model = FlowMatchingMultiscaleCNF(**config, **flow_matching)
+        else:
+            model = MultiscaleCNF(**config)
     except ValueError as exc:
         fail(f"cannot build the model: {exc}")
     except npflow.DeviceError as exc:
@@ -255,7 +290,9 @@ def _train_and_test(args, rf, model, optimizer, hooks, methods, config, x_train,
                                else f"{cfg['steps']} steps"))
     print(f"npflow multiscale CNF on {args.data} ({len(x_train)} training images): method "
           f"{'+'.join(sorted(methods))}, {len(model.nets)} blocks, {model.num_params()} "
-          f"parameters, dims {cfg['hidden']}, solver {solver_txt}, trace {cfg['trace']}, "
+          f"parameters, dims {cfg['hidden']}, solver {solver_txt}"
+          f"{' (evaluation only; coupling ' + cfg['coupling'] + ')' if 'coupling' in cfg else ''}"
+          f", trace {cfg['trace']}, "
           f"λ_K {cfg['kinetic']}, λ_J {cfg['jacobian']}, T {cfg['T']}"
           f"{' (trained)' if cfg['train_T'] else ''}, {cfg['dtype']} on {cfg['device']}",
           flush=True)
@@ -273,7 +310,10 @@ def _train_and_test(args, rf, model, optimizer, hooks, methods, config, x_train,
         return image_grid(s, path, title=f"{args.data}, {args.method}")
 
     def on_log(rec):
-        print(f"    bits/dim {rec['nll']:.4f} (last batch)")
+        if "coupling" in model.config:          # flow matching: the loss is a regression
+            print(f"    flow-matching loss {rec['loss']:.5f} (last batch; not a bits/dim)")
+        else:
+            print(f"    bits/dim {rec['nll']:.4f} (last batch)")
         if args.sample_every and not args.no_figures and rec["iteration"] % args.sample_every == 0:
             draw(rf.path(f"samples_iter{rec['iteration']:06d}.png"))
 

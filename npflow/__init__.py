@@ -21,6 +21,7 @@ _EXPORTS = {
     "OTFlow": "npflow.otflow",
     "MultiscaleCNF": "npflow.multiscale",
     "FlowMatchingCNF": "npflow.cfm",
+    "FlowMatchingMultiscaleCNF": "npflow.cfm_multiscale",
     "Autoencoder": "npflow.autoencoder",
     "LatentFlow": "npflow.latent",
     "MLP": "npflow.nets",
@@ -40,9 +41,9 @@ _EXPORTS = {
     "VAE": "npflow.vae",
 }
 _SUBMODULES = {"cfm", "backend", "layers", "data", "trace", "tableau", "solvers", "cnf", "otflow",
-               "optim", "checkpoint", "conv", "plotting", "training", "multiscale",
-               "odenet", "model", "images", "otflow_net", "parallel", "nets", "autoencoder",
-               "latent", "vae", "likelihoods", "amortized_cnf"}
+               "cfm_multiscale", "optim", "checkpoint", "conv", "plotting", "training",
+               "multiscale", "odenet", "model", "images", "otflow_net", "parallel", "nets",
+               "autoencoder", "latent", "vae", "likelihoods", "amortized_cnf"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -73,6 +73,7 @@ def model_class(name: str):
     if name not in _REGISTRY:
         lazy = {"CNF": "npflow.cnf", "OTFlow": "npflow.otflow",
                 "MultiscaleCNF": "npflow.multiscale", "FlowMatchingCNF": "npflow.cfm",
+                "FlowMatchingMultiscaleCNF": "npflow.cfm_multiscale",
                 "Autoencoder": "npflow.autoencoder"}
         if name in lazy:
             from importlib import import_module

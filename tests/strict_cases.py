@@ -98,6 +98,16 @@ CASES["cfm"] = Case(lambda dev, dt: npflow.FlowMatchingCNF(2, hidden=(4,), time_
 CASES["otcfm"] = Case(lambda dev, dt: npflow.FlowMatchingCNF(2, hidden=(4,), blocks=2,
                                                             coupling="ot", dtype=dt,
                                                             device=dev), _gauss(2))
+# flow matching on the multiscale image CNF (npflow.cfm_multiscale), both path schedules
+CASES["multiscale-cfm"] = Case(
+    lambda dev, dt: npflow.FlowMatchingMultiscaleCNF((1, 4, 4), hidden=(2,), scales=2,
+                                                     blocks=1, time_groups=2, dtype=dt,
+                                                     device=dev), _images(n=3), solver=None)
+CASES["multiscale-otcfm-constant"] = Case(
+    lambda dev, dt: npflow.FlowMatchingMultiscaleCNF((1, 4, 4), hidden=(2,), scales=2,
+                                                     blocks=1, coupling="ot",
+                                                     schedule="constant", dtype=dt,
+                                                     device=dev), _images(n=3), solver=None)
 
 
 # VAEs (npflow.vae): discrete flows need no solve; the amortized CNF posterior solves on a
