@@ -6,6 +6,8 @@ interpolation (docs/latent.md; OT-Flow's "MNIST Synthetic Generation").
     python examples/train_latent.py --model ffjord --ae-load runs/latent/autoencoder.h5 ...
     python examples/train_latent.py --ae-epochs 600 --niters 50000 --batch-size 800 \
         --nt-test 16 --test-n 10000                                  # the reference's run length
+    python examples/train_latent.py --hidden 512,256 --dim 16 --ae-epochs 20 --niters 3000 \
+        --batch-size 256 --time-limit 1800    # recognisable digits on a CPU (docs/latent.md §7)
 
 Stage 1 trains the autoencoder (npflow.autoencoder: 784 -> 128 linear + ReLU, 128 -> 784
 linear + sigmoid, MSE, Adam 1e-3 divided by 10 every 150 epochs, batch 800; --hidden adds

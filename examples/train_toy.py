@@ -58,7 +58,7 @@ MODEL_KEYS = ("data", "data_file", "dims", "layer_type", "nonlinearity", "blocks
 # cfm keeps the first session's (not measured at these); explicit flags still win
 FLOW_MATCHING_DEFAULTS = {
     "cfm": dict(T=1.0, niters=80000, batch_size=128, lr=2e-3, lr_halve_every=20000),
-    "otcfm": dict(T=1.0, niters=120000, batch_size=128, lr=4e-3, lr_halve_every=30000,
+    "otcfm": dict(T=1.0, niters=160000, batch_size=128, lr=4e-3, lr_halve_every=40000,
                   ema=0.999),
 }
 
