@@ -33,10 +33,28 @@ import numpy as np  # host-side only: noise draws, the OT assignment (data edge)
 from .backend import get_array_module, to_device, to_host
 from .cnf import CNF, _block_prefix
 
-__all__ = ["FlowMatchingCNF", "COUPLINGS", "ot_pairing", "straight_path", "target_velocity",
+__all__ = ["FlowMatchingCNF", "COUPLINGS", "check_flow_matching", "ot_pairing", "straight_path", "target_velocity",
            "draw_noise", "cfm_loss_and_grad", "group_cuts"]
 
 COUPLINGS = ("independent", "ot")
+
+
+def check_flow_matching(coupling, time_groups, model_kwargs: dict) -> None:
+    """One-line ValueErrors for the arguments every flow-matching model shares: the coupling,
+    the number of time groups (eq. 2.7), and the model keyword arguments ``model_kwargs`` (dict)
+    that would train something flow matching does not: a trained end time (``train_T``) or any
+    training method's setting (npflow.methods: RNODE's state-term weights, ...), since the
+    regression (2.4) has no state terms and fixes the end times."""
+    from .methods import model_settings
+    if coupling not in COUPLINGS:
+        raise ValueError(f"unknown coupling {coupling!r}: expected one of {COUPLINGS}")
+    if int(time_groups) < 1:
+        raise ValueError(f"time_groups must be >= 1, got {time_groups}")
+    for name in ("train_T",) + tuple(model_settings({})):
+        if model_kwargs.get(name):
+            raise ValueError(f"flow matching trains no {name}: build the model with "
+                             f"{name} left at its default (the end times are fixed and "
+                             "there are no state terms)")
 
 
 # ------------------------------------------------------------------ the pieces (docs/cfm.md)
@@ -165,14 +183,7 @@ class FlowMatchingCNF(CNF):
     def __init__(self, dim, sigma=0.0, coupling="independent", time_groups=16, **cnf_kwargs):
         if not sigma >= 0:
             raise ValueError(f"path width sigma must be >= 0, got {sigma}")
-        if coupling not in COUPLINGS:
-            raise ValueError(f"unknown coupling {coupling!r}: expected one of {COUPLINGS}")
-        if int(time_groups) < 1:
-            raise ValueError(f"time_groups must be >= 1, got {time_groups}")
-        for name in ("train_T", "kinetic", "jacobian"):
-            if cnf_kwargs.get(name):
-                raise ValueError(f"flow matching trains no {name}: build the model with "
-                                 f"{name} left at its default (the end time T is fixed)")
+        check_flow_matching(coupling, time_groups, cnf_kwargs)
         super().__init__(dim, **cnf_kwargs)
         self.config.update(sigma=float(sigma), coupling=coupling, time_groups=int(time_groups))
 

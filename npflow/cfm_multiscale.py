@@ -43,7 +43,7 @@ from typing import NamedTuple
 import numpy as np  # host-side only: the index image, noise draws, the OT assignment
 
 from .backend import get_array_module, to_device, to_host
-from .cfm import COUPLINGS, group_cuts, ot_pairing
+from .cfm import check_flow_matching, group_cuts, ot_pairing
 from .cnf import _block_prefix
 from .images import factor_out, squeeze
 from .model import Part, check_rows
@@ -243,16 +243,9 @@ class FlowMatchingMultiscaleCNF(MultiscaleCNF):
 
     def __init__(self, image_shape=(1, 28, 28), coupling="independent", time_groups=4,
                  schedule="channel", **kwargs):
-        if coupling not in COUPLINGS:
-            raise ValueError(f"unknown coupling {coupling!r}: expected one of {COUPLINGS}")
-        if int(time_groups) < 1:
-            raise ValueError(f"time_groups must be >= 1, got {time_groups}")
+        check_flow_matching(coupling, time_groups, kwargs)
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown path schedule {schedule!r}: expected one of {SCHEDULES}")
-        for name in ("train_T", "kinetic", "jacobian"):
-            if kwargs.get(name):
-                raise ValueError(f"flow matching trains no {name}: build the model with "
-                                 f"{name} left at its default (the end times are fixed)")
         super().__init__(image_shape, **kwargs)
         self.config.update(coupling=coupling, time_groups=int(time_groups), schedule=schedule)
         self.layout = path_schedule(multiscale_layout(self.plan, self.image_shape), schedule)

@@ -207,6 +207,17 @@ def test_bad_arguments_raise_one_line_errors(kw, match):
         small_model(**kw)
 
 
+def test_every_registered_method_setting_is_refused_by_both_flow_matching_models():
+    from npflow.cfm import check_flow_matching
+    from npflow.methods import model_settings
+    names = tuple(model_settings({}))
+    assert {"kinetic", "jacobian"} <= set(names)
+    for name in names:
+        with pytest.raises(ValueError, match=f"trains no {name}"):
+            check_flow_matching("ot", 4, {name: 0.5})
+    check_flow_matching("ot", 4, {name: 0.0 for name in names})      # off values pass
+
+
 def test_bad_data_and_end_time_override_raise():
     model = small_model()
     with pytest.raises(ValueError, match="shape"):
