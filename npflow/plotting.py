@@ -25,7 +25,12 @@ def _plt():
     return plt
 
 
-def _save(fig, path):
+def _save(fig, path, title=None, top=None):
+    """Title (suptitle, the axes below ``top`` of the figure height when given), tight layout,
+    write ``path`` (folders made), close the figure; returns the path."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(**({"rect": (0, 0, 1, top)} if title and top else {}))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -91,12 +96,7 @@ def toy_figure(data, log_prob_fn, samples, path, title: str = "", limits=None,
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])
-    if title:
-        fig.suptitle(title)
-        fig.tight_layout(rect=(0, 0, 1, 0.94))
-    else:
-        fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title, top=0.94)
 
 
 def _smooth(y, k):
@@ -167,12 +167,7 @@ def training_curves(history: dict, path, title: str = "", smooth: int | None = N
         ax.set_xlabel("iteration")
     for ax in axes.ravel():
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-        fig.tight_layout(rect=(0, 0, 1, 0.96))
-    else:
-        fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title, top=0.96)
 
 
 def image_grid(images, path, labels=None, ncols: int | None = None, title: str = "",
@@ -204,7 +199,4 @@ def image_grid(images, path, labels=None, ncols: int | None = None, title: str =
             ax.imshow(np.transpose(x[i], (1, 2, 0)), interpolation="nearest")
         if labels is not None:
             ax.set_title(str(labels[i]), fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title)
