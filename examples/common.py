@@ -359,8 +359,9 @@ class Run:
     dir: the folder; resume: continuing a checkpoint; changed: {flag: (old, new)} of the
     training settings changed on resume; path(name): a file in the folder;
     train_kwargs(): save_dir, resume, log_json, log_every, checkpoint_every,
-    checkpoint_seconds for npflow.training.train; finish(result): report an unfinished
-    result (returns the exit status) or None when it completed.
+    checkpoint_seconds for npflow.training.train; train(model, optimizer, sample_batch,
+    niters, rng, **kw): that call in this folder, with finish; finish(result): report an
+    unfinished result (returns the exit status) or None when it completed.
     """
 
     def __init__(self, args, model_keys, lock_fd, root=True):
@@ -381,6 +382,26 @@ class Run:
                     log_every=getattr(a, "log_every", 100),
                     checkpoint_every=getattr(a, "checkpoint_every", None),
                     checkpoint_seconds=getattr(a, "checkpoint_seconds", None))
+
+    def train(self, model, optimizer, sample_batch, niters, rng, **kw):
+        """npflow.training.train in this run folder (``train_kwargs()``, overridden by ``kw``;
+        progress printed and flushed). Returns (result, seconds, status): status is None when
+        the run completed (its message printed), else the exit status ``finish`` gives. A
+        checkpoint that cannot be resumed stops with one line."""
+        import time
+        from npflow.checkpoint import CheckpointError
+        from npflow.training import train
+        kw = {**self.train_kwargs(), "print_fn": lambda m: print(m, flush=True), **kw}
+        t0 = time.perf_counter()
+        try:
+            result = train(model, optimizer, sample_batch, niters, rng, **kw)
+        except CheckpointError as exc:
+            fail(f"cannot resume: {exc}")
+        seconds = time.perf_counter() - t0
+        status = self.finish(result)
+        if status is None:
+            print(result.message, flush=True)
+        return result, seconds, status
 
     def finish(self, result):
         """None if ``result`` (a TrainResult) completed ("done" / "already-done"); otherwise

@@ -317,21 +317,11 @@ def _train_and_test(args, rf, model, optimizer, hooks, methods, config, x_train,
         if args.sample_every and not args.no_figures and rec["iteration"] % args.sample_every == 0:
             draw(rf.path(f"samples_iter{rec['iteration']:06d}.png"))
 
-    rng = np.random.default_rng(args.seed)
-    t0 = time.perf_counter()
-    import npflow
-    try:
-        result = train(model, optimizer, sample_batch, args.niters, rng,
-                       grad_clip=args.grad_clip, hooks=hooks, on_log=[on_log],
-                       print_fn=lambda m: print(m, flush=True), comm=comm,
-                       **rf.train_kwargs())
-    except npflow.CheckpointError as exc:
-        fail(f"cannot resume: {exc}")
-    train_seconds = time.perf_counter() - t0
-    status = rf.finish(result)
+    result, train_seconds, status = rf.train(
+        model, optimizer, sample_batch, args.niters, np.random.default_rng(args.seed),
+        grad_clip=args.grad_clip, hooks=hooks, on_log=[on_log], comm=comm)
     if status is not None:
         return status
-    print(result.message)
     if not comm.root:                    # the test evaluation and the samples: rank 0 alone
         return 0
 

@@ -308,20 +308,11 @@ def _train_and_evaluate(args, rf, run, model, optimizer, hooks, methods, cfg, tr
                          fast=True)
         on_log.append(viz)
 
-    rng = np.random.default_rng(args.seed)
-    t0 = time.perf_counter()
-    try:
-        result = train(model, optimizer, run["sample_batch"], args.niters, rng,
-                       grad_clip=args.grad_clip, hooks=hooks, on_log=on_log,
-                       print_fn=lambda m: print(m, flush=True), comm=comm,
-                       **rf.train_kwargs())
-    except npflow.CheckpointError as exc:
-        fail(f"cannot resume: {exc}")
-    train_seconds = time.perf_counter() - t0
-    status = rf.finish(result)
+    result, train_seconds, status = rf.train(
+        model, optimizer, run["sample_batch"], args.niters, np.random.default_rng(args.seed),
+        grad_clip=args.grad_clip, hooks=hooks, on_log=on_log, comm=comm)
     if status is not None:
         return status
-    print(result.message)
     if not comm.root:                    # the evaluation and the figures: rank 0 alone
         return 0
     if args.ema:      # evaluate, draw and save the moving average of the weights (eq. 1.6)
