@@ -174,9 +174,15 @@ def add_deprecated_alias(parser, old: str, new: str, type=None, choices=None):
                         default=argparse.SUPPRESS, choices=choices)
 
 
-def parse_args(parser, argv=None):
-    """parser.parse_args, with ``save_every`` parsed (see parse_save_every)."""
+def parse_args(parser, argv=None, method_defaults=None):
+    """parser.parse_args, with ``save_every`` parsed (see parse_save_every). method_defaults:
+    {method name: {dest: default}}; when ``--method`` names one of them, those defaults replace
+    the parser's and explicit flags still win."""
     args = parser.parse_args(argv)
+    method = str(getattr(args, "method", "")).strip().lower()
+    if method_defaults and method in method_defaults:
+        parser.set_defaults(**method_defaults[method])
+        args = parser.parse_args(argv)
     if hasattr(args, "save_every"):
         try:
             args.checkpoint_every, args.checkpoint_seconds = parse_save_every(args.save_every)

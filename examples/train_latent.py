@@ -48,7 +48,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (examples/common.py: shared flags, run folder, lock, signals)
 
-from npflow.training import TrainHook  # noqa: E402
+from npflow.training import ClampHook, TrainHook  # noqa: E402
 
 MODELS = ("otflow", "ffjord")
 
@@ -258,27 +258,6 @@ def train_autoencoder(args, hidden, data, print_fn=print):
 
 # --------------------------------------------------------------------------------------------
 # stage 2: the flow
-
-class ClampHook(TrainHook):
-    """The reference's box constraint: every parameter in [−c, c] before each step. Clamping
-    the initial parameters once and then after every step evaluates every gradient at the same
-    (clamped) parameters as the reference; only the final parameters differ (clamped here)."""
-
-    name = "clamp"
-
-    def __init__(self, c):
-        self.c = float(c)
-
-    def clamp(self, model):
-        xp = model.xp
-        skip = set(model.time_names) if model.config.get("train_T") else set()
-        model.params = {k: v if k in skip else xp.clip(v, -self.c, self.c).astype(
-            v.dtype, copy=False) for k, v in model.params.items()}
-
-    def after_step(self, model, x, rng, it, stats):
-        self.clamp(model)
-        return {}
-
 
 class StopTraining(Exception):
     pass

@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (examples/common.py: flags, run folder, lock, signals)
 from common import fail  # noqa: E402
 from npflow.methods import METHODS as REGISTRY, RNODE  # noqa: E402
-from npflow.training import TrainHook  # noqa: E402
+from npflow.training import ClampHook, TrainHook  # noqa: E402
 
 # every registered method (npflow.methods), OT-Flow first (the default)
 METHODS = ("otflow",) + tuple(n for n in REGISTRY if n != "otflow")
@@ -343,24 +343,6 @@ def build_model(args, settings, dim, is_toy):
 
 # --------------------------------------------------------------------------------------------
 # hooks of the training loop (npflow.training.TrainHook)
-
-class ClampHook(TrainHook):
-    """Clamp every weight to [−c, c] after each step (OT-Flow's box constraint); trained end
-    times are left alone."""
-
-    name = "clamp"
-
-    def __init__(self, c):
-        self.c = float(c)
-
-    def after_step(self, model, x, rng, it, stats):
-        xp = model.xp
-        skip = set(model.time_names) if model.config.get("train_T") else set()
-        model.params = {k: v if k in skip else
-                        xp.clip(v, -self.c, self.c).astype(v.dtype, copy=False)
-                        for k, v in model.params.items()}
-        return {}
-
 
 class ValidationHook(TrainHook):
     """Validate every ``every`` iterations; keep the best parameters (best.h5); feed the

@@ -251,11 +251,7 @@ def prepare(args):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = common.parse_args(parser, argv)
-    method = str(args.method).strip().lower()
-    if method in FLOW_MATCHING_DEFAULTS:            # the method's own defaults, flags win
-        parser.set_defaults(**FLOW_MATCHING_DEFAULTS[method])
-        args = common.parse_args(parser, argv)
+    args = common.parse_args(parser, argv, FLOW_MATCHING_DEFAULTS)   # the method's defaults
     comm = common.init_ranks(args)       # MPI ranks under mpiexec (docs/parallel.md), else one
     common.tune_host(args)               # one BLAS thread (the products are small), malloc
     import npflow

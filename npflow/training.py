@@ -39,7 +39,8 @@ from .optim import Adam, clip_grad_norm
 from . import parallel
 from .solvers import SolverError
 
-__all__ = ["train", "TrainResult", "TrainHook", "SteerHook", "TimeOptimizer", "append_json",
+__all__ = ["train", "TrainResult", "TrainHook", "SteerHook", "TimeOptimizer", "ClampHook",
+           "append_json",
            "format_seconds", "parse_methods", "HISTORY_KEYS", "history_keys", "METHODS"]
 
 
@@ -111,6 +112,30 @@ class SteerHook(TrainHook):
             raise ValueError(f"STEER needs b < T so that T − b > 0; got b={self.b}, T={Ts}")
         draws = [float(rng.uniform(T - self.b, T + self.b)) for T in Ts]
         return {"T": draws[0] if len(draws) == 1 else draws}
+
+
+class ClampHook(TrainHook):
+    """OT-Flow's box constraint (docs/otflow.md, section 4): every weight clamped to [−c, c]
+    after each step; trained end times are left alone. ``clamp(model)`` applies it once (to
+    the initial weights, so that every gradient is taken at clamped weights, as the
+    reference's clamp before each step does)."""
+
+    name = "clamp"
+
+    def __init__(self, c: float):
+        if not c > 0:
+            raise ValueError(f"the clamp bound must be > 0, got {c}")
+        self.c = float(c)
+
+    def clamp(self, model) -> None:
+        xp = model.xp
+        skip = set(model.time_names) if model.config.get("train_T") else set()
+        model.params = {k: v if k in skip else xp.clip(v, -self.c, self.c).astype(
+            v.dtype, copy=False) for k, v in model.params.items()}
+
+    def after_step(self, model, x, rng, it, stats):
+        self.clamp(model)
+        return {}
 
 
 class TimeOptimizer(TrainHook):

@@ -445,3 +445,17 @@ def test_loss_panel_keeps_the_early_loss_in_view():
     spiky[500] = 1e6              # a single spike counts only by its share of the running mean
     assert loss_limits(spiky, 20)[1] < 1e5
     assert loss_limits(np.full(5, np.nan), 1) is None
+
+
+def test_clamp_hook_puts_every_weight_in_the_box_and_leaves_trained_end_times():
+    from npflow.cnf import CNF
+    from npflow.training import ClampHook
+    model = CNF(2, hidden=(8,), train_T=True, T=3.0)
+    model.params = {k: 5.0 * np.ones_like(v) for k, v in model.params.items()}
+    hook = ClampHook(1.5)
+    assert hook.after_step(model, None, None, 0, {}) == {}
+    T_names = set(model.time_names)
+    assert T_names and all(np.all(model.params[k] == 5.0) for k in T_names)
+    assert all(np.all(v == 1.5) for k, v in model.params.items() if k not in T_names)
+    with pytest.raises(ValueError, match="clamp bound"):
+        ClampHook(0.0)
