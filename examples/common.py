@@ -636,6 +636,15 @@ def _check_and_record(run, args, model_keys, extra_model, extra_training, resume
 # --------------------------------------------------------------------------------------------
 # the whole script
 
+def validation_due(hook, it, stats):
+    """For a validation hook with ``every``, ``n_iters`` and ``nfe_total``: add the step's
+    forward + backward NFE to ``hook.nfe_total``, and return the number of iterations done when
+    a validation is due (every ``every`` iterations and after the last), else None."""
+    done = it + 1
+    hook.nfe_total += int(stats.get("nfe_forward", 0)) + int(stats.get("nfe_backward", 0))
+    return done if done % hook.every == 0 or done == hook.n_iters else None
+
+
 def main_guard(main, argv=None):
     """sys.exit(main(argv)), with SIGTERM raised as KeyboardInterrupt outside train() and a
     signal or a CheckpointError / DeviceError escaping main turned into one line and the

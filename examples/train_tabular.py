@@ -371,9 +371,8 @@ class ValidationHook(TrainHook):
     def after_step(self, model, x, rng, it, stats):
         from npflow.solvers import SolverError
         from npflow.training import append_json
-        done = it + 1
-        self.nfe_total += int(stats.get("nfe_forward", 0)) + int(stats.get("nfe_backward", 0))
-        if done % self.every and done != self.n_iters:
+        done = common.validation_due(self, it, stats)
+        if done is None:
             return {}
         t = time.perf_counter()
         try:
