@@ -54,7 +54,7 @@ MODEL_KEYS = ("data", "data_file", "dims", "layer_type", "nonlinearity", "blocks
               "time_groups")
 
 # defaults of the flow-matching methods (docs/cfm.md, section 6: OT-CFM measured 2.839 nats on
-# 8gaussians, 3.6025 on checkerboard (asked: 3.60), 11-12 min of training each under load);
+# 8gaussians, 3.5993 on checkerboard (asked: 3.60), 14-16 min of training each under load);
 # cfm keeps the first session's (not measured at these); explicit flags still win
 FLOW_MATCHING_DEFAULTS = {
     "cfm": dict(T=1.0, niters=80000, batch_size=128, lr=2e-3, lr_halve_every=20000),
