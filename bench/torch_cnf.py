@@ -7,7 +7,7 @@ Written here from the math of FFJORD's toy set-up (Grathwohl et al. 2019), not c
       y = (W x + b) ⊙ sigmoid(W_g t + b_g) + W_b t                                        (1)
   with W_g (n_out, 1), b_g (n_out,), W_b (n_out, 1) (no bias on the hyper-bias term);
 - augmented state (z, ℓ): dz/dt = f(z, t), dℓ/dt = tr ∂f/∂z, z(t0) = x, ℓ(t0) = 0         (2)
-  (npflow's sign convention, shared/DESIGN.md section 2; FFJORD integrates −tr and subtracts);
+  (npflow's sign convention, docs/cnf.md eq. 1.2; FFJORD integrates −tr and subtracts);
 - exact trace by D autograd passes, as FFJORD's ``divergence_bf``:
       tr ∂f/∂z = Σ_i [∂(Σ_b f_i)/∂z]_{:, i}                                              (3)
   each pass with create_graph=True so the trace itself can be differentiated;

@@ -8,7 +8,7 @@
 - ``logit_transform`` / ``logit_inverse``: y = logit(α + (1 − 2α)x̃) with its exact
   per-sample log-determinant (eq. 4.2-4.3).
 - ``bits_per_dim``: bits/dim of the 8-bit data from the flow's NLL of y and the
-  preprocessing log-determinant (eq. 4.4; shared/DESIGN.md section 2).
+  preprocessing log-determinant (eq. 4.4; the sign convention of docs/cnf.md eq. 1.2).
 
 Functions take their array module from their inputs; squeeze and the split act on the last three
 axes (C, H, W), so they apply to primals (B, C, H, W) and tangents (K, B, C, H, W) alike.
@@ -124,7 +124,7 @@ def logit_inverse(y, alpha: float = ALPHA):
 def bits_per_dim(nll, logdet_pre, D: int):
     """eq. 4.4: bits/dim = (−log p(y) − log|det ∂y/∂x̃|)/(D ln 2) + log2 256.
 
-    nll (B,): −log p(y) in nats of the preprocessed data under the flow (shared/DESIGN.md:
+    nll (B,): −log p(y) in nats of the preprocessed data under the flow (docs/images.md:
     ½‖z‖² + D/2 log 2π − ℓ(T), summed over every factored-out part); logdet_pre (B,): the
     preprocessing log-determinant (eq. 4.3); D: dimensions per image (C·H·W).
     Returns bits/dim per sample (B,); average them (equal D) for a data set figure.

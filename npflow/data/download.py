@@ -3,7 +3,7 @@
 Policy (docs/data.md, section 4):
 
 - Files already present in the data folder are read as they are, with no checksum: copies made
-  by other means (e.g. shared/tools/offline-data.sh re-encodes MNIST) differ byte-wise from the
+  by other means (e.g. an offline mirror that re-encodes MNIST) differ byte-wise from the
   official downloads and are still valid. The loaders check their format instead.
 - A download streams to ``dest + ".part"`` while hashing, compares the SHA-256 with the
   published one, and only then renames the part file to ``dest`` (``os.replace``, atomic on one

