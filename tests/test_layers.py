@@ -54,10 +54,13 @@ def check_vjp_is_adjoint_of_jvp(layer, params, x, xdot, t, rng):
 
 
 def check_backward_matches_finite_differences(layer, params, x, xdot, t, rng):
-    """eq. 1.2: the cotangents of F = <a, y> + <b, ydot> against directional differences."""
+    """eq. 1.2: the cotangents of F = <a, y> + <b, ydot> against directional differences.
+    t a scalar, or (B, 1) one time per row (eq. 1.22-1.25): then t̄ (B, 1) is checked along a
+    random direction of the B times."""
     y, ydot, cache = layer.forward(params, x, xdot, t)
     a, b = rng.standard_normal(y.shape), rng.standard_normal(ydot.shape)
-    x0, xd0, p0, t0 = (x.copy(), xdot.copy(), {k: v.copy() for k, v in params.items()}, t)
+    x0, xd0, p0, t0 = (x.copy(), xdot.copy(), {k: v.copy() for k, v in params.items()},
+                       np.copy(t))
     xbar, xdotbar, pbar, tbar = layer.backward(a.copy(), b.copy(), cache)
 
     def F(p=params, x_=x, xd=xdot, t_=t):
@@ -69,7 +72,13 @@ def check_backward_matches_finite_differences(layer, params, x, xdot, t, rng):
     v = rng.standard_normal(xdot.shape)
     assert_rel_close(np.vdot(xdotbar, v), central_difference(lambda s: F(xd=xdot + s * v)),
                      what="xdotbar")
-    assert_rel_close(float(tbar), central_difference(lambda s: F(t_=t + s)), what="tbar")
+    if np.ndim(t) == 0:
+        assert_rel_close(float(tbar), central_difference(lambda s: F(t_=t + s)), what="tbar")
+    else:
+        assert np.ndim(tbar) == 0 or np.shape(tbar) == np.shape(t), np.shape(tbar)
+        vt = rng.standard_normal(np.shape(t))
+        assert_rel_close(np.sum(np.asarray(tbar) * vt),
+                         central_difference(lambda s: F(t_=t + s * vt)), what="tbar (per row)")
     assert sorted(pbar) == sorted(params)
     for name in params:
         assert pbar[name].shape == params[name].shape, name
@@ -77,7 +86,7 @@ def check_backward_matches_finite_differences(layer, params, x, xdot, t, rng):
         fd = central_difference(lambda s: F(p={**params, name: params[name] + s * v}))
         assert_rel_close(np.vdot(pbar[name], v), fd, what=f"params_bar[{name!r}]")
     # inputs and cotangents are never mutated
-    assert np.array_equal(x, x0) and np.array_equal(xdot, xd0) and t == t0
+    assert np.array_equal(x, x0) and np.array_equal(xdot, xd0) and np.array_equal(t, t0)
     assert all(np.array_equal(params[k], p0[k]) for k in params)
 
 
