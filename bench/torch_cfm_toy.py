@@ -65,7 +65,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--sigma", type=float, default=0.0)
-    ap.add_argument("--groups", type=int, default=16, help="npflow's time_groups")
+    ap.add_argument("--groups", type=int, default=16,
+                    help="npflow's time_groups (0: one time per row, one network call)")
     ap.add_argument("--block", type=int, default=50, help="iterations per alternating block")
     ap.add_argument("--test-n", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
