@@ -280,13 +280,14 @@ def _train_toy():
     return mod
 
 
-@pytest.mark.parametrize("method", ["cfm", "otcfm"])
-def test_train_toy_method_trains_and_reports_exact_test_nll(tmp_path, method):
+@pytest.mark.parametrize("method, extra", [("cfm", []), ("otcfm", []),
+                                           ("otcfm", ["--time-groups", "0"])])
+def test_train_toy_method_trains_and_reports_exact_test_nll(tmp_path, method, extra):
     import json
     log = tmp_path / "log.jsonl"
     code = _train_toy().main(["--method", method, "--niters", "4", "--dims", "8-8",
                               "--log-every", "2", "--test-n", "200", "--no-figures",
-                              "--save", str(tmp_path / "run"), "--log-json", str(log)])
+                              "--save", str(tmp_path / "run"), "--log-json", str(log)] + extra)
     assert code == 0
     recs = [json.loads(s) for s in log.read_text().splitlines()]
     assert [r["iteration"] for r in recs[:-1]] == [2, 4]
@@ -295,6 +296,7 @@ def test_train_toy_method_trains_and_reports_exact_test_nll(tmp_path, method):
     assert final["mean_nfe_forward"] == 1.0 and final["T"] == 1.0     # the method's defaults
     back = npflow.load(str(tmp_path / "run" / "checkpoint.h5"))
     assert back.config["coupling"] == ("ot" if method == "otcfm" else "independent")
+    assert back.config["time_groups"] == (0 if extra else 16)
 
 
 def test_flow_matching_methods_do_not_combine():
