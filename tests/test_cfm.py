@@ -217,6 +217,37 @@ def test_per_row_call_equals_one_group_per_row_with_the_same_times(blocks):
             np.testing.assert_allclose(b[k], a[k], rtol=1e-11, atol=1e-14)
 
 
+@settings(max_examples=15)
+@given(seed=st.integers(0, 10**6), B=st.integers(1, 6), D=st.integers(1, 3))
+def test_pot_pairing_is_the_optimal_permutation(seed, B, D):
+    # eq. 4.2-4.3 with POT's network simplex: the plan read as a permutation is optimal
+    pytest.importorskip("ot")
+    rng = np.random.default_rng(seed)
+    x, z = rng.standard_normal((B, D)), rng.standard_normal((B, D))
+    perm = ot_pairing(x, z, "pot")
+    assert sorted(perm) == list(range(B))
+    cost = ((x - z[perm]) ** 2).sum()
+    best = min(((x - z[list(q)]) ** 2).sum() for q in itertools.permutations(range(B)))
+    assert cost <= best + 1e-12
+
+
+def test_pot_and_scipy_pairings_agree_on_toy_batches_and_models_train_alike():
+    pytest.importorskip("ot")
+    from npflow.data import toy
+    rng = np.random.default_rng(0)
+    for name in ("8gaussians", "checkerboard"):
+        x, z = toy(name, 64, rng), rng.standard_normal((64, 2))
+        np.testing.assert_array_equal(ot_pairing(x, z, "pot"), ot_pairing(x, z, "scipy"))
+    x = toy("8gaussians", 16, rng)
+    a, b = (small_model(coupling="ot", time_groups=0, ot_solver=o) for o in ("scipy", "pot"))
+    assert b.config["ot_solver"] == "pot" and "ot_solver" not in a.config
+    la = a.loss_and_grad(x, np.random.default_rng(3))
+    lb = b.loss_and_grad(x, np.random.default_rng(3))
+    assert la[0] == lb[0]
+    with pytest.raises(ValueError, match="OT solver"):
+        ot_pairing(x, x, "sinkhorn")
+
+
 def test_trained_cfm_model_is_a_cnf_with_exact_log_prob_and_reloads(tmp_path):
     model = small_model(coupling="ot", sigma=0.1, time_groups=3)
     x = np.random.default_rng(0).standard_normal((5, 2))
@@ -240,6 +271,7 @@ def test_float32_model_returns_float32_gradients():
     (dict(sigma=-0.1), "sigma"),
     (dict(coupling="sinkhorn"), "coupling"),
     (dict(time_groups=-1), "time_groups"),
+    (dict(ot_solver="sinkhorn"), "ot_solver"),
     (dict(train_T=True), "train_T"),
     (dict(kinetic=0.1), "kinetic"),
 ])
