@@ -302,7 +302,7 @@ class FlowMatchingCNF(CNF):
         """The CFM / OT-CFM loss (eq. 2.4) on a batch and its exact gradient (eq. 2.5).
 
         x       data (B, D) (host or device array)
-        rng     numpy.random.Generator: z, the group times s and ε (eq. 2.1, 2.6)
+        rng     numpy.random.Generator: z, the times s and ε (eq. 2.1, 2.6 or 2.8)
         params  parameter dict (default self.params); T: not supported (None)
         Returns (loss: float, grads: dict like params, stats: dict with "cfm" (the loss),
         "nfe_forward" = "nfe_backward" = 1 (one evaluation of f on the batch, cut into M row

@@ -166,7 +166,7 @@ class ODENet(Layer):
                 h, c = act.forward_stacked(None, h, t)
                 caches.append(c)
         y, ydot = unstack_tangents(h, K)
-        return y, ydot, (tuple(caches), K, x, (x.shape[0], 1) if rows else None)
+        return y, ydot, (tuple(caches), K, x, None, (x.shape[0], 1) if rows else ())
 
     def prepare(self, params):
         """``params`` for many calls with the same parameters (one ODE solve): a dict equal to
@@ -213,7 +213,7 @@ class ODENet(Layer):
                 h, cc = act.forward_stacked(None, h, t)
                 caches.append(cc)
         y, ydot = unstack_tangents(h, K)
-        return y, ydot, (tuple(caches), K, x, (g, t, GW, HW, BB))
+        return y, ydot, (tuple(caches), K, x, (g, t, GW, HW, BB), None)
 
     def backward(self, ybar, ydotbar, cache, need_xdotbar=True):
         """eq. 2.3: reverse of forward. ybar (B, n_out) or None, ydotbar (K, B, n_out) or None
@@ -221,17 +221,17 @@ class ODENet(Layer):
         tbar 0-d array, or (B, 1) for a per-row t, eq. 2.6). need_xdotbar=False: xdotbar is returned as None and not computed
         (the first layer's input cotangent is formed for the primal block only), for callers
         whose input tangents are constants (CNF probes)."""
-        caches, K, x, gated = cache
+        caches, K, x, gated, t_shape = cache
         xp, dtype = get_array_module(x), x.dtype
         y_shape = (x.shape[0], self.n_out)
         if ybar is not None and tuple(ybar.shape) != y_shape:
             raise ValueError(f"ODENet: cotangent ybar must have shape {y_shape}, "
                              f"got {tuple(ybar.shape)}")
         hbar = stack_cotangents(ybar, ydotbar, y_shape, K, dtype, xp)
-        if gated is not None and len(gated) == 5:
+        if gated is not None:
             return self._backward_gated(hbar, caches, K, gated, xp, need_xdotbar)
         grads = {}
-        tbar = xp.zeros(() if gated is None else gated, dtype=dtype)   # gated: t's shape
+        tbar = xp.zeros(t_shape, dtype=dtype)              # () or (B, 1), like t
         ci = len(caches) - 1
         act = self.activation
         for i in range(len(self.layers) - 1, -1, -1):
