@@ -313,9 +313,12 @@ def _train_toy():
 
 
 @pytest.mark.parametrize("method, extra", [("cfm", []), ("otcfm", []),
-                                           ("otcfm", ["--time-groups", "0"])])
+                                           ("otcfm", ["--time-groups", "0"]),
+                                           ("otcfm", ["--time-groups", "0", "--ot-solver", "pot"])])
 def test_train_toy_method_trains_and_reports_exact_test_nll(tmp_path, method, extra):
     import json
+    if "pot" in extra:
+        pytest.importorskip("ot")
     log = tmp_path / "log.jsonl"
     code = _train_toy().main(["--method", method, "--niters", "4", "--dims", "8-8",
                               "--log-every", "2", "--test-n", "200", "--no-figures",
@@ -329,6 +332,7 @@ def test_train_toy_method_trains_and_reports_exact_test_nll(tmp_path, method, ex
     back = npflow.load(str(tmp_path / "run" / "checkpoint.h5"))
     assert back.config["coupling"] == ("ot" if method == "otcfm" else "independent")
     assert back.config["time_groups"] == (0 if extra else 16)
+    assert back.config.get("ot_solver", "scipy") == ("pot" if "pot" in extra else "scipy")
 
 
 def test_flow_matching_methods_do_not_combine():
