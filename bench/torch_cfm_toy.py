@@ -9,7 +9,8 @@ end time 1:
             ConditionalFlowMatcher (cfm) with sigma = --sigma, called with x0 = data and
             x1 = noise (so x_t = (1 − t) x + t z, u = z − x: npflow's direction; torchcfm's
             objects are symmetric in x0, x1); per-sample t; loss = MSE; autograd; torch.optim.Adam
-    npflow  npflow.cfm.FlowMatchingCNF(coupling="ot" | "independent", time_groups=--groups):
+    npflow  npflow.cfm.FlowMatchingCNF(coupling="ot" | "independent", time_groups=--groups
+            (0: one time per row, one network call), ot_solver=--ot-solver):
             loss_and_grad (layers' hand-written backward) + npflow.optim.Adam
 
 Timed iteration = everything per batch from the host batch to updated weights and the loss as
@@ -65,7 +66,11 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--sigma", type=float, default=0.0)
-    ap.add_argument("--groups", type=int, default=16, help="npflow's time_groups")
+    ap.add_argument("--groups", type=int, default=16,
+                    help="npflow's time_groups (0: one time per row, one network call)")
+    ap.add_argument("--ot-solver", default="scipy", choices=["scipy", "pot"],
+                    help="npflow's exact assignment for otcfm: scipy's linear_sum_assignment "
+                         "or POT's ot.emd (torchcfm's solver)")
     ap.add_argument("--block", type=int, default=50, help="iterations per alternating block")
     ap.add_argument("--test-n", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
@@ -84,7 +89,7 @@ def main(argv=None):
 
     coupling = "ot" if args.method == "otcfm" else "independent"
     model = FlowMatchingCNF(2, hidden=(64, 64, 64), T=1.0, sigma=args.sigma, coupling=coupling,
-                            time_groups=args.groups, seed=args.seed)
+                            time_groups=args.groups, ot_solver=args.ot_solver, seed=args.seed)
     opt = Adam(model.params, lr=args.lr, weight_decay=0.0)
     tmodel = TorchCNF(2, (64, 64, 64), T=1.0, seed=args.seed)
     load_npflow_params(tmodel, model.params)          # the same initial weights
@@ -139,6 +144,7 @@ def main(argv=None):
                for k, p in npflow_param_names(tmodel).items()}
     result = {"method": args.method, "data": args.data, "iters": args.iters,
               "batch": args.batch, "sigma": args.sigma, "npflow_time_groups": args.groups,
+              "npflow_ot_solver": args.ot_solver,
               "loadavg_start": load0, "loadavg_end": load1}
     for name, params in (("npflow", model.params), ("torchcfm", tparams)):
         t0 = time.perf_counter()

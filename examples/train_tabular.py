@@ -119,7 +119,8 @@ def build_parser():
     common.add_deprecated_alias(p, "--model", "--method")
     a("--sigma", type=float, default=0.0, help="cfm/otcfm: path width σ (docs/cfm.md eq. 2.2)")
     a("--time-groups", type=int, default=16,
-      help="cfm/otcfm: row groups sharing one stratified time (docs/cfm.md eq. 2.6)")
+      help="cfm/otcfm: row groups sharing one stratified time (docs/cfm.md eq. 2.6); 0: one "
+           "stratified time per row and one network call (eq. 2.8)")
     a("--batch-size", type=int, default=None, help="default: the method's per-set value")
     a("--lr", type=float, default=None, help="default: OT-Flow per set; CNF 1e-3")
     a("--weight-decay", type=float, default=None, help="default: OT-Flow 0, CNF 1e-6")
@@ -317,8 +318,8 @@ def build_model(args, settings, dim, is_toy):
     hidden = settings["hidden"] or (settings["factor"] * dim,) * settings["layers"]
     if args._method in FLOW_MATCHING:
         from npflow.cfm import FlowMatchingCNF
-        if args.time_groups < 1 or not args.sigma >= 0:
-            raise ValueError(f"need --time-groups >= 1 and --sigma >= 0, got "
+        if args.time_groups < 0 or not args.sigma >= 0:
+            raise ValueError(f"need --time-groups >= 0 and --sigma >= 0, got "
                              f"{args.time_groups} and {args.sigma}")
         return FlowMatchingCNF(dim, hidden=hidden, layer="concatsquash",
                                activation=settings["activation"], T=settings["T"],

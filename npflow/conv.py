@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 
 from .backend import get_array_module
-from .layers import Layer, Softplus, squash_gates, squash_gates_backward
+from .layers import Layer, Softplus, require_scalar_time, squash_gates, squash_gates_backward
 
 __all__ = ["Conv2d", "ConcatConv2d", "ConcatSquashConv2d", "Softplus", "ConvNet", "LAYER_TYPES",
            "conv_output_size"]
@@ -158,8 +158,10 @@ class Conv2d(Layer):
 
     # -- forward ---------------------------------------------------------------------------------
     def _linear_forward(self, W, x, xdot, t):
-        """Stacked W ⋆ [x; xdot] without bias: returns (Y (R, C_out, Ho, Wo), cache)."""
+        """Stacked W ⋆ [x; xdot] without bias: returns (Y (R, C_out, Ho, Wo), cache).
+        t: a scalar only (one time per call; per-row times are for the dense layers)."""
         self._check(x, xdot)
+        require_scalar_time(t, type(self).__name__)
         xp = get_array_module(x, W)
         B, C, H, Wd = x.shape
         K = 0 if xdot is None else xdot.shape[0]

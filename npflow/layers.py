@@ -11,7 +11,9 @@ by side as in JAX's custom_jvp/custom_vjp:
     backward_stacked :: (hbar, cache)          -> (hbar_in, params_bar, tbar)       (eq. 1.1a)
 
 Shapes: x (B, ...) the primal, xdot (K, B, ...) K tangents (directions), t a scalar (Python
-float or 0-d array); the stacked forms take h = [x; xdot] of shape (K+1, B, ...). y = g(x, t; θ)
+float or 0-d array) or, for the dense layers and ODENet, one time per row: an array of shape
+(B, 1) (docs/layers.md, "Per-row time", eq. 1.22-1.25); the stacked forms take
+h = [x; xdot] of shape (K+1, B, ...). y = g(x, t; θ)
 and ydot_k = ∂g/∂x · xdot_k (eq. 1.1). The backward is the exact reverse of that forward map
 (x, xdot, θ, t) -> (y, ydot), second-order terms included (eq. 1.2): xbar collects ∂/∂x of
 <ybar, y> + <ydotbar, ydot>, which for a nonlinear layer involves ∂²g/∂x².
@@ -22,7 +24,8 @@ Conventions:
   before any backward runs. Inputs and cotangents are never mutated (except ``hbar`` when a
   caller that owns it passes ``out=hbar`` to an activation's backward_stacked).
 - ``params_bar`` has the same keys as the layer's params; ``tbar`` is a scalar (0.0 when the
-  layer does not depend on t, else a 0-d array).
+  layer does not depend on t, else a 0-d array), or (B, 1) like t for a per-row t (eq. 1.23,
+  1.25; the convolutions of npflow.conv take a scalar t only).
 - Parameters are named alike in every layer, after PyTorch's sub-modules as FFJORD names them:
   ``weight``, ``bias``, and for the ConcatSquash layers ``gate.weight``, ``gate.bias``,
   ``hyper_bias.weight`` (dense and conv alike; ``upgrade_param_name`` maps the older conv
@@ -43,7 +46,7 @@ from .backend import get_array_module
 __all__ = ["Layer", "StackedLayer", "Linear", "ConcatLinear", "ConcatSquashLinear",
            "Activation", "Tanh", "Softplus", "Sigmoid", "Swish", "LogCosh", "GELU", "ReLU",
            "ACTIVATIONS", "get_activation", "stack_tangents", "stack_cotangents",
-           "unstack_tangents", "as_time", "sigmoid", "squash_gates", "squash_gates_backward",
+           "unstack_tangents", "as_time", "row_time", "require_scalar_time", "sigmoid", "squash_gates", "squash_gates_backward",
            "upgrade_param_name"]
 
 
@@ -59,11 +62,13 @@ class Layer:
       out_shape(in_shape)         -> tuple           y's shape (B, ...) for x of ``in_shape``
       forward_stacked(params, h, t) -> (h_out, cache)
           h (K+1, B, ...) = [x; xdot]: h_out[0] = g(x, t; θ), h_out[k] = ∂g/∂x · xdot_k
-          (eq. 1.1, 1.1a)
+          (eq. 1.1, 1.1a); t a scalar, or (B, 1) one time per row (dense layers and ODENet:
+          row b is g(x_b, t_b; θ), eq. 1.22; conv layers refuse it with a ValueError)
       backward_stacked(hbar, cache, need_xdotbar=True) -> (hbar_in, params_bar, tbar)
           the reverse of forward_stacked, second-order terms included (eq. 1.2):
           hbar (K+1, B, ...) = [ybar; ydotbar] -> hbar_in = [xbar; xdotbar], params_bar
-          {name: array like params[name]}, tbar a scalar (0.0 without t);
+          {name: array like params[name]}, tbar a scalar (0.0 without t), (B, 1) for a
+          per-row t (t̄_b = ∂/∂t_b, eq. 1.23, 1.25);
           need_xdotbar=False: hbar_in may hold the primal block only (shape (1, B, ...))
       forward(params, x, xdot, t) / backward(ybar, ydotbar, cache)
           the unstacked interface (None tangents / cotangents allowed); StackedLayer derives
@@ -159,10 +164,30 @@ def unstack_tangents(h, K):
 
 
 def as_time(t, dtype, xp):
-    """t as a Python float, or a 0-d array of the parameters' dtype (so float32 stays float32)."""
+    """t as a Python float, or an array (0-d, or (B, 1) per row) of the parameters' dtype (so
+    float32 stays float32)."""
     if isinstance(t, (int, float)):
         return float(t)
     return xp.asarray(t, dtype=dtype)
+
+
+def row_time(t, B, where="layer"):
+    """True when t holds one time per row (shape (B, 1), eq. 1.22), False for a scalar (Python
+    number or 0-d array); any other shape is a ValueError naming it. Shape checks only."""
+    if isinstance(t, (int, float)) or getattr(t, "ndim", 0) == 0:
+        return False
+    if tuple(t.shape) != (B, 1):
+        raise ValueError(f"{where}: time t must be a scalar or an array of shape (B, 1) = "
+                         f"({B}, 1), one time per row; got shape {tuple(t.shape)}")
+    return True
+
+
+def require_scalar_time(t, where):
+    """ValueError unless t is a scalar (layers that take one time per call: the convolutions)."""
+    if not (isinstance(t, (int, float)) or getattr(t, "ndim", 0) == 0):
+        raise ValueError(f"{where}: time t must be a scalar (one time per call); got an array "
+                         f"of shape {tuple(t.shape)} (per-row times are for the dense layers "
+                         "and ODENet only)")
 
 
 class StackedLayer(Layer):
@@ -282,8 +307,10 @@ class ConcatLinear(_Affine):
         return p
 
     def forward_stacked(self, params, h, t):
-        """eq. 1.9: y = x W_xᵀ + t w_t + b;  eq. 1.10: ydot_k = xdot_k W_xᵀ."""
+        """eq. 1.9: y = x W_xᵀ + t w_t + b;  eq. 1.10: ydot_k = xdot_k W_xᵀ.
+        h (K+1, B, n_in); t scalar or (B, 1) (row b uses t_b: t w_t is (B, n_out), eq. 1.22)."""
         W = params["weight"]
+        row_time(t, h.shape[1], "ConcatLinear")
         t = as_time(t, W.dtype, get_array_module(W))
         Wx, wt = W[:, :self.n_in], W[:, self.n_in]
         out = (_rows(h) @ Wx.T).reshape(h.shape[:-1] + (self.n_out,))
@@ -296,7 +323,8 @@ class ConcatLinear(_Affine):
     def backward_stacked(self, hbar, cache, need_xdotbar=True):
         """eq. 1.11: xbar = ybar W_x, xdotbar_k = ydotbar_k W_x;
         W̄_x = ybarᵀ x + Σ_k ydotbar_kᵀ xdot_k, w̄_t = t Σ_b ybar, b̄ = Σ_b ybar,
-        tbar = w_tᵀ Σ_b ybar."""
+        tbar = w_tᵀ Σ_b ybar;  per-row t (B, 1), eq. 1.23: w̄_t = ybarᵀ t,
+        tbar = ybar w_t (B, 1)."""
         W, h, t = cache
         xp = get_array_module(W)
         n = self.n_in
@@ -304,13 +332,18 @@ class ConcatLinear(_Affine):
         s = hbar[0].sum(axis=0)                       # Σ_b ybar   (n_out,)
         Wbar = xp.empty_like(W)
         Wbar[:, :n] = hb.T @ _rows(h)
-        Wbar[:, n] = t * s
+        if getattr(t, "ndim", 0) == 2:                # one time per row (eq. 1.23)
+            Wbar[:, n] = t[:, 0] @ hbar[0]
+            tbar = (hbar[0] @ W[:, n])[:, None]
+        else:
+            Wbar[:, n] = t * s
+            tbar = s @ W[:, n]
         grads = {"weight": Wbar}
         if self.bias:
             grads["bias"] = s
         if not need_xdotbar:
-            return (hbar[0] @ W[:, :n])[None], grads, s @ W[:, n]
-        return (hb @ W[:, :n]).reshape(h.shape), grads, s @ W[:, n]
+            return (hbar[0] @ W[:, :n])[None], grads, tbar
+        return (hb @ W[:, :n]).reshape(h.shape), grads, tbar
 
 
 def sigmoid(a, xp, out=None):
@@ -328,8 +361,10 @@ def squash_gates(t, w_g, b_g, w_b, b=None):
         g = sigmoid(t w_g + b_g),   c = t w_b + b ⊙ g    (c = t w_b without a bias)
 
     w_g, b_g, w_b, b: (n,) vectors, one entry per output unit or channel, of one layer or of
-    several layers concatenated (npflow.odenet.ODENet, eq. 2.4); t a scalar.
-    Returns (g (n,), c (n,), t) with t cast by ``as_time`` (keep it for the backward).
+    several layers concatenated (npflow.odenet.ODENet, eq. 2.4); t a scalar, or (B, 1) one
+    time per row (dense layers, eq. 1.24: then g and c are (B, n), row b's gate and shift).
+    Returns (g (n,) or (B, n), c like g, t) with t cast by ``as_time`` (keep it for the
+    backward).
     """
     xp = get_array_module(w_g)
     t = as_time(t, w_g.dtype, xp)
@@ -351,10 +386,18 @@ def squash_gates_backward(t, g, s, gbar, w_g, w_b, b=None):
         ḡ = gbar + b ⊙ s,  ā = ḡ ⊙ g(1 − g),  b̄ = g ⊙ s,  w̄_g = t ā,  b̄_g = ā,  w̄_b = t s,
         t̄ = w_gᵀ ā + w_bᵀ s
 
+    Per-row t (B, 1) (eq. 1.25): g, s = ybar and gbar are (B, n), row by row, and the
+    parameter terms are sums over the rows weighted by 1 or by t:
+
+        ḡ = gbar + b ⊙ s,  ā = ḡ ⊙ g(1 − g)  (B, n),  b̄ = Σ_b g ⊙ s,  w̄_g = āᵀ t,
+        b̄_g = Σ_b ā,  w̄_b = sᵀ t,  t̄ = ā w_g + s w_b  (B, 1)
+
     Returns ({"bias": b̄ (only when b is given), "gate.weight": w̄_g, "gate.bias": b̄_g,
     "hyper_bias.weight": w̄_b}, t̄), keyed by the layers' parameter names; the inputs are not
     modified.
     """
+    if g.ndim == 2:
+        return _squash_gates_backward_rows(t, g, s, gbar, w_g, w_b, b)
     grads = {}
     if b is not None:
         gbar = gbar + b * s
@@ -364,6 +407,23 @@ def squash_gates_backward(t, g, s, gbar, w_g, w_b, b=None):
     grads["gate.bias"] = abar
     grads["hyper_bias.weight"] = t * s
     return grads, w_g @ abar + w_b @ s
+
+
+def _squash_gates_backward_rows(t, g, s, gbar, w_g, w_b, b=None):
+    """eq. 1.25: ``squash_gates_backward`` for a per-row t (B, 1); g, s, gbar (B, n)."""
+    xp = get_array_module(g)
+    tr = t[:, 0]
+    ones = xp.ones(g.shape[0], dtype=g.dtype)          # Σ_b as a matrix-vector product
+    grads = {}
+    if b is not None:
+        gbar = gbar + b * s
+        grads["bias"] = ones @ (g * s)
+    abar = g * (1.0 - g)
+    abar *= gbar
+    grads["gate.weight"] = tr @ abar
+    grads["gate.bias"] = ones @ abar
+    grads["hyper_bias.weight"] = tr @ s
+    return grads, (abar @ w_g + s @ w_b)[:, None]
 
 
 class ConcatSquashLinear(_Affine):
@@ -394,7 +454,9 @@ class ConcatSquashLinear(_Affine):
 
     def forward_stacked(self, params, h, t):
         """eq. 1.12: y = x (diag(g) W)ᵀ + b ⊙ g + t w_b;  eq. 1.13: ydot_k = xdot_k (diag(g) W)ᵀ.
-        The gate and shift by ``squash_gates``, the product by ``forward_gated``."""
+        The gate and shift by ``squash_gates``, the product by ``forward_gated``.
+        h (K+1, B, n_in); t scalar or (B, 1) (per-row gates g (B, n_out), eq. 1.24)."""
+        row_time(t, h.shape[1], "ConcatSquashLinear")
         g, c, t = squash_gates(t, params["gate.weight"], params["gate.bias"],
                                params["hyper_bias.weight"], params.get("bias"))
         out, cache = self.forward_gated(params["weight"], h, g, c)
@@ -404,7 +466,7 @@ class ConcatSquashLinear(_Affine):
         """eq. 1.14 with G = hbarᵀ h = ybarᵀ x + Σ_k ydotbar_kᵀ xdot_k (n_out, n_in) and
         s = Σ_b ybar: xbar = ybar W_g, xdotbar_k = ydotbar_k W_g, W̄ = diag(g) G
         (``backward_gated``), and the gate terms ḡ, ā, b̄, w̄_g, b̄_g, w̄_b, tbar by
-        ``squash_gates_backward``."""
+        ``squash_gates_backward``; per-row t: eq. 1.25."""
         cache, params, t = cache
         g = cache[2]
         s = get_array_module(g).empty_like(g)
@@ -420,11 +482,18 @@ class ConcatSquashLinear(_Affine):
         """eq. 1.12-1.13 with the gate g = sigmoid(t w_g + b_g) (n_out,) and the shift
         c = b ⊙ g + t w_b (n_out,) given (npflow.odenet.ODENet computes them for all its
         layers with one set of array operations, eq. 2.4): out = h (diag(g) W)ᵀ, out[0] += c.
-        W (n_out, n_in), h (K+1, B, n_in) -> (out (K+1, B, n_out), cache)."""
+        W (n_out, n_in), h (K+1, B, n_in) -> (out (K+1, B, n_out), cache).
+        Per-row gates g, c (B, n_out) (eq. 1.24): U = h Wᵀ, out = U ⊙ g (g broadcast over
+        the K+1 blocks), out[0] += c; U is kept for ḡ (eq. 1.25)."""
+        if g.ndim == 2:
+            U = (_rows(h) @ W.T).reshape(h.shape[:-1] + (self.n_out,))
+            out = U * g
+            out[0] += shift
+            return out, (W, None, g, h, U)
         Wg = W * g[:, None]
         out = (_rows(h) @ Wg.T).reshape(h.shape[:-1] + (self.n_out,))
         out[0] += shift
-        return out, (W, Wg, g, h)
+        return out, (W, Wg, g, h, None)
 
     def backward_gated(self, hbar, cache, s_out, gbar_out, need_tangents=True, ones=None):
         """The per-layer part of eq. 1.14 for ``forward_gated``, with G = hbarᵀ h: writes
@@ -434,8 +503,13 @@ class ConcatSquashLinear(_Affine):
         hbar (K+1, B, n_out) -> (hbar_in = hbar W_g (K+1, B, n_in), W̄ = diag(g) G);
         need_tangents=False: hbar_in is (1, B, n_in), the primal block ybar W_g only.
         ones: optional (B,) ones, so that s = onesᵀ ybar is a matrix-vector product (faster
-        than a reduction over the batch axis)."""
-        W, Wg, g, h = cache
+        than a reduction over the batch axis).
+        Per-row gates (g (B, n_out), eq. 1.24-1.25): ``s_out`` and ``gbar_out`` are (B, n_out)
+        and receive, row by row, ybar and Σ_k ybar_k ⊙ U_k (U = h Wᵀ); with ū = hbar ⊙ g,
+        hbar_in = ū W and W̄ = ūᵀ h (rows of all K+1 blocks)."""
+        W, Wg, g, h, U = cache
+        if U is not None:
+            return self._backward_gated_rows(hbar, W, g, h, U, s_out, gbar_out, need_tangents)
         hb = _rows(hbar)
         G = hb.T @ _rows(h)
         if ones is None:
@@ -447,6 +521,21 @@ class ConcatSquashLinear(_Affine):
         if not need_tangents:
             return (hbar[0] @ Wg)[None], G
         return (hb @ Wg).reshape(h.shape), G
+
+    @staticmethod
+    def _backward_gated_rows(hbar, W, g, h, U, s_out, gbar_out, need_tangents):
+        """eq. 1.25, the per-layer part (see backward_gated)."""
+        xp = get_array_module(W)
+        s_out[...] = hbar[0]
+        xp.multiply(hbar[0], U[0], out=gbar_out)
+        K = min(hbar.shape[0], U.shape[0]) - 1
+        for k in range(1, K + 1):
+            gbar_out += hbar[k] * U[k]
+        ubar = hbar * g                                   # ū_k = ybar_k ⊙ g
+        Wbar = _rows(ubar).T @ _rows(h)
+        if not need_tangents:
+            return (ubar[0] @ W)[None], Wbar
+        return (_rows(ubar) @ W).reshape(h.shape), Wbar
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import math
 
 from .backend import check_finite, get_array_module, resolve_dtype
 from .layers import (ConcatLinear, ConcatSquashLinear, Layer, Linear, get_activation,
-                     squash_gates, squash_gates_backward, stack_cotangents, stack_tangents,
+                     row_time, squash_gates, squash_gates_backward, stack_cotangents, stack_tangents,
                      unstack_tangents)
 
 __all__ = ["ODENet", "LAYER_TYPES"]
@@ -145,9 +145,11 @@ class ODENet(Layer):
     # -- forward and backward ---------------------------------------------------------------
 
     def forward(self, params, x, xdot, t):
-        """eq. 2.1 with tangents (eq. 2.2): x (B, n_in), xdot (K, B, n_in) or None, t scalar
+        """eq. 2.1 with tangents (eq. 2.2): x (B, n_in), xdot (K, B, n_in) or None, t a scalar
+        or (B, 1), one time per row (row b is f(x_b, t_b), docs/layers.md eq. 1.22 and 2.6)
         -> (y (B, n_out), ydot (K, B, n_out) or None, cache)."""
         self.check_shapes(x, xdot)
+        rows = row_time(t, x.shape[0], "ODENet")
         if not isinstance(t, (int, float)):
             t = get_array_module(x).asarray(t, dtype=x.dtype)
         h = stack_tangents(x, xdot, "ODENet")
@@ -164,7 +166,7 @@ class ODENet(Layer):
                 h, c = act.forward_stacked(None, h, t)
                 caches.append(c)
         y, ydot = unstack_tangents(h, K)
-        return y, ydot, (tuple(caches), K, x, None)
+        return y, ydot, (tuple(caches), K, x, None, (x.shape[0], 1) if rows else ())
 
     def prepare(self, params):
         """``params`` for many calls with the same parameters (one ODE solve): a dict equal to
@@ -191,7 +193,8 @@ class ODENet(Layer):
         """eq. 2.1-2.2 for ConcatSquash layers with the gates of all L layers at once (eq. 2.4):
         with w_g, b_g, w_b, b the layers' vectors concatenated (Σ n_out,),
         g = sigmoid(t w_g + b_g), c = t w_b + b ⊙ g (npflow.layers.squash_gates, the routine
-        the layer itself uses); layer i uses the slices g_i, c_i."""
+        the layer itself uses); layer i uses the slices g_i, c_i. A per-row t (B, 1) gives
+        per-row gates g, c (B, Σ n_out) and layer i the column slices g[:, sl] (eq. 2.6)."""
         xp = get_array_module(h)
         if type(params) is _PreparedParams:
             Ws, (GW, GB, HW, BB) = params.gated
@@ -204,21 +207,21 @@ class ODENet(Layer):
         last = len(self.layers) - 1
         for i, lay in enumerate(self.layers):
             sl = self._slices[i]
-            h, cc = lay.forward_gated(Ws[i], h, g[sl], c[sl])
+            h, cc = lay.forward_gated(Ws[i], h, g[..., sl], c[..., sl])
             caches.append(cc)
             if i < last:
                 h, cc = act.forward_stacked(None, h, t)
                 caches.append(cc)
         y, ydot = unstack_tangents(h, K)
-        return y, ydot, (tuple(caches), K, x, (g, t, GW, HW, BB))
+        return y, ydot, (tuple(caches), K, x, (g, t, GW, HW, BB), None)
 
     def backward(self, ybar, ydotbar, cache, need_xdotbar=True):
         """eq. 2.3: reverse of forward. ybar (B, n_out) or None, ydotbar (K, B, n_out) or None
         -> (xbar (B, n_in), xdotbar (K, B, n_in) or None, params_bar {"i.name": array},
-        tbar 0-d array). need_xdotbar=False: xdotbar is returned as None and not computed
+        tbar 0-d array, or (B, 1) for a per-row t, eq. 2.6). need_xdotbar=False: xdotbar is returned as None and not computed
         (the first layer's input cotangent is formed for the primal block only), for callers
         whose input tangents are constants (CNF probes)."""
-        caches, K, x, gated = cache
+        caches, K, x, gated, t_shape = cache
         xp, dtype = get_array_module(x), x.dtype
         y_shape = (x.shape[0], self.n_out)
         if ybar is not None and tuple(ybar.shape) != y_shape:
@@ -228,7 +231,7 @@ class ODENet(Layer):
         if gated is not None:
             return self._backward_gated(hbar, caches, K, gated, xp, need_xdotbar)
         grads = {}
-        tbar = xp.zeros((), dtype=dtype)
+        tbar = xp.zeros(t_shape, dtype=dtype)              # () or (B, 1), like t
         ci = len(caches) - 1
         act = self.activation
         for i in range(len(self.layers) - 1, -1, -1):
@@ -252,17 +255,19 @@ class ODENet(Layer):
         once (eq. 2.5): the layers write s_i = Σ_b ybar_i and rowsum(W_i ⊙ G_i) into slices of
         s and ḡ (Σ n_out,), then npflow.layers.squash_gates_backward (the routine the layer
         itself uses) gives ḡ += b ⊙ s, ā = ḡ ⊙ g(1 − g), b̄ = g ⊙ s, w̄_g = t ā, b̄_g = ā,
-        w̄_b = t s and tbar = w_gᵀ ā + w_bᵀ s (the sum of the layers' terms)."""
+        w̄_b = t s and tbar = w_gᵀ ā + w_bᵀ s (the sum of the layers' terms). Per-row t
+        (eq. 2.6): S and ḡ are (B, Σ n_out), row by row, and squash_gates_backward sums them
+        over the rows (docs/layers.md eq. 1.25)."""
         g, t, GW, HW, BB = gated
-        S = xp.empty(GW.shape, dtype=GW.dtype)
-        Gbar = xp.empty(GW.shape, dtype=GW.dtype)
+        S = xp.empty(g.shape, dtype=GW.dtype)
+        Gbar = xp.empty(g.shape, dtype=GW.dtype)
         ones = xp.ones(hbar.shape[1], dtype=hbar.dtype)     # s_i = onesᵀ ybar_i (a GEMV)
         grads = {}
         ci = len(caches) - 1
         act = self.activation
         for i in range(len(self.layers) - 1, -1, -1):
             sl = self._slices[i]
-            hbar, Wbar = self.layers[i].backward_gated(hbar, caches[ci], S[sl], Gbar[sl],
+            hbar, Wbar = self.layers[i].backward_gated(hbar, caches[ci], S[..., sl], Gbar[..., sl],
                                                        need_xdotbar or i > 0, ones)
             ci -= 1
             grads[self._weight_keys[i]] = Wbar

@@ -98,6 +98,12 @@ CASES["cfm"] = Case(lambda dev, dt: npflow.FlowMatchingCNF(2, hidden=(4,), time_
 CASES["otcfm"] = Case(lambda dev, dt: npflow.FlowMatchingCNF(2, hidden=(4,), blocks=2,
                                                             coupling="ot", dtype=dt,
                                                             device=dev), _gauss(2))
+# one time per row (docs/cfm.md eq. 2.8), two blocks: per-row t through the gated ODENet
+CASES["otcfm-per-row"] = Case(lambda dev, dt: npflow.FlowMatchingCNF(2, hidden=(4,), blocks=2,
+                                                                    coupling="ot",
+                                                                    time_groups=0, sigma=0.1,
+                                                                    dtype=dt, device=dev),
+                              _gauss(2))
 # flow matching on the multiscale image CNF (npflow.cfm_multiscale), both path schedules
 CASES["multiscale-cfm"] = Case(
     lambda dev, dt: npflow.FlowMatchingMultiscaleCNF((1, 4, 4), hidden=(2,), scales=2,

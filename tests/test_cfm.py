@@ -46,6 +46,11 @@ VARIANTS = {
     "otcfm_sigma_concat_softplus": dict(coupling="ot", sigma=0.1, layer="concat",
                                         activation="softplus"),
     "cfm_three_blocks": dict(blocks=3, time_groups=5),
+    # one time per row, one network call (eq. 2.8; layers' per-row t, layers.md eq. 1.22-1.25)
+    "cfm_per_row": dict(coupling="independent", time_groups=0),
+    "otcfm_per_row_sigma": dict(coupling="ot", sigma=0.2, time_groups=0),
+    "cfm_per_row_concat_swish": dict(time_groups=0, layer="concat", activation="swish"),
+    "cfm_per_row_three_blocks": dict(blocks=3, time_groups=0, sigma=0.1),
 }
 
 
@@ -58,7 +63,7 @@ def test_cfm_gradient_matches_central_differences(variant):
 
 @settings(max_examples=10)
 @given(seed=st.integers(0, 10**6), dim=st.integers(1, 4), batch=st.integers(1, 9),
-       groups=st.integers(1, 12), blocks=st.integers(1, 3), sigma=st.floats(0.0, 0.5),
+       groups=st.integers(0, 12), blocks=st.integers(1, 3), sigma=st.floats(0.0, 0.5),
        ot=st.booleans(), T=st.floats(0.2, 1.5))
 def test_cfm_gradient_is_derivative_of_returned_loss(seed, dim, batch, groups, blocks, sigma,
                                                      ot, T):
@@ -176,6 +181,73 @@ def test_stratified_group_times_give_every_row_a_uniform_time_under_the_group_we
     assert abs(row_s.mean() - 0.5) > 0.02
 
 
+def test_per_row_stratified_times_are_uniform_for_every_row_and_tile_the_strata():
+    # eq. 2.8: s_i = (π_i + U_i)/B: one time in each stratum [k/B, (k+1)/B) per batch, and
+    # every row's time is U[0, 1) (mean ½, variance 1/12 at 5 standard errors), whatever its
+    # position in the batch (the permutation), so equal weights 1/B are unbiased
+    B, N = 5, 20000
+    rng = np.random.default_rng(1)
+    s = np.array([draw_noise(rng, B, 1, 0, 0.0)[1] for _ in range(N)])     # (N, B)
+    assert s.shape == (N, B) and np.all((s >= 0) & (s < 1))
+    assert np.all(np.sort(np.floor(s * B), axis=1) == np.arange(B))
+    assert np.all(np.abs(s.mean(axis=0) - 0.5) < 5 * math.sqrt(1 / 12 / N))
+    assert np.all(np.abs(s.var(axis=0) - 1 / 12) < 0.004)
+    # without the permutation row i would stay in stratum i: its mean would be (i + ½)/B
+    assert np.ptp(s.mean(axis=0)) < 0.02
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_per_row_call_equals_one_group_per_row_with_the_same_times(blocks):
+    # eq. 2.8 against eq. 2.6-2.7 with M = B: the same times row by row give the same loss and
+    # gradient whether the rows go through the network one by one (scalar t) or in one call
+    # per block (per-row t)
+    model = small_model(blocks=blocks, sigma=0.1, T=0.5)
+    B, D = 9, 2
+    rng = np.random.default_rng(4)
+    x, z, eps = (rng.standard_normal((B, D)) for _ in range(3))
+    s = rng.uniform(size=B)
+    bp = [model.block_params(b) for b in range(blocks)]
+    Ts = [0.5] * blocks
+    l1, g1, _ = cfm_loss_and_grad(model.nets, bp, Ts, x, z, s, eps, 0.1)
+    l2, g2, info = cfm_loss_and_grad(model.nets, bp, Ts, x, z, s, eps, 0.1, per_row=True)
+    assert info["groups"] == 0
+    assert abs(float(l1) - float(l2)) <= 1e-13 * abs(float(l1))
+    for a, b in zip(g1, g2):
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-11, atol=1e-14)
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 10**6), B=st.integers(1, 6), D=st.integers(1, 3))
+def test_pot_pairing_is_the_optimal_permutation(seed, B, D):
+    # eq. 4.2-4.3 with POT's network simplex: the plan read as a permutation is optimal
+    pytest.importorskip("ot")
+    rng = np.random.default_rng(seed)
+    x, z = rng.standard_normal((B, D)), rng.standard_normal((B, D))
+    perm = ot_pairing(x, z, "pot")
+    assert sorted(perm) == list(range(B))
+    cost = ((x - z[perm]) ** 2).sum()
+    best = min(((x - z[list(q)]) ** 2).sum() for q in itertools.permutations(range(B)))
+    assert cost <= best + 1e-12
+
+
+def test_pot_and_scipy_pairings_agree_on_toy_batches_and_models_train_alike():
+    pytest.importorskip("ot")
+    from npflow.data import toy
+    rng = np.random.default_rng(0)
+    for name in ("8gaussians", "checkerboard"):
+        x, z = toy(name, 64, rng), rng.standard_normal((64, 2))
+        np.testing.assert_array_equal(ot_pairing(x, z, "pot"), ot_pairing(x, z, "scipy"))
+    x = toy("8gaussians", 16, rng)
+    a, b = (small_model(coupling="ot", time_groups=0, ot_solver=o) for o in ("scipy", "pot"))
+    assert b.config["ot_solver"] == "pot" and "ot_solver" not in a.config
+    la = a.loss_and_grad(x, np.random.default_rng(3))
+    lb = b.loss_and_grad(x, np.random.default_rng(3))
+    assert la[0] == lb[0]
+    with pytest.raises(ValueError, match="OT solver"):
+        ot_pairing(x, x, "sinkhorn")
+
+
 def test_trained_cfm_model_is_a_cnf_with_exact_log_prob_and_reloads(tmp_path):
     model = small_model(coupling="ot", sigma=0.1, time_groups=3)
     x = np.random.default_rng(0).standard_normal((5, 2))
@@ -198,7 +270,8 @@ def test_float32_model_returns_float32_gradients():
 @pytest.mark.parametrize("kw, match", [
     (dict(sigma=-0.1), "sigma"),
     (dict(coupling="sinkhorn"), "coupling"),
-    (dict(time_groups=0), "time_groups"),
+    (dict(time_groups=-1), "time_groups"),
+    (dict(ot_solver="sinkhorn"), "ot_solver"),
     (dict(train_T=True), "train_T"),
     (dict(kinetic=0.1), "kinetic"),
 ])
@@ -239,13 +312,17 @@ def _train_toy():
     return mod
 
 
-@pytest.mark.parametrize("method", ["cfm", "otcfm"])
-def test_train_toy_method_trains_and_reports_exact_test_nll(tmp_path, method):
+@pytest.mark.parametrize("method, extra", [("cfm", []), ("otcfm", []),
+                                           ("otcfm", ["--time-groups", "0"]),
+                                           ("otcfm", ["--time-groups", "0", "--ot-solver", "pot"])])
+def test_train_toy_method_trains_and_reports_exact_test_nll(tmp_path, method, extra):
     import json
+    if "pot" in extra:
+        pytest.importorskip("ot")
     log = tmp_path / "log.jsonl"
     code = _train_toy().main(["--method", method, "--niters", "4", "--dims", "8-8",
                               "--log-every", "2", "--test-n", "200", "--no-figures",
-                              "--save", str(tmp_path / "run"), "--log-json", str(log)])
+                              "--save", str(tmp_path / "run"), "--log-json", str(log)] + extra)
     assert code == 0
     recs = [json.loads(s) for s in log.read_text().splitlines()]
     assert [r["iteration"] for r in recs[:-1]] == [2, 4]
@@ -254,6 +331,8 @@ def test_train_toy_method_trains_and_reports_exact_test_nll(tmp_path, method):
     assert final["mean_nfe_forward"] == 1.0 and final["T"] == 1.0     # the method's defaults
     back = npflow.load(str(tmp_path / "run" / "checkpoint.h5"))
     assert back.config["coupling"] == ("ot" if method == "otcfm" else "independent")
+    assert back.config["time_groups"] == (0 if extra else 16)
+    assert back.config.get("ot_solver", "scipy") == ("pot" if "pot" in extra else "scipy")
 
 
 def test_flow_matching_methods_do_not_combine():
@@ -263,11 +342,11 @@ def test_flow_matching_methods_do_not_combine():
         parse_methods("cfm+rnode")
 
 
-@pytest.mark.parametrize("coupling", ["independent", "ot"])
-def test_parts_of_any_row_split_add_up_to_the_whole_batch(coupling):
+@pytest.mark.parametrize("coupling, groups", [("independent", 3), ("ot", 3), ("ot", 0)])
+def test_parts_of_any_row_split_add_up_to_the_whole_batch(coupling, groups):
     # docs/parallel.md eq. 1.2 for eq. 2.4-2.5: rows cut across the time groups still carry the
-    # whole batch's weights (eq. 2.7), so the parts' sums and gradients add up exactly
-    model = small_model(coupling=coupling, sigma=0.1, time_groups=3, blocks=2)
+    # whole batch's weights (eq. 2.7, 2.8), so the parts' sums and gradients add up exactly
+    model = small_model(coupling=coupling, sigma=0.1, time_groups=groups, blocks=2)
     x = np.random.default_rng(2).standard_normal((11, 2))
     loss, grads, stats = model.loss_and_grad(x, np.random.default_rng(7))
     parts = [model.loss_and_grad_part(x, np.random.default_rng(7), rows=r)

@@ -316,3 +316,16 @@ def test_checkpoint_with_the_former_conv_parameter_names_still_loads_and_resumes
     opt2 = Adam(loaded.params, lr=1e-3)
     opt2.load_state_dict(state["optimizer"])          # raises if a key were still old
     assert sorted(state["optimizer"]["m"]) == sorted(m.params)
+
+
+@pytest.mark.parametrize("cls", [ConcatConv2d, ConcatSquashConv2d])
+def test_conv_layers_refuse_per_row_time(cls):
+    """The convolutions take one time per call: an array t of shape (B, 1) is refused."""
+    layer = cls(1, 2, kernel=3, padding=1)
+    params = layer.init_params(np.random.default_rng(0), np.float64, np)
+    with pytest.raises(ValueError, match="time t must be a scalar"):
+        layer.forward(params, np.zeros((2, 1, 5, 5)), None, np.zeros((2, 1)))
+    net = ConvNet((1, 6, 6), hidden_dims=(4,))
+    with pytest.raises(ValueError, match="time t must be a scalar"):
+        net.forward(net.init_params(np.random.default_rng(0), np.float64, np),
+                    np.zeros((2, 1, 6, 6)), None, np.zeros((2, 1)))

@@ -54,10 +54,13 @@ def check_vjp_is_adjoint_of_jvp(layer, params, x, xdot, t, rng):
 
 
 def check_backward_matches_finite_differences(layer, params, x, xdot, t, rng):
-    """eq. 1.2: the cotangents of F = <a, y> + <b, ydot> against directional differences."""
+    """eq. 1.2: the cotangents of F = <a, y> + <b, ydot> against directional differences.
+    t a scalar, or (B, 1) one time per row (eq. 1.22-1.25): then t̄ (B, 1) is checked along a
+    random direction of the B times."""
     y, ydot, cache = layer.forward(params, x, xdot, t)
     a, b = rng.standard_normal(y.shape), rng.standard_normal(ydot.shape)
-    x0, xd0, p0, t0 = (x.copy(), xdot.copy(), {k: v.copy() for k, v in params.items()}, t)
+    x0, xd0, p0, t0 = (x.copy(), xdot.copy(), {k: v.copy() for k, v in params.items()},
+                       np.copy(t))
     xbar, xdotbar, pbar, tbar = layer.backward(a.copy(), b.copy(), cache)
 
     def F(p=params, x_=x, xd=xdot, t_=t):
@@ -69,7 +72,13 @@ def check_backward_matches_finite_differences(layer, params, x, xdot, t, rng):
     v = rng.standard_normal(xdot.shape)
     assert_rel_close(np.vdot(xdotbar, v), central_difference(lambda s: F(xd=xdot + s * v)),
                      what="xdotbar")
-    assert_rel_close(float(tbar), central_difference(lambda s: F(t_=t + s)), what="tbar")
+    if np.ndim(t) == 0:
+        assert_rel_close(float(tbar), central_difference(lambda s: F(t_=t + s)), what="tbar")
+    else:
+        assert np.ndim(tbar) == 0 or np.shape(tbar) == np.shape(t), np.shape(tbar)
+        vt = rng.standard_normal(np.shape(t))
+        assert_rel_close(np.sum(np.asarray(tbar) * vt),
+                         central_difference(lambda s: F(t_=t + s * vt)), what="tbar (per row)")
     assert sorted(pbar) == sorted(params)
     for name in params:
         assert pbar[name].shape == params[name].shape, name
@@ -77,7 +86,7 @@ def check_backward_matches_finite_differences(layer, params, x, xdot, t, rng):
         fd = central_difference(lambda s: F(p={**params, name: params[name] + s * v}))
         assert_rel_close(np.vdot(pbar[name], v), fd, what=f"params_bar[{name!r}]")
     # inputs and cotangents are never mutated
-    assert np.array_equal(x, x0) and np.array_equal(xdot, xd0) and t == t0
+    assert np.array_equal(x, x0) and np.array_equal(xdot, xd0) and np.array_equal(t, t0)
     assert all(np.array_equal(params[k], p0[k]) for k in params)
 
 
@@ -321,3 +330,115 @@ def test_backward_accepts_missing_cotangents():
         assert xbar.shape == x.shape and xdotbar.shape == xdot.shape
         assert not np.any(xbar) and not np.any(xdotbar) and float(tbar) == 0.0
         assert all(not np.any(v) for v in pbar.values())
+
+
+# ----------------------------------------------------------------------------- per-row time
+
+TIME_LAYERS = [L.ConcatLinear, L.ConcatSquashLinear]
+
+
+@pytest.mark.parametrize("cls", AFFINE, ids=lambda c: c.__name__)
+@given(**sizes)
+def test_per_row_time_tangent_adjoint_and_gradients(cls, B, n_in, n_out, K, seed, t):
+    """eq. 1.22-1.25, t (B, 1) one time per row: tangent = central difference, dot-product
+    test, and x̄, ẋ̄, every θ̄ and t̄ (B, 1) against central differences."""
+    rng = np.random.default_rng(seed)
+    layer = cls(n_in, n_out)
+    params = layer.init_params(rng, np.float64, np)
+    x, xdot = _inputs(rng, B, n_in, K)
+    tr = t + rng.standard_normal((B, 1))
+    check_all(layer, params, x, xdot, tr, rng)
+
+
+@pytest.mark.parametrize("cls", AFFINE, ids=lambda c: c.__name__)
+@given(**sizes)
+def test_per_row_time_backward_without_tangents_equals_the_tangent_path(cls, B, n_in, n_out,
+                                                                       K, seed, t):
+    """K = 0 with t (B, 1): x̄, θ̄ and t̄ of <u, y> equal those of the tangent path (checked
+    against differences above) with zero tangent cotangents, and x̄ = Jᵀu (dot-product)."""
+    rng = np.random.default_rng(seed)
+    layer = cls(n_in, n_out)
+    params = layer.init_params(rng, np.float64, np)
+    x, xdot = _inputs(rng, B, n_in, K)
+    tr = t + rng.standard_normal((B, 1))
+    y, ydot, cache = layer.forward(params, x, None, tr)
+    assert ydot is None
+    u = rng.standard_normal(y.shape)
+    xbar, xdotbar, pbar, tbar = layer.backward(u, None, cache)
+    assert xdotbar is None
+    y2, ydot, c2 = layer.forward(params, x, xdot, tr)
+    assert_rel_close(y, y2, rtol=1e-13, atol=1e-14, what="y")
+    xbar2, _, pbar2, tbar2 = layer.backward(u, None, c2)
+    assert_rel_close(xbar, xbar2, rtol=1e-12, atol=1e-14, what="xbar")
+    for k in range(K):
+        assert_rel_close(np.vdot(xbar, xdot[k]), np.vdot(u, ydot[k]), rtol=1e-12, atol=1e-14)
+    for k in pbar:
+        assert_rel_close(pbar[k], pbar2[k], rtol=1e-12, atol=1e-14, what=k)
+    assert_rel_close(tbar, tbar2, rtol=1e-12, atol=1e-14, what="tbar")
+
+
+@pytest.mark.parametrize("cls", AFFINE, ids=lambda c: c.__name__)
+@given(**sizes)
+def test_per_row_time_with_equal_rows_reproduces_scalar_time(cls, B, n_in, n_out, K, seed, t):
+    """t_b = t for every row: y, ydot, x̄, ẋ̄ and θ̄ equal the scalar-t results (to rounding:
+    the per-row path multiplies in another order), and Σ_b t̄_b = the scalar t̄."""
+    rng = np.random.default_rng(seed)
+    layer = cls(n_in, n_out)
+    params = layer.init_params(rng, np.float64, np)
+    x, xdot = _inputs(rng, B, n_in, K)
+    a, b = rng.standard_normal((B, n_out)), rng.standard_normal((K, B, n_out))
+    outs = []
+    for tt in (t, np.full((B, 1), t)):
+        y, ydot, cache = layer.forward(params, x, xdot, tt)
+        outs.append((y, ydot) + layer.backward(a, b, cache))
+    (y1, yd1, xb1, xdb1, p1, tb1), (y2, yd2, xb2, xdb2, p2, tb2) = outs
+    for got, want, what in ((y2, y1, "y"), (yd2, yd1, "ydot"), (xb2, xb1, "xbar"),
+                            (xdb2, xdb1, "xdotbar")):
+        assert_rel_close(got, want, rtol=1e-13, atol=1e-14, what=what)
+    for k in p1:
+        assert_rel_close(p2[k], p1[k], rtol=1e-13, atol=1e-14, what=k)
+    assert_rel_close(np.sum(tb2), float(tb1), rtol=1e-13, atol=1e-14, what="tbar")
+    if cls in TIME_LAYERS:
+        assert np.shape(tb2) == (B, 1)
+
+
+@pytest.mark.parametrize("cls", TIME_LAYERS, ids=lambda c: c.__name__)
+def test_per_row_time_rows_are_the_scalar_layer_row_by_row(cls):
+    """Row b of g(x, t (B, 1)) is g(x_b, t_b) with a scalar time, and its t̄_b is the scalar
+    call's t̄ on that row alone (eq. 1.22-1.23)."""
+    rng = np.random.default_rng(3)
+    layer = cls(3, 4)
+    params = layer.init_params(rng, np.float64, np)
+    x, tr, a = rng.standard_normal((5, 3)), rng.uniform(-1, 1, (5, 1)), rng.standard_normal((5, 4))
+    y, _, cache = layer.forward(params, x, None, tr)
+    _, _, pbar, tbar = layer.backward(a, None, cache)
+    psum = {k: 0.0 for k in pbar}
+    for i in range(5):
+        yi, _, ci = layer.forward(params, x[i:i + 1], None, float(tr[i, 0]))
+        _, _, pi, ti = layer.backward(a[i:i + 1], None, ci)
+        assert_rel_close(y[i], yi[0], rtol=1e-13, what="row")
+        assert_rel_close(tbar[i, 0], float(ti), rtol=1e-12, what="tbar row")
+        psum = {k: psum[k] + pi[k] for k in pi}
+    for k in pbar:
+        assert_rel_close(pbar[k], psum[k], rtol=1e-12, what=k)
+
+
+@pytest.mark.parametrize("cls", TIME_LAYERS, ids=lambda c: c.__name__)
+def test_time_of_wrong_shape_is_refused_naming_the_shape(cls):
+    layer = cls(2, 3)
+    params = layer.init_params(np.random.default_rng(0), np.float64, np)
+    x = np.zeros((4, 2))
+    for bad in (np.zeros(4), np.zeros((4, 2)), np.zeros((3, 1))):
+        with pytest.raises(ValueError, match=r"\(B, 1\) = \(4, 1\)"):
+            layer.forward(params, x, None, bad)
+
+
+@pytest.mark.parametrize("cls", TIME_LAYERS, ids=lambda c: c.__name__)
+def test_float32_per_row_time_stays_float32(cls):
+    layer = cls(3, 4)
+    params = layer.init_params(np.random.default_rng(0), np.float32, np)
+    x = np.ones((5, 3), np.float32)
+    y, _, cache = layer.forward(params, x, None, np.full((5, 1), 0.3))   # float64 times
+    xbar, _, pbar, tbar = layer.backward(np.ones_like(y), None, cache)
+    assert y.dtype == xbar.dtype == tbar.dtype == np.float32
+    assert all(v.dtype == np.float32 for v in pbar.values())

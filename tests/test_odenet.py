@@ -225,3 +225,71 @@ def test_toy_network_forward_backward_timing():
           f"(median {np.median(cpu) * 1e3:.3f}), wall min {min(wall) * 1e3:.3f} ms "
           f"(median {np.median(wall) * 1e3:.3f})")
     assert min(cpu) < 1.5e-3
+
+
+@given(**nets)
+def test_odenet_per_row_time_tangent_adjoint_and_gradients(B, D, K, hidden, layer, activation,
+                                                           seed, t):
+    """eq. 2.6 (per-row t (B, 1)): tangent = central difference, dot-product test, x̄ ẋ̄ θ̄ and
+    t̄ (B, 1) = differences, for every layer type (ConcatSquash through the gated path)."""
+    rng = np.random.default_rng(seed)
+    net = ODENet(D, hidden, D, layer=layer, activation=activation)
+    params = net.init_params(rng, np.float64, np)
+    x, xdot = rng.standard_normal((B, D)), rng.standard_normal((K, B, D))
+    check_all(net, params, x, xdot, t + rng.standard_normal((B, 1)), rng)
+
+
+@given(**nets)
+def test_odenet_per_row_time_with_equal_rows_reproduces_scalar_time(B, D, K, hidden, layer,
+                                                                    activation, seed, t):
+    """t_b = t: f, ḟ, x̄, ẋ̄, θ̄ equal the scalar-t results to rounding, Σ_b t̄_b = t̄; with
+    K = 0 (the flow-matching path, need_xdotbar=False) too."""
+    rng = np.random.default_rng(seed)
+    net = ODENet(D, hidden, D, layer=layer, activation=activation)
+    params = net.init_params(rng, np.float64, np)
+    x, xdot = rng.standard_normal((B, D)), rng.standard_normal((K, B, D))
+    a, b = rng.standard_normal((B, D)), rng.standard_normal((K, B, D))
+    for xd, bb in ((xdot, b), (None, None)):
+        outs = []
+        for tt in (t, np.full((B, 1), t)):
+            y, yd, cache = net.forward(params, x, xd, tt)
+            outs.append((y, yd) + net.backward(a, bb, cache, need_xdotbar=xd is not None))
+        (y1, yd1, xb1, xdb1, p1, tb1), (y2, yd2, xb2, xdb2, p2, tb2) = outs
+        assert np.shape(tb2) == (B, 1)
+        for got, want in ((y2, y1), (yd2, yd1), (xb2, xb1), (xdb2, xdb1)):
+            if want is None:
+                assert got is None
+            else:
+                assert_rel_close(got, want, rtol=1e-12, atol=1e-13)
+        for k in p1:
+            assert_rel_close(p2[k], p1[k], rtol=1e-12, atol=1e-13, what=k)
+        assert_rel_close(np.sum(tb2), float(tb1), rtol=1e-12, atol=1e-13, what="tbar")
+
+
+@pytest.mark.parametrize("layer", sorted(LAYER_TYPES))
+def test_odenet_per_row_time_rows_are_scalar_calls(layer):
+    """Row b of f(x, t (B, 1)) is f(x_b, t_b); θ̄ is the sum of the rows' scalar-t θ̄."""
+    rng = np.random.default_rng(1)
+    net = ODENet(2, (5, 4), layer=layer)
+    params = net.init_params(rng, np.float64, np)
+    x, tr, a = rng.standard_normal((4, 2)), rng.uniform(0, 1, (4, 1)), rng.standard_normal((4, 2))
+    y, _, cache = net.forward(params, x, None, tr)
+    _, _, pbar, tbar = net.backward(a, None, cache, need_xdotbar=False)
+    psum = {k: 0.0 for k in pbar}
+    for i in range(4):
+        yi, _, ci = net.forward(params, x[i:i + 1], None, float(tr[i, 0]))
+        _, _, pi, ti = net.backward(a[i:i + 1], None, ci, need_xdotbar=False)
+        assert_rel_close(y[i], yi[0], rtol=1e-13)
+        assert_rel_close(tbar[i, 0], float(ti), rtol=1e-12)
+        psum = {k: psum[k] + pi[k] for k in pi}
+    for k in pbar:
+        assert_rel_close(pbar[k], psum[k], rtol=1e-12, what=k)
+    prepared = net.prepare(params)              # the prepared gate vectors give the same f
+    assert_rel_close(net.forward(prepared, x, None, tr)[0], y, rtol=1e-15, atol=0)
+
+
+def test_odenet_refuses_time_of_wrong_shape():
+    net = ODENet(2, (3,))
+    params = net.init_params(np.random.default_rng(0), np.float64, np)
+    with pytest.raises(ValueError, match=r"ODENet: time t must be a scalar or an array of shape"):
+        net.forward(params, np.zeros((4, 2)), None, np.zeros((4,)))
