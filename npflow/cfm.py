@@ -275,8 +275,8 @@ class FlowMatchingCNF(CNF):
             try:
                 import ot  # noqa: F401
             except ImportError:
-                raise ValueError("ot_solver='pot' needs the POT package (pip install POT); "
-                                 "or use ot_solver='scipy'") from None
+                raise ValueError("ot_solver='pot' needs the POT package (pip install POT, or "
+                                 "the 'pot' extra); or use ot_solver='scipy'") from None
         super().__init__(dim, **cnf_kwargs)
         self.config.update(sigma=float(sigma), coupling=coupling, time_groups=int(time_groups))
         if ot_solver != "scipy":        # configs of the default stay as they were
