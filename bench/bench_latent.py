@@ -8,7 +8,7 @@
    alternating, one BLAS / torch thread each. Also checks that the two losses and gradients
    agree (they compute the same function).
 
-       /work/cpuslot python bench/bench_latent.py time --ae runs/latent/autoencoder.h5 \
+       python bench/bench_latent.py time --ae runs/latent/autoencoder.h5 \
            --batch 64 800 --reps 5 --reps-for 800:2
 
 2. compare: OT-Flow against FFJORD from two runs of examples/train_latent.py (their --log-json

@@ -3,7 +3,6 @@
 labels) at a CPU budget: docs/vae.md section 8.
 
     python bench/study_ffjord_vs_snf.py --run     # train the four runs that have no result
-                                                  # (through /work/cpuslot when it exists)
     python bench/study_ffjord_vs_snf.py           # figures and summary from runs/study/
 
 Runs (RUNS below, the exact commands):
@@ -26,12 +25,12 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
 
-NO_SLOT = False
+from example_runs import run_missing
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join("runs", "study")
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -60,17 +59,6 @@ def command(name):
     script, flags = RUNS[name]
     return [sys.executable, os.path.join(ROOT, "examples", script)] + flags + [
         "--save", os.path.join(OUT, name), "--log-json", os.path.join(OUT, f"{name}.jsonl")]
-
-
-def run(name):
-    cmd = command(name)
-    if os.path.exists("/work/cpuslot") and not NO_SLOT:
-        cmd = ["/work/cpuslot"] + cmd
-    env = dict(os.environ, PYTHONPATH=ROOT, OPENBLAS_NUM_THREADS="1")
-    os.makedirs(OUT, exist_ok=True)
-    print("running:", " ".join(cmd), flush=True)
-    with open(os.path.join(OUT, f"{name}.log"), "w") as log:
-        return subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _records(name):
@@ -238,19 +226,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", action="store_true", help="train the runs that have no result")
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of the runs")
-    p.add_argument("--no-slot", action="store_true",
-                   help="run directly (when this script itself runs inside /work/cpuslot)")
     args = p.parse_args(argv)
-    global NO_SLOT
-    NO_SLOT = args.no_slot
     names = [n for n in args.runs.split(",") if n]
     bad = [n for n in names if n not in RUNS]
     if bad:
         p.error(f"unknown runs {bad}: expected some of {list(RUNS)}")
     if args.run:
-        for name in names:
-            if not os.path.exists(os.path.join(OUT, name, "result.json")):
-                print(f"{name}: exit {run(name)}", flush=True)
+        run_missing(names, OUT, command)
     cs = curves()
     os.makedirs(OUT, exist_ok=True)
     if cs:

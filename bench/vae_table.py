@@ -2,8 +2,7 @@
 """Every --flow of examples/train_vae.py on MNIST at one small equal budget, side by side with
 the published −ELBO table (docs/vae.md section 7).
 
-    python bench/vae_table.py --run            # train the missing runs (through /work/cpuslot
-                                               # when it exists), then write the table
+    python bench/vae_table.py --run            # train the missing runs, then write the table
     python bench/vae_table.py                  # only collect runs/vae_table/*/result.json
 
 Every run uses the same encoder, decoder, latent size, data subset, epochs, β warm-up and test
@@ -17,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
-NO_SLOT = False
+from example_runs import run_missing
+
 EXTRA = []          # flags appended to BUDGET (--extra), e.g. a larger subset; later flags win
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join("runs", "vae_table")
@@ -51,18 +50,6 @@ def command(flow):
                        "--log-json", os.path.join(OUT, f"{flow}.jsonl")]
 
 
-def run(flow):
-    cmd = command(flow)
-    slot = "/work/cpuslot"
-    if os.path.exists(slot) and not NO_SLOT:
-        cmd = [slot] + cmd
-    env = dict(os.environ, PYTHONPATH=ROOT, OPENBLAS_NUM_THREADS="1")
-    os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, f"{flow}.log"), "w") as log:
-        print("running:", " ".join(cmd), flush=True)
-        return subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
 def table():
     rows = ["| flow | test −ELBO | IWAE NLL (k) | best epoch / epochs | s/epoch (median) | "
             "published −ELBO |", "|---|---|---|---|---|---|"]
@@ -84,25 +71,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", action="store_true", help="train the runs that have no result")
     p.add_argument("--flows", default=",".join(FLOWS), help="comma-separated subset")
-    p.add_argument("--no-slot", action="store_true",
-                   help="run directly (when this script itself runs inside /work/cpuslot)")
     p.add_argument("--out", default=None, help="folder of the runs and table.md "
                    "(default runs/vae_table)")
     p.add_argument("--extra", default="",
                    help="flags added to every run, e.g. '--subset 48000 --epochs 10'")
     args = p.parse_args(argv)
-    global NO_SLOT, OUT, EXTRA
-    NO_SLOT, EXTRA = args.no_slot, args.extra.split()
+    global OUT, EXTRA
+    EXTRA = args.extra.split()
     OUT = args.out or OUT
     flows = [f for f in args.flows.split(",") if f]
     bad = [f for f in flows if f not in FLOWS]
     if bad:
         p.error(f"unknown flows {bad}: expected some of {list(FLOWS)}")
     if args.run:
-        for flow in flows:
-            if not os.path.exists(os.path.join(OUT, flow, "result.json")):
-                rc = run(flow)
-                print(f"{flow}: exit {rc}", flush=True)
+        run_missing(flows, OUT, command)
     text = table()
     print(text)
     os.makedirs(OUT, exist_ok=True)

@@ -36,8 +36,8 @@ import numpy as np  # host-side only: noise draws, the OT assignment (data edge)
 from .backend import get_array_module, to_device, to_host
 from .cnf import CNF, _block_prefix
 
-__all__ = ["FlowMatchingCNF", "COUPLINGS", "OT_SOLVERS", "check_flow_matching", "ot_pairing", "straight_path", "target_velocity",
-           "draw_noise", "cfm_loss_and_grad", "group_cuts"]
+__all__ = ["FlowMatchingCNF", "COUPLINGS", "OT_SOLVERS", "check_flow_matching", "ot_pairing",
+           "straight_path", "target_velocity", "draw_noise", "cfm_loss_and_grad", "group_cuts"]
 
 COUPLINGS = ("independent", "ot")
 OT_SOLVERS = ("scipy", "pot")
@@ -223,7 +223,6 @@ def _cfm_loss_and_grad_rows(nets, block_params, Ts, x, z, s, eps, sigma, rows):
     r_lo, r_hi = (0, B) if rows is None else rows
     grads = [{k: xp.zeros_like(v) for k, v in p.items()} for p in block_params]
     total = xp.zeros((), dtype=x.dtype)
-    u_all = target_velocity(x, z, horizon)                                      # eq. 2.3
     for b in range(nb):
         idx = np.nonzero(blk[r_lo:r_hi] == b)[0] + r_lo
         if len(idx) == 0:
@@ -234,9 +233,10 @@ def _cfm_loss_and_grad_rows(nets, block_params, Ts, x, z, s, eps, sigma, rows):
             sel = to_device(idx, xp)
         sd = to_device(s[idx][:, None], xp, x.dtype)
         td = to_device((tau[idx] - offsets[b])[:, None], xp, x.dtype)
-        xs = straight_path(x[sel], z[sel], sd, None if eps is None else eps[sel], sigma)
+        xb, zb = x[sel], z[sel]
+        xs = straight_path(xb, zb, sd, None if eps is None else eps[sel], sigma)
         f, _, cache = nets[b].forward(block_params[b], xs, None, td)
-        r = f - u_all[sel]
+        r = f - target_velocity(xb, zb, horizon)                                  # eq. 2.3
         total = total + w * (r * r).sum()
         _, _, pbar, _ = nets[b].backward((2.0 * w) * r, None, cache, need_xdotbar=False)
         g = grads[b]

@@ -46,8 +46,8 @@ from .backend import get_array_module
 __all__ = ["Layer", "StackedLayer", "Linear", "ConcatLinear", "ConcatSquashLinear",
            "Activation", "Tanh", "Softplus", "Sigmoid", "Swish", "LogCosh", "GELU", "ReLU",
            "ACTIVATIONS", "get_activation", "stack_tangents", "stack_cotangents",
-           "unstack_tangents", "as_time", "row_time", "require_scalar_time", "sigmoid", "squash_gates", "squash_gates_backward",
-           "upgrade_param_name"]
+           "unstack_tangents", "as_time", "row_time", "require_scalar_time", "sigmoid",
+           "squash_gates", "squash_gates_backward", "upgrade_param_name"]
 
 
 class Layer:

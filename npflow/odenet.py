@@ -17,8 +17,8 @@ import math
 
 from .backend import check_finite, get_array_module, resolve_dtype
 from .layers import (ConcatLinear, ConcatSquashLinear, Layer, Linear, get_activation,
-                     row_time, squash_gates, squash_gates_backward, stack_cotangents, stack_tangents,
-                     unstack_tangents)
+                     row_time, squash_gates, squash_gates_backward, stack_cotangents,
+                     stack_tangents, unstack_tangents)
 
 __all__ = ["ODENet", "LAYER_TYPES"]
 
@@ -218,8 +218,9 @@ class ODENet(Layer):
     def backward(self, ybar, ydotbar, cache, need_xdotbar=True):
         """eq. 2.3: reverse of forward. ybar (B, n_out) or None, ydotbar (K, B, n_out) or None
         -> (xbar (B, n_in), xdotbar (K, B, n_in) or None, params_bar {"i.name": array},
-        tbar 0-d array, or (B, 1) for a per-row t, eq. 2.6). need_xdotbar=False: xdotbar is returned as None and not computed
-        (the first layer's input cotangent is formed for the primal block only), for callers
+        tbar 0-d array, or (B, 1) for a per-row t, eq. 2.6). need_xdotbar=False: xdotbar is
+        returned as None and not computed (the first layer's input cotangent is formed for the
+        primal block only), for callers
         whose input tangents are constants (CNF probes)."""
         caches, K, x, gated, t_shape = cache
         xp, dtype = get_array_module(x), x.dtype
